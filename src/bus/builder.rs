@@ -1,0 +1,487 @@
+//! Building a bus: topics, subscriptions, command handlers, checked at build time.
+
+use std::any::TypeId;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::{Bus, BusInner, CommandRequest, HandleGuard, Recorder, Route};
+use crate::command::{Command, CommandHandler};
+use crate::error::BuildError;
+use crate::event::{validate_topic_name, Event};
+use crate::handler::{AnyHandler, Handler};
+use crate::topic::{default_partitions, Topic, TopicConfig};
+use crate::worker::{self, Factory, Typed, Untyped, WorkerArgs};
+
+/// Settings of one subscription, that is of one consumer group.
+///
+/// A `&str` or `String` converts into a subscription with the defaults.
+///
+/// # Supervision
+///
+/// - A handler that returns an error gets the event again (attempt 2, 3, …) before any later
+///   event of its partition, up to [`max_deliveries`](Subscription::max_deliveries) (default 3)
+///   deliveries in all; a [permanent](crate::HandlerError::permanent) error is not redelivered.
+/// - A handler that panics is caught; the panic is logged with the event's ids and counted, the
+///   handler is replaced by a fresh instance from its factory after a
+///   [restart backoff](Subscription::restart_backoff), and the event counts as a failed attempt.
+/// - After the last attempt the event is reported as failed: logged at `error` level, counted
+///   in [`Bus::stats`](crate::Bus::stats), recorded in [`Bus::failures`](crate::Bus::failures)
+///   when recording, and the partition moves on.
+///
+/// ```
+/// use std::time::Duration;
+/// use tidings::{RestartBackoff, Subscription};
+///
+/// let billing = Subscription::new("billing")
+///     .max_deliveries(5)
+///     .restart_backoff(RestartBackoff::new(Duration::from_millis(50), Duration::from_secs(5)))
+///     .batch_size(64);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub(crate) group: String,
+    pub(crate) max_deliveries: u32,
+    pub(crate) restart_backoff: RestartBackoff,
+    pub(crate) batch_size: usize,
+}
+
+impl Subscription {
+    /// A subscription for the consumer group `group` with the default settings.
+    pub fn new(group: impl Into<String>) -> Self {
+        Subscription {
+            group: group.into(),
+            max_deliveries: 3,
+            restart_backoff: RestartBackoff::default(),
+            batch_size: 128,
+        }
+    }
+
+    /// How many times an event is delivered at most before it is reported as failed (at least
+    /// 1; default 3).
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = n;
+        self
+    }
+
+    /// How long to wait before restarting a handler that panicked.
+    pub fn restart_backoff(mut self, backoff: RestartBackoff) -> Self {
+        self.restart_backoff = backoff;
+        self
+    }
+
+    /// How many events a worker takes from its queue at once (at least 1; default 128).
+    /// Larger batches mean fewer lock round trips; the queue's capacity still bounds what waits.
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n;
+        self
+    }
+}
+
+impl From<&str> for Subscription {
+    fn from(group: &str) -> Self {
+        Subscription::new(group)
+    }
+}
+
+impl From<String> for Subscription {
+    fn from(group: String) -> Self {
+        Subscription::new(group)
+    }
+}
+
+/// Delay before restarting a panicked handler: `initial`, doubled after each consecutive panic,
+/// at most `max`. Default 10 ms up to 1 s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartBackoff {
+    pub(crate) initial: Duration,
+    pub(crate) max: Duration,
+}
+
+impl RestartBackoff {
+    /// A backoff from `initial` doubling up to `max`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        RestartBackoff { initial, max }
+    }
+}
+
+impl Default for RestartBackoff {
+    fn default() -> Self {
+        RestartBackoff::new(Duration::from_millis(10), Duration::from_secs(1))
+    }
+}
+
+type Spawner = Arc<dyn Fn(WorkerArgs) -> BoxFuture<'static, ()> + Send + Sync>;
+
+struct SubSpec {
+    options: Subscription,
+    topic: String,
+    /// `None`: every type of the topic.
+    accepts: Option<TypeId>,
+    handler_name: &'static str,
+    spawn: Spawner,
+}
+
+type CommandStart = Box<dyn FnOnce(Bus) -> BoxFuture<'static, ()> + Send>;
+/// Makes a command handler's queue: the type-erased sender, and what starts its task.
+type CommandMake =
+    Box<dyn FnOnce(usize) -> (Box<dyn std::any::Any + Send + Sync>, CommandStart) + Send>;
+
+struct CmdSpec {
+    type_id: TypeId,
+    name: &'static str,
+    make: CommandMake,
+}
+
+/// Builds a [`Bus`]: topics, subscriptions and command handlers, all checked by
+/// [`build`](BusBuilder::build).
+///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// use tidings::{Bus, Context, Envelope, Event, Handler, HandlerError, TopicConfig};
+///
+/// #[derive(Serialize, Deserialize, Event)]
+/// #[event(topic = "orders", key = order_id)]
+/// struct OrderPlaced { order_id: u64 }
+///
+/// #[derive(Default)]
+/// struct Mailer;
+/// impl Handler<OrderPlaced> for Mailer {
+///     async fn handle(&mut self, _: &Envelope<OrderPlaced>, _: &Context) -> Result<(), HandlerError> {
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tidings::BuildError> {
+/// let bus = Bus::builder()
+///     .topic(TopicConfig::new("orders").partitions(4))
+///     .subscribe::<OrderPlaced, _>("mailer", Mailer::default)
+///     .build()?;
+/// # bus.shutdown().await; Ok(()) }
+/// ```
+pub struct BusBuilder {
+    topics: Vec<TopicConfig>,
+    subs: Vec<SubSpec>,
+    commands: Vec<CmdSpec>,
+    request_timeout: Duration,
+    command_capacity: usize,
+    record: bool,
+}
+
+impl Default for BusBuilder {
+    fn default() -> Self {
+        BusBuilder::new()
+    }
+}
+
+impl BusBuilder {
+    /// An empty builder; same as [`Bus::builder`].
+    pub fn new() -> Self {
+        BusBuilder {
+            topics: Vec::new(),
+            subs: Vec::new(),
+            commands: Vec::new(),
+            request_timeout: Duration::from_secs(30),
+            command_capacity: 1024,
+            record: false,
+        }
+    }
+
+    /// Configures a topic. Topics that are only subscribed to get the defaults of
+    /// [`TopicConfig::new`].
+    pub fn topic(mut self, config: TopicConfig) -> Self {
+        self.topics.push(config);
+        self
+    }
+
+    /// Subscribes a consumer group to events of type `E`.
+    ///
+    /// `factory` creates the handler: once per partition of `E`'s topic at build, and again
+    /// whenever a handler is restarted after a panic. The group receives every `E` published
+    /// after `build`.
+    pub fn subscribe<E, H>(
+        mut self,
+        subscription: impl Into<Subscription>,
+        factory: impl Fn() -> H + Send + Sync + 'static,
+    ) -> Self
+    where
+        E: Event,
+        H: Handler<E>,
+    {
+        let factory: Factory<H> = Arc::new(factory);
+        self.subs.push(SubSpec {
+            options: subscription.into(),
+            topic: E::TOPIC.to_owned(),
+            accepts: Some(TypeId::of::<E>()),
+            handler_name: std::any::type_name::<H>(),
+            spawn: Arc::new(move |args| {
+                Box::pin(worker::run(Typed::<E, H>::new(Arc::clone(&factory)), args))
+            }),
+        });
+        self
+    }
+
+    /// Subscribes a consumer group to every event type of `topic`, in partition order.
+    pub fn subscribe_all<H: AnyHandler>(
+        mut self,
+        topic: impl Into<String>,
+        subscription: impl Into<Subscription>,
+        factory: impl Fn() -> H + Send + Sync + 'static,
+    ) -> Self {
+        let factory: Factory<H> = Arc::new(factory);
+        self.subs.push(SubSpec {
+            options: subscription.into(),
+            topic: topic.into(),
+            accepts: None,
+            handler_name: std::any::type_name::<H>(),
+            spawn: Arc::new(move |args| {
+                Box::pin(worker::run(Untyped::new(Arc::clone(&factory)), args))
+            }),
+        });
+        self
+    }
+
+    /// Registers the one handler of command type `C`. A second handler for the same type is a
+    /// [`BuildError::DuplicateCommandHandler`].
+    pub fn command_handler<C, H>(mut self, factory: impl Fn() -> H + Send + Sync + 'static) -> Self
+    where
+        C: Command,
+        H: CommandHandler<C>,
+    {
+        let factory: Factory<H> = Arc::new(factory);
+        self.commands.push(CmdSpec {
+            type_id: TypeId::of::<C>(),
+            name: std::any::type_name::<C>(),
+            make: Box::new(move |capacity| {
+                let (tx, rx) = mpsc::channel::<CommandRequest<C>>(capacity);
+                let start: CommandStart = Box::new(move |bus| {
+                    Box::pin(worker::run_commands::<C, H>(
+                        factory,
+                        rx,
+                        bus,
+                        super::RestartBackoff::default(),
+                    ))
+                });
+                (Box::new(tx), start)
+            }),
+        });
+        self
+    }
+
+    /// Default timeout of [`Bus::request`] (default 30 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Capacity of each command handler's queue (default 1024).
+    pub fn command_capacity(mut self, capacity: usize) -> Self {
+        self.command_capacity = capacity;
+        self
+    }
+
+    /// Records every published event and every failure, for [`Bus::published`] and
+    /// [`Bus::failures`]. Meant for tests: the record grows without bound.
+    pub fn record(mut self, record: bool) -> Self {
+        self.record = record;
+        self
+    }
+
+    /// Checks the configuration, starts one worker task per partition of every subscription and
+    /// one per command handler, and returns the bus.
+    ///
+    /// # Errors
+    ///
+    /// A [`BuildError`] for zero partitions or capacity, invalid or duplicate topic and group
+    /// names, duplicate command handlers, settings out of range, or no tokio runtime.
+    pub fn build(self) -> Result<Bus, BuildError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
+        self.validate()?;
+
+        // Topics: configured ones first, then those only subscribed to, in declaration order.
+        let mut configs: Vec<TopicConfig> = self.topics.clone();
+        for sub in &self.subs {
+            if !configs.iter().any(|c| c.name == sub.topic) {
+                configs.push(TopicConfig::new(sub.topic.clone()));
+            }
+        }
+        let mut topics = Vec::with_capacity(configs.len());
+        let mut topic_index = HashMap::new();
+        let mut typed_slots: HashMap<(usize, TypeId), Vec<usize>> = HashMap::new();
+        let mut any_slots = Vec::with_capacity(configs.len());
+        let mut placements = Vec::with_capacity(self.subs.len());
+        for (index, config) in configs.iter().enumerate() {
+            let mut groups = Vec::new();
+            let mut anys = Vec::new();
+            for (sub_index, sub) in self.subs.iter().enumerate() {
+                if sub.topic != config.name {
+                    continue;
+                }
+                let slot = groups.len();
+                groups.push(sub.options.group.clone());
+                match sub.accepts {
+                    Some(type_id) => typed_slots.entry((index, type_id)).or_default().push(slot),
+                    None => anys.push(slot),
+                }
+                placements.push((sub_index, index, slot));
+            }
+            let partitions = config.partitions.unwrap_or_else(default_partitions);
+            topics.push(Arc::new(Topic::new(config, partitions, groups)));
+            topic_index.insert(config.name.clone(), index);
+            any_slots.push(anys);
+        }
+
+        let mut commands = HashMap::new();
+        let mut command_starts = Vec::new();
+        for spec in self.commands {
+            let (sender, start) = (spec.make)(self.command_capacity);
+            commands.insert(spec.type_id, sender);
+            command_starts.push(start);
+        }
+
+        let mut inner = BusInner {
+            topics,
+            topic_index,
+            typed_slots,
+            any_slots,
+            routes: HashMap::new(),
+            dynamic_routes: DashMap::new(),
+            unsubscribed_topics: DashMap::new(),
+            commands,
+            request_timeout: self.request_timeout,
+            pending: AtomicUsize::new(0),
+            idle: Notify::new(),
+            intake_open: AtomicBool::new(true),
+            cancel: CancellationToken::new(),
+            closed: CancellationToken::new(),
+            tasks: Mutex::new(Vec::new()),
+            recorder: self.record.then(Recorder::default),
+            shutdown_done: tokio::sync::OnceCell::new(),
+        };
+        // Routes of the subscribed event types, resolved once.
+        let mut routes: HashMap<TypeId, Route> = HashMap::new();
+        for sub in &self.subs {
+            if let Some(type_id) = sub.accepts {
+                routes.insert(type_id, inner.compute_route(&sub.topic, type_id));
+            }
+        }
+        inner.routes = routes;
+
+        let inner = Arc::new(inner);
+        let bus = Bus {
+            inner: Arc::clone(&inner),
+            _guard: None,
+        };
+        let mut tasks = Vec::new();
+        for (sub_index, topic_index, slot) in placements {
+            let sub = &self.subs[sub_index];
+            let topic = &inner.topics[topic_index];
+            for partition in 0..topic.partitions.len() as u32 {
+                let args = WorkerArgs {
+                    bus: bus.clone(),
+                    topic: Arc::clone(topic),
+                    slot,
+                    partition,
+                    options: sub.options.clone(),
+                    handler_name: sub.handler_name,
+                };
+                tasks.push(runtime.spawn((sub.spawn)(args)));
+            }
+        }
+        for start in command_starts {
+            tasks.push(runtime.spawn(start(bus.clone())));
+        }
+        *super::lock(&inner.tasks) = tasks;
+        Ok(Bus {
+            _guard: Some(Arc::new(HandleGuard(Arc::downgrade(&inner)))),
+            inner,
+        })
+    }
+
+    fn validate(&self) -> Result<(), BuildError> {
+        let mut seen = HashSet::new();
+        for config in &self.topics {
+            validate_topic_name(&config.name)
+                .map_err(|reason| BuildError::InvalidTopicName { reason })?;
+            if config.partitions == Some(0) {
+                return Err(BuildError::ZeroPartitions {
+                    topic: config.name.clone(),
+                });
+            }
+            if config.capacity == 0 {
+                return Err(BuildError::ZeroCapacity {
+                    topic: config.name.clone(),
+                });
+            }
+            if !seen.insert(config.name.as_str()) {
+                return Err(BuildError::DuplicateTopic {
+                    topic: config.name.clone(),
+                });
+            }
+        }
+        let mut groups = HashSet::new();
+        for sub in &self.subs {
+            let group = &sub.options.group;
+            if validate_topic_name(group).is_err() {
+                return Err(BuildError::InvalidSubscriptionName {
+                    group: group.clone(),
+                });
+            }
+            validate_topic_name(&sub.topic)
+                .map_err(|reason| BuildError::InvalidTopicName { reason })?;
+            if !groups.insert(group.as_str()) {
+                return Err(BuildError::DuplicateSubscription {
+                    group: group.clone(),
+                });
+            }
+            if sub.options.max_deliveries == 0 {
+                return Err(BuildError::InvalidSetting(format!(
+                    "subscription {group:?}: max_deliveries must be at least 1"
+                )));
+            }
+            if sub.options.batch_size == 0 {
+                return Err(BuildError::InvalidSetting(format!(
+                    "subscription {group:?}: batch_size must be at least 1"
+                )));
+            }
+        }
+        let mut commands = HashSet::new();
+        for cmd in &self.commands {
+            if !commands.insert(cmd.type_id) {
+                return Err(BuildError::DuplicateCommandHandler { command: cmd.name });
+            }
+        }
+        if self.command_capacity == 0 {
+            return Err(BuildError::InvalidSetting(
+                "command_capacity must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for BusBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusBuilder")
+            .field("topics", &self.topics)
+            .field(
+                "subscriptions",
+                &self
+                    .subs
+                    .iter()
+                    .map(|s| &s.options.group)
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "commands",
+                &self.commands.iter().map(|c| c.name).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}

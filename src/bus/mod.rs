@@ -1,0 +1,730 @@
+//! The bus: publishing, request/reply, settling, stats and shutdown.
+
+mod builder;
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use builder::{BusBuilder, RestartBackoff, Subscription};
+
+use crate::command::Command;
+use crate::context::Cause;
+use crate::envelope::{AnyEnvelope, Erased, Headers, Inner, Metadata};
+use crate::error::{PublishError, RequestError, TryPublishError};
+use crate::event::Event;
+use crate::stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
+use crate::topic::{default_partitions, Overflow, PartitionState, Topic, TopicConfig};
+
+/// What [`Bus::publish`] returns once the bus accepted an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The id given to the event.
+    pub id: Uuid,
+    /// The partition it landed on.
+    pub partition: u32,
+    /// Its offset in that partition.
+    pub offset: u64,
+}
+
+/// A failure the bus gave up on: the event, the group, the last error.
+///
+/// Recorded when the bus was built with [`BusBuilder::record`] (as the
+/// [test harness](crate::testing) does), and always logged at `error` level.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The consumer group whose handler failed.
+    pub group: String,
+    /// The event.
+    pub envelope: AnyEnvelope,
+    /// The last error (or panic message), as text.
+    pub error: String,
+    /// How many times the event was delivered.
+    pub attempts: u32,
+}
+
+/// A handle to a running event bus. Cheap to clone; every clone is the same bus.
+///
+/// Build one with [`Bus::builder`]. Events are published with [`publish`](Bus::publish) or
+/// [`try_publish`](Bus::try_publish), commands sent with [`request`](Bus::request).
+///
+/// # Ordering contract
+///
+/// - Events with the same [key](crate::Event::key) land on the same partition of their topic.
+/// - Within a consumer group, a partition is owned by one worker at a time, which hands its
+///   events to the handler one at a time, in offset order. So every group handles the events of
+///   one key in the order they were published: the order in which their `publish` calls
+///   returned (calls from one task are ordered; calls racing from several tasks are ordered as
+///   the bus accepted them, which the offsets record).
+/// - A redelivered event is handled again before any later event of its partition.
+/// - There is no order across partitions, across topics, or across groups.
+///
+/// # Delivery
+///
+/// In memory, delivery is at-least-once while the process lives: every accepted event is
+/// handled by every subscribed group (or reported as failed after
+/// [`max_deliveries`](Subscription::max_deliveries)), unless its topic opted into
+/// [`Overflow::DropOldest`], whose drops are counted. Nothing survives a crash of the process
+/// without a store.
+///
+/// # Shutdown
+///
+/// Call [`shutdown`](Bus::shutdown): it stops intake, drains what is queued and in flight, and
+/// reports. When the last user handle is dropped without it, the bus closes its queues: workers
+/// finish what is queued and stop.
+#[derive(Clone)]
+pub struct Bus {
+    pub(crate) inner: Arc<BusInner>,
+    _guard: Option<Arc<HandleGuard>>,
+}
+
+/// Closes the bus when the last user-held handle goes away.
+struct HandleGuard(Weak<BusInner>);
+
+impl Drop for HandleGuard {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.intake_open.store(false, Ordering::SeqCst);
+            inner.cancel.cancel();
+            inner.close_queues();
+        }
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Origin {
+    pub(crate) cause: Option<Cause>,
+    pub(crate) from_handler: bool,
+}
+
+pub(crate) struct Route {
+    topic: Arc<Topic>,
+    slots: Box<[usize]>,
+}
+
+enum RouteRef<'a> {
+    Static(&'a Route),
+    Dynamic(Arc<Route>),
+}
+
+impl std::ops::Deref for RouteRef<'_> {
+    type Target = Route;
+    fn deref(&self) -> &Route {
+        match self {
+            RouteRef::Static(r) => r,
+            RouteRef::Dynamic(r) => r,
+        }
+    }
+}
+
+enum Reject<E> {
+    Full(E),
+    Closed(E),
+}
+
+pub(crate) struct BusInner {
+    topics: Vec<Arc<Topic>>,
+    topic_index: HashMap<String, usize>,
+    /// Per topic index: typed slots by event type, and the slots of `subscribe_all` groups.
+    typed_slots: HashMap<(usize, TypeId), Vec<usize>>,
+    any_slots: Vec<Vec<usize>>,
+    routes: HashMap<TypeId, Route>,
+    dynamic_routes: DashMap<TypeId, Arc<Route>>,
+    /// Topics published to without any subscription or configuration.
+    unsubscribed_topics: DashMap<String, Arc<Topic>>,
+    commands: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    request_timeout: Duration,
+    /// Deliveries and requests accepted but not yet finished.
+    pending: AtomicUsize,
+    idle: Notify,
+    intake_open: AtomicBool,
+    pub(crate) cancel: CancellationToken,
+    /// Fired when the queues close: command handlers stop.
+    pub(crate) closed: CancellationToken,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) recorder: Option<Recorder>,
+    shutdown_done: tokio::sync::OnceCell<ShutdownReport>,
+}
+
+#[derive(Default)]
+pub(crate) struct Recorder {
+    pub(crate) published: Mutex<Vec<AnyEnvelope>>,
+    pub(crate) failures: Mutex<Vec<Failure>>,
+}
+
+pub(crate) struct CommandRequest<C: Command> {
+    pub(crate) command: C,
+    pub(crate) cause: Cause,
+    pub(crate) reply: oneshot::Sender<Result<C::Reply, RequestError>>,
+}
+
+impl Bus {
+    /// Starts building a bus.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tidings::BuildError> {
+    /// let bus = tidings::Bus::builder().build()?;
+    /// bus.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder() -> BusBuilder {
+        BusBuilder::new()
+    }
+
+    /// Publishes an event to every consumer group subscribed to its type or topic.
+    ///
+    /// Returns once the event is accepted into the partition queue of every subscribed group,
+    /// with its id, partition and offset. Waits while one of those queues is full (the slowest
+    /// group sets the pace), unless the topic's overflow policy is [`Overflow::DropOldest`].
+    /// An event whose topic has no subscriber is accepted, numbered and counted.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Closed`], with the event, once [`shutdown`](Bus::shutdown) has begun.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: if the future is dropped before it completes, the event was not published
+    /// to any group.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// # use tidings::{Bus, Event};
+    /// #[derive(Serialize, Deserialize, Event)]
+    /// #[event(topic = "orders", key = order_id)]
+    /// struct OrderPlaced { order_id: u64 }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let bus = Bus::builder().build().unwrap();
+    /// let receipt = bus.publish(OrderPlaced { order_id: 1 }).await.unwrap();
+    /// assert_eq!(receipt.offset, 0);
+    /// # bus.shutdown().await; }
+    /// ```
+    pub async fn publish<E: Event>(&self, event: E) -> Result<Published, PublishError<E>> {
+        self.publish_from(event, Origin::default()).await
+    }
+
+    /// Publishes an event if every subscribed queue has room, without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`TryPublishError::Full`] carries the event back when a queue is full (with
+    /// [`Overflow::Block`]); [`TryPublishError::Closed`] once shutdown has begun.
+    pub fn try_publish<E: Event>(&self, event: E) -> Result<Published, TryPublishError<E>> {
+        self.try_publish_from(event, Origin::default())
+    }
+
+    pub(crate) async fn publish_from<E: Event>(
+        &self,
+        event: E,
+        origin: Origin,
+    ) -> Result<Published, PublishError<E>> {
+        let inner = &*self.inner;
+        if !origin.from_handler && !inner.intake_open.load(Ordering::Acquire) {
+            return Err(PublishError::Closed(event));
+        }
+        let route = inner.route::<E>();
+        let partition = route.topic.partition_for(event.key());
+        let part = &route.topic.partitions[partition as usize];
+        let id = Uuid::now_v7();
+        let timestamp = SystemTime::now();
+        let mut event = event;
+        loop {
+            let waiting = {
+                let mut state = part.lock();
+                match inner.enqueue(&route, partition, &mut state, event, origin, id, timestamp) {
+                    Ok(published) => return Ok(published),
+                    Err(Reject::Closed(e)) => return Err(PublishError::Closed(e)),
+                    Err(Reject::Full(e)) => {
+                        event = e;
+                        state.producers_waiting = true;
+                        let mut waiting = Box::pin(part.not_full.notified());
+                        waiting.as_mut().enable();
+                        waiting
+                    }
+                }
+            };
+            waiting.await;
+        }
+    }
+
+    pub(crate) fn try_publish_from<E: Event>(
+        &self,
+        event: E,
+        origin: Origin,
+    ) -> Result<Published, TryPublishError<E>> {
+        let inner = &*self.inner;
+        if !origin.from_handler && !inner.intake_open.load(Ordering::Acquire) {
+            return Err(TryPublishError::Closed(event));
+        }
+        let route = inner.route::<E>();
+        let partition = route.topic.partition_for(event.key());
+        let part = &route.topic.partitions[partition as usize];
+        let mut state = part.lock();
+        let id = Uuid::now_v7();
+        inner
+            .enqueue(
+                &route,
+                partition,
+                &mut state,
+                event,
+                origin,
+                id,
+                SystemTime::now(),
+            )
+            .map_err(|r| match r {
+                Reject::Full(e) => TryPublishError::Full(e),
+                Reject::Closed(e) => TryPublishError::Closed(e),
+            })
+    }
+
+    /// Sends a command to its one handler and waits for the reply, at most the bus's
+    /// [request timeout](BusBuilder::request_timeout).
+    ///
+    /// # Errors
+    ///
+    /// - [`RequestError::NoHandler`] at once if no handler is registered for `C`;
+    /// - [`RequestError::Timeout`] if no reply came in time;
+    /// - [`RequestError::Failed`] / [`RequestError::Panicked`] if the handler failed;
+    /// - [`RequestError::Closed`] once shutdown has begun.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use tidings::{Bus, Command, CommandHandler, Context, HandlerError};
+    ///
+    /// struct Double(u32);
+    /// impl Command for Double { type Reply = u32; }
+    ///
+    /// struct Doubler;
+    /// impl CommandHandler<Double> for Doubler {
+    ///     async fn handle(&mut self, cmd: Double, _: &Context) -> Result<u32, HandlerError> {
+    ///         Ok(cmd.0 * 2)
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let bus = Bus::builder().command_handler::<Double, _>(|| Doubler).build().unwrap();
+    /// assert_eq!(bus.request(Double(21)).await, Ok(42));
+    /// # bus.shutdown().await; }
+    /// ```
+    pub async fn request<C: Command>(&self, command: C) -> Result<C::Reply, RequestError> {
+        self.request_from(command, None, None).await
+    }
+
+    /// Like [`request`](Bus::request) with an explicit timeout.
+    ///
+    /// # Errors
+    ///
+    /// As [`request`](Bus::request).
+    pub async fn request_timeout<C: Command>(
+        &self,
+        command: C,
+        timeout: Duration,
+    ) -> Result<C::Reply, RequestError> {
+        self.request_from(command, None, Some(timeout)).await
+    }
+
+    pub(crate) async fn request_from<C: Command>(
+        &self,
+        command: C,
+        cause: Option<Cause>,
+        timeout: Option<Duration>,
+    ) -> Result<C::Reply, RequestError> {
+        let inner = &*self.inner;
+        let name = std::any::type_name::<C>();
+        let Some(sender) = inner
+            .commands
+            .get(&TypeId::of::<C>())
+            .and_then(|s| s.downcast_ref::<mpsc::Sender<CommandRequest<C>>>())
+        else {
+            return Err(RequestError::NoHandler { command: name });
+        };
+        if cause.is_none() && !inner.intake_open.load(Ordering::Acquire) {
+            return Err(RequestError::Closed);
+        }
+        let timeout = timeout.unwrap_or(inner.request_timeout);
+        let id = Uuid::now_v7();
+        let cause = Cause {
+            id,
+            correlation: cause.map_or(id, |c| c.correlation),
+        };
+        let (tx, rx) = oneshot::channel();
+        let request = CommandRequest {
+            command,
+            cause,
+            reply: tx,
+        };
+        let exchange = async {
+            let Ok(permit) = sender.reserve().await else {
+                return Err(RequestError::Closed);
+            };
+            // Counted as pending from the moment it is queued; the handler task finishes it.
+            inner.pending.fetch_add(1, Ordering::SeqCst);
+            permit.send(request);
+            rx.await.unwrap_or(Err(RequestError::Closed))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(reply) => reply,
+            Err(_) => Err(RequestError::Timeout {
+                command: name,
+                timeout,
+            }),
+        }
+    }
+
+    /// Waits until the bus is idle: every queue empty, every handler idle, every request
+    /// answered — including the events that handlers published while the bus settled.
+    ///
+    /// Meant for tests (see [`testing`](crate::testing)); with tokio's paused clock, timers in
+    /// handlers (restart backoff, sleeps) are skipped over while waiting. If publishers outside
+    /// the bus keep publishing, it may never return.
+    pub async fn settled(&self) {
+        self.inner.settled().await
+    }
+
+    /// Counters per topic, consumer group and partition: published, handled, failed, dropped,
+    /// queue depth and lag.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats()
+    }
+
+    /// Events published so far, in the order the bus accepted them, if the bus was built with
+    /// [`BusBuilder::record`]; empty otherwise.
+    pub fn published(&self) -> Vec<AnyEnvelope> {
+        self.inner
+            .recorder
+            .as_ref()
+            .map(|r| lock(&r.published).clone())
+            .unwrap_or_default()
+    }
+
+    /// Events the bus gave up on, if it was built with [`BusBuilder::record`]; empty otherwise.
+    pub fn failures(&self) -> Vec<Failure> {
+        self.inner
+            .recorder
+            .as_ref()
+            .map(|r| lock(&r.failures).clone())
+            .unwrap_or_default()
+    }
+
+    /// Shuts the bus down gracefully and reports what it did.
+    ///
+    /// 1. Stops intake: `publish` and `request` from outside return `Closed`; events published by
+    ///    handlers are still accepted, so causal chains complete.
+    /// 2. Signals handlers ([`Context::shutting_down`](crate::Context::shutting_down)).
+    /// 3. Drains: waits until every queued and in-flight event is handled (or has failed) and
+    ///    every request answered.
+    /// 4. Stops the workers and returns the totals.
+    ///
+    /// Nothing accepted before shutdown is lost. Calling it again (from any clone) returns the
+    /// same report.
+    pub async fn shutdown(&self) -> ShutdownReport {
+        self.shutdown_inner(None).await
+    }
+
+    /// Like [`shutdown`](Bus::shutdown), but gives up draining after `timeout`: workers are
+    /// aborted and the events still queued or in flight are counted as
+    /// [`abandoned`](ShutdownReport::abandoned).
+    pub async fn shutdown_timeout(&self, timeout: Duration) -> ShutdownReport {
+        self.shutdown_inner(Some(timeout)).await
+    }
+
+    async fn shutdown_inner(&self, timeout: Option<Duration>) -> ShutdownReport {
+        let inner = &self.inner;
+        *inner
+            .shutdown_done
+            .get_or_init(|| async move {
+                inner.intake_open.store(false, Ordering::SeqCst);
+                inner.cancel.cancel();
+                let drained = match timeout {
+                    None => {
+                        inner.settled().await;
+                        true
+                    }
+                    Some(t) => tokio::time::timeout(t, inner.settled()).await.is_ok(),
+                };
+                let abandoned = if drained {
+                    0
+                } else {
+                    inner.pending.load(Ordering::SeqCst) as u64
+                };
+                inner.close_queues();
+                let tasks = std::mem::take(&mut *lock(&inner.tasks));
+                for task in tasks {
+                    if !drained {
+                        task.abort();
+                    }
+                    let _ = task.await;
+                }
+                let stats = inner.stats();
+                let mut report = ShutdownReport {
+                    abandoned,
+                    ..ShutdownReport::default()
+                };
+                for topic in &stats.topics {
+                    for group in &topic.groups {
+                        report.handled += group.handled;
+                        report.failed += group.failed;
+                        report.dropped += group.dropped;
+                        report.panics += group.panics;
+                    }
+                }
+                tracing::info!(
+                    handled = report.handled,
+                    failed = report.failed,
+                    dropped = report.dropped,
+                    abandoned = report.abandoned,
+                    "tidings bus shut down"
+                );
+                report
+            })
+            .await
+    }
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("topics", &self.inner.topic_index.keys().collect::<Vec<_>>())
+            .field("pending", &self.inner.pending.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl BusInner {
+    fn route<E: Event>(&self) -> RouteRef<'_> {
+        let type_id = TypeId::of::<E>();
+        if let Some(route) = self.routes.get(&type_id) {
+            return RouteRef::Static(route);
+        }
+        if let Some(route) = self.dynamic_routes.get(&type_id) {
+            return RouteRef::Dynamic(Arc::clone(&route));
+        }
+        let route = Arc::new(self.compute_route(E::TOPIC, type_id));
+        self.dynamic_routes.insert(type_id, Arc::clone(&route));
+        RouteRef::Dynamic(route)
+    }
+
+    pub(crate) fn compute_route(&self, topic: &str, type_id: TypeId) -> Route {
+        match self.topic_index.get(topic) {
+            Some(&index) => {
+                let mut slots: Vec<usize> = self
+                    .typed_slots
+                    .get(&(index, type_id))
+                    .cloned()
+                    .unwrap_or_default();
+                slots.extend(&self.any_slots[index]);
+                slots.sort_unstable();
+                Route {
+                    topic: Arc::clone(&self.topics[index]),
+                    slots: slots.into_boxed_slice(),
+                }
+            }
+            None => {
+                let topic = self
+                    .unsubscribed_topics
+                    .entry(topic.to_owned())
+                    .or_insert_with(|| {
+                        tracing::debug!(topic, "publishing to a topic with no subscriber");
+                        let config = TopicConfig::new(topic);
+                        Arc::new(Topic::new(&config, default_partitions(), Vec::new()))
+                    })
+                    .clone();
+                Route {
+                    topic,
+                    slots: Box::new([]),
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue<E: Event>(
+        &self,
+        route: &Route,
+        partition: u32,
+        state: &mut PartitionState,
+        event: E,
+        origin: Origin,
+        id: Uuid,
+        timestamp: SystemTime,
+    ) -> Result<Published, Reject<E>> {
+        if state.closed {
+            return Err(Reject::Closed(event));
+        }
+        let topic = &*route.topic;
+        if topic.overflow == Overflow::Block
+            && route
+                .slots
+                .iter()
+                .any(|&slot| state.queues[slot].items.len() >= topic.capacity)
+        {
+            return Err(Reject::Full(event));
+        }
+        let offset = state.next_offset;
+        state.next_offset += 1;
+        let erased: Erased = Arc::new(Inner {
+            meta: Metadata {
+                id,
+                topic: E::TOPIC,
+                partition,
+                offset,
+                timestamp,
+                correlation_id: origin.cause.map_or(id, |c| c.correlation),
+                causation_id: origin.cause.map(|c| c.id),
+                headers: Headers::new(),
+            },
+            event,
+        });
+        if !route.slots.is_empty() {
+            self.pending.fetch_add(route.slots.len(), Ordering::SeqCst);
+        }
+        let part = &topic.partitions[partition as usize];
+        let mut dropped = 0;
+        for &slot in route.slots.iter() {
+            let q = &mut state.queues[slot];
+            if q.items.len() >= topic.capacity {
+                // Only reachable with Overflow::DropOldest.
+                q.items.pop_front();
+                q.dropped += 1;
+                dropped += 1;
+                tracing::warn!(
+                    topic = %topic.name,
+                    group = %topic.groups[slot],
+                    partition,
+                    "queue full: dropped the oldest event (Overflow::DropOldest)"
+                );
+            }
+            q.items.push_back(Arc::clone(&erased));
+            q.delivered += 1;
+            part.wake(state, slot);
+        }
+        if dropped > 0 {
+            self.finish(dropped);
+        }
+        if let Some(recorder) = &self.recorder {
+            lock(&recorder.published).push(AnyEnvelope {
+                inner: erased,
+                attempt: 1,
+            });
+        }
+        Ok(Published {
+            id,
+            partition,
+            offset,
+        })
+    }
+
+    /// Marks `n` deliveries or requests as finished.
+    pub(crate) fn finish(&self, n: usize) {
+        if self.pending.fetch_sub(n, Ordering::SeqCst) == n {
+            self.idle.notify_waiters();
+        }
+    }
+
+    pub(crate) fn record_failure(&self, failure: impl FnOnce() -> Failure) {
+        if let Some(recorder) = &self.recorder {
+            lock(&recorder.failures).push(failure());
+        }
+    }
+
+    async fn settled(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.pending.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    fn all_topics(&self) -> Vec<Arc<Topic>> {
+        let mut topics: Vec<Arc<Topic>> = self.topics.clone();
+        let mut extra: Vec<Arc<Topic>> = self
+            .unsubscribed_topics
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect();
+        extra.sort_by(|a, b| a.name.cmp(&b.name));
+        topics.extend(extra);
+        topics
+    }
+
+    fn close_queues(&self) {
+        self.closed.cancel();
+        for topic in self.all_topics() {
+            for part in topic.partitions.iter() {
+                part.close();
+            }
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut topics = Vec::new();
+        for topic in self.all_topics() {
+            let mut published = Vec::with_capacity(topic.partitions.len());
+            let mut groups: Vec<GroupStats> = topic
+                .groups
+                .iter()
+                .map(|name| GroupStats {
+                    group: name.clone(),
+                    ..GroupStats::default()
+                })
+                .collect();
+            for (p, part) in topic.partitions.iter().enumerate() {
+                let state = part.lock();
+                published.push(state.next_offset);
+                for (slot, group) in groups.iter_mut().enumerate() {
+                    let q = &state.queues[slot];
+                    let w = &topic.worker_stats[slot][p];
+                    let handled = w.handled.load(Relaxed);
+                    let failed = w.failed.load(Relaxed);
+                    let next = w.next_offset.load(Relaxed);
+                    let ps = PartitionStats {
+                        partition: p as u32,
+                        published: state.next_offset,
+                        delivered: q.delivered,
+                        handled,
+                        failed,
+                        dropped: q.dropped,
+                        panics: w.panics.load(Relaxed),
+                        restarts: w.restarts.load(Relaxed),
+                        depth: q.items.len() as u64,
+                        lag: q.delivered.saturating_sub(handled + failed + q.dropped),
+                        committed: next.checked_sub(1),
+                    };
+                    group.add(ps);
+                }
+            }
+            topics.push(TopicStats {
+                topic: topic.name.clone(),
+                partitions: topic.partitions.len() as u32,
+                published: published.iter().sum(),
+                published_per_partition: published,
+                groups,
+            });
+        }
+        Stats {
+            topics,
+            pending: self.pending.load(Relaxed) as u64,
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The context a handler gets: publish follow-up events, send commands, watch for shutdown.
+
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::bus::{Bus, Origin, Published};
+use crate::command::Command;
+use crate::envelope::{AnyEnvelope, Envelope, Headers, Metadata};
+use crate::error::{PublishError, RequestError, TryPublishError};
+use crate::event::Event;
+
+/// What a handler gets beside the event: a way to publish follow-up events and send commands
+/// with correlation and causation filled in, the consumer group's name, and a signal for
+/// shutdown.
+///
+/// Events published through the context carry the handled event's correlation id and name it
+/// as their cause, so a whole causal chain can be followed in logs and traces without the
+/// handler doing anything.
+pub struct Context {
+    pub(crate) sink: Sink,
+    pub(crate) group: Arc<str>,
+    pub(crate) cause: Option<Cause>,
+    pub(crate) cancel: CancellationToken,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Cause {
+    pub(crate) id: Uuid,
+    pub(crate) correlation: Uuid,
+}
+
+pub(crate) enum Sink {
+    Bus(Bus),
+    Capture(Arc<Mutex<Vec<AnyEnvelope>>>),
+}
+
+impl Context {
+    pub(crate) fn for_bus(bus: Bus, group: Arc<str>, cancel: CancellationToken) -> Self {
+        Context {
+            sink: Sink::Bus(bus),
+            group,
+            cause: None,
+            cancel,
+        }
+    }
+
+    fn origin(&self) -> Origin {
+        Origin {
+            cause: self.cause,
+            from_handler: true,
+        }
+    }
+
+    /// Publishes a follow-up event; it carries this event's correlation id and names it as its
+    /// cause. Waits while a subscriber's queue is full, like [`Bus::publish`].
+    ///
+    /// While the bus drains for shutdown, events published by handlers are still accepted, so
+    /// causal chains started before shutdown complete.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Closed`] once the bus is shut down.
+    pub async fn publish<E: Event>(&self, event: E) -> Result<Published, PublishError<E>> {
+        match &self.sink {
+            Sink::Bus(bus) => bus.publish_from(event, self.origin()).await,
+            Sink::Capture(log) => Ok(self.capture(log, event)),
+        }
+    }
+
+    /// Publishes a follow-up event without waiting; see [`Bus::try_publish`].
+    ///
+    /// # Errors
+    ///
+    /// [`TryPublishError::Full`] when a subscriber's queue is full, [`TryPublishError::Closed`]
+    /// once the bus is shut down.
+    pub fn try_publish<E: Event>(&self, event: E) -> Result<Published, TryPublishError<E>> {
+        match &self.sink {
+            Sink::Bus(bus) => bus.try_publish_from(event, self.origin()),
+            Sink::Capture(log) => Ok(self.capture(log, event)),
+        }
+    }
+
+    /// Sends a command and waits for its reply; the request carries this event's correlation id.
+    ///
+    /// # Errors
+    ///
+    /// See [`Bus::request`]. A context made by [`TestContext`](crate::testing::TestContext)
+    /// has no command handlers and answers [`RequestError::NoHandler`].
+    pub async fn request<C: Command>(&self, command: C) -> Result<C::Reply, RequestError> {
+        match &self.sink {
+            Sink::Bus(bus) => bus.request_from(command, self.cause, None).await,
+            Sink::Capture(_) => Err(RequestError::NoHandler {
+                command: std::any::type_name::<C>(),
+            }),
+        }
+    }
+
+    /// The consumer group (subscription) this handler runs for.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Correlation id of the event or command being handled.
+    pub fn correlation_id(&self) -> Option<Uuid> {
+        self.cause.map(|c| c.correlation)
+    }
+
+    /// Whether the bus has begun to shut down. Long-running handlers may check it to finish
+    /// early; the bus still drains queued events.
+    pub fn is_shutting_down(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Completes when the bus begins to shut down.
+    pub async fn shutting_down(&self) {
+        self.cancel.cancelled().await
+    }
+
+    /// The bus this handler runs on, if any (a test context has none).
+    pub fn bus(&self) -> Option<&Bus> {
+        match &self.sink {
+            Sink::Bus(bus) => Some(bus),
+            Sink::Capture(_) => None,
+        }
+    }
+
+    fn capture<E: Event>(&self, log: &Mutex<Vec<AnyEnvelope>>, event: E) -> Published {
+        let id = Uuid::now_v7();
+        let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+        let offset = log.len() as u64;
+        let env = Envelope::from_parts(
+            Metadata {
+                id,
+                topic: E::TOPIC,
+                partition: 0,
+                offset,
+                timestamp: SystemTime::now(),
+                correlation_id: self.cause.map_or(id, |c| c.correlation),
+                causation_id: self.cause.map(|c| c.id),
+                headers: Headers::new(),
+            },
+            event,
+        );
+        log.push(env.into());
+        Published {
+            id,
+            partition: 0,
+            offset,
+        }
+    }
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("group", &self.group)
+            .field("cause", &self.cause)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,363 @@
+//! Envelopes: an event plus the metadata the bus gives it.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use uuid::Uuid;
+
+use crate::event::{DynEvent, Event, Key};
+
+/// Metadata the bus attaches to every published event.
+///
+/// Shared by every consumer group that receives the event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metadata {
+    /// Unique id of this event (UUIDv7: time-ordered).
+    pub id: Uuid,
+    /// Topic the event was published on.
+    pub topic: &'static str,
+    /// Partition of the topic the event landed on.
+    pub partition: u32,
+    /// Position of the event in its partition: 0, 1, 2, … in publish order.
+    pub offset: u64,
+    /// Wall-clock time of publication.
+    pub timestamp: SystemTime,
+    /// Id shared by every event of one causal chain: the id of the first event (or request) of
+    /// the chain. Handlers that publish pass it on.
+    pub correlation_id: Uuid,
+    /// Id of the event (or request) whose handler published this one; `None` for a root event.
+    pub causation_id: Option<Uuid>,
+    /// Free-form headers.
+    pub headers: Headers,
+}
+
+/// Free-form string headers of an event, in insertion order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(String, String)>);
+
+impl Headers {
+    /// No headers.
+    pub const fn new() -> Self {
+        Headers(Vec::new())
+    }
+
+    /// Sets `name` to `value`, replacing an earlier value.
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        let name = name.into();
+        let value = value.into();
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((name, value)),
+        }
+    }
+
+    /// The value of `name`, if set.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// All headers in insertion order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
+    /// Whether there are no headers.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+pub(crate) struct Inner<E> {
+    pub(crate) meta: Metadata,
+    pub(crate) event: E,
+}
+
+/// Type-erased inner envelope: what partition queues carry.
+pub(crate) trait ErasedInner: Any + Send + Sync {
+    fn meta(&self) -> &Metadata;
+    fn event(&self) -> &dyn DynEvent;
+}
+
+impl<E: Event> ErasedInner for Inner<E> {
+    fn meta(&self) -> &Metadata {
+        &self.meta
+    }
+    fn event(&self) -> &dyn DynEvent {
+        &self.event
+    }
+}
+
+pub(crate) type Erased = Arc<dyn ErasedInner>;
+
+pub(crate) fn downcast<E: Event>(erased: Erased) -> Option<Arc<Inner<E>>> {
+    let any: Arc<dyn Any + Send + Sync> = erased;
+    any.downcast::<Inner<E>>().ok()
+}
+
+/// An event of type `E` as a handler receives it: the event, its [`Metadata`] and the delivery
+/// attempt.
+///
+/// Cloning is cheap (a reference count); the event itself is shared between the consumer groups
+/// that receive it.
+///
+/// # Examples
+///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// use tidings::{Envelope, Event};
+///
+/// #[derive(Serialize, Deserialize, Event)]
+/// #[event(topic = "orders", key = order_id)]
+/// struct OrderPaid { order_id: u64 }
+///
+/// let env = Envelope::new(OrderPaid { order_id: 9 });
+/// assert_eq!(env.event().order_id, 9);
+/// assert_eq!(env.topic(), "orders");
+/// assert_eq!(env.attempt(), 1);
+/// assert_eq!(env.correlation_id(), env.id()); // a root event starts its own chain
+/// ```
+pub struct Envelope<E> {
+    pub(crate) inner: Arc<Inner<E>>,
+    pub(crate) attempt: u32,
+}
+
+impl<E> Clone for Envelope<E> {
+    fn clone(&self) -> Self {
+        Envelope {
+            inner: Arc::clone(&self.inner),
+            attempt: self.attempt,
+        }
+    }
+}
+
+impl<E: Event> Envelope<E> {
+    /// Wraps `event` in a fresh root envelope (partition 0, offset 0, attempt 1), as the bus
+    /// would for a first publish. Mostly useful to call a handler directly in a test.
+    pub fn new(event: E) -> Self {
+        let id = Uuid::now_v7();
+        Envelope::from_parts(
+            Metadata {
+                id,
+                topic: E::TOPIC,
+                partition: 0,
+                offset: 0,
+                timestamp: SystemTime::now(),
+                correlation_id: id,
+                causation_id: None,
+                headers: Headers::new(),
+            },
+            event,
+        )
+    }
+
+    /// Builds an envelope from explicit metadata (for tests and adapters).
+    pub fn from_parts(meta: Metadata, event: E) -> Self {
+        Envelope {
+            inner: Arc::new(Inner { meta, event }),
+            attempt: 1,
+        }
+    }
+
+    /// This envelope with its delivery attempt set (for tests of redelivery).
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt;
+        self
+    }
+
+    /// The event.
+    pub fn event(&self) -> &E {
+        &self.inner.event
+    }
+
+    /// The partition key of the event.
+    pub fn key(&self) -> Option<Key<'_>> {
+        self.inner.event.key()
+    }
+
+    /// Event type name ([`Event::NAME`]).
+    pub fn name(&self) -> &'static str {
+        E::NAME
+    }
+
+    /// Event schema version ([`Event::VERSION`]).
+    pub fn version(&self) -> u32 {
+        E::VERSION
+    }
+}
+
+impl<E> Envelope<E> {
+    /// All metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.inner.meta
+    }
+
+    /// Event id.
+    pub fn id(&self) -> Uuid {
+        self.inner.meta.id
+    }
+
+    /// Topic name.
+    pub fn topic(&self) -> &'static str {
+        self.inner.meta.topic
+    }
+
+    /// Partition number.
+    pub fn partition(&self) -> u32 {
+        self.inner.meta.partition
+    }
+
+    /// Offset within the partition.
+    pub fn offset(&self) -> u64 {
+        self.inner.meta.offset
+    }
+
+    /// Publication time.
+    pub fn timestamp(&self) -> SystemTime {
+        self.inner.meta.timestamp
+    }
+
+    /// Correlation id of the causal chain.
+    pub fn correlation_id(&self) -> Uuid {
+        self.inner.meta.correlation_id
+    }
+
+    /// Id of the event or request that caused this one.
+    pub fn causation_id(&self) -> Option<Uuid> {
+        self.inner.meta.causation_id
+    }
+
+    /// Headers.
+    pub fn headers(&self) -> &Headers {
+        &self.inner.meta.headers
+    }
+
+    /// Delivery attempt of this event to this group: 1 the first time, 2 on the first
+    /// redelivery, and so on.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
+impl<E: fmt::Debug> fmt::Debug for Envelope<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Envelope")
+            .field("meta", &self.inner.meta)
+            .field("attempt", &self.attempt)
+            .field("event", &self.inner.event)
+            .finish()
+    }
+}
+
+/// An event of any type of a topic, as an [`AnyHandler`](crate::AnyHandler) receives it.
+///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// use tidings::{AnyEnvelope, Envelope, Event};
+///
+/// #[derive(Serialize, Deserialize, Event)]
+/// #[event(topic = "orders", key = order_id)]
+/// struct OrderPaid { order_id: u64 }
+///
+/// let any = AnyEnvelope::from(Envelope::new(OrderPaid { order_id: 9 }));
+/// assert_eq!(any.name(), "OrderPaid");
+/// assert_eq!(any.downcast_ref::<OrderPaid>().unwrap().order_id, 9);
+/// ```
+#[derive(Clone)]
+pub struct AnyEnvelope {
+    pub(crate) inner: Erased,
+    pub(crate) attempt: u32,
+}
+
+impl AnyEnvelope {
+    /// The event, type-erased.
+    pub fn event(&self) -> &dyn DynEvent {
+        self.inner.event()
+    }
+
+    /// The event as an `E`, if it is one.
+    pub fn downcast_ref<E: Event>(&self) -> Option<&E> {
+        self.inner.event().downcast_ref::<E>()
+    }
+
+    /// A typed envelope, if the event is an `E`.
+    pub fn downcast<E: Event>(&self) -> Option<Envelope<E>> {
+        downcast::<E>(Arc::clone(&self.inner)).map(|inner| Envelope {
+            inner,
+            attempt: self.attempt,
+        })
+    }
+
+    /// Event type name.
+    pub fn name(&self) -> &'static str {
+        self.inner.event().event_info().name
+    }
+
+    /// All metadata.
+    pub fn metadata(&self) -> &Metadata {
+        self.inner.meta()
+    }
+
+    /// Event id.
+    pub fn id(&self) -> Uuid {
+        self.inner.meta().id
+    }
+
+    /// Topic name.
+    pub fn topic(&self) -> &'static str {
+        self.inner.meta().topic
+    }
+
+    /// Partition number.
+    pub fn partition(&self) -> u32 {
+        self.inner.meta().partition
+    }
+
+    /// Offset within the partition.
+    pub fn offset(&self) -> u64 {
+        self.inner.meta().offset
+    }
+
+    /// Correlation id of the causal chain.
+    pub fn correlation_id(&self) -> Uuid {
+        self.inner.meta().correlation_id
+    }
+
+    /// Id of the event or request that caused this one.
+    pub fn causation_id(&self) -> Option<Uuid> {
+        self.inner.meta().causation_id
+    }
+
+    /// Delivery attempt of this event to this group (1 the first time).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+}
+
+impl<E: Event> From<Envelope<E>> for AnyEnvelope {
+    fn from(env: Envelope<E>) -> Self {
+        AnyEnvelope {
+            inner: env.inner,
+            attempt: env.attempt,
+        }
+    }
+}
+
+impl fmt::Debug for AnyEnvelope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnyEnvelope")
+            .field("meta", self.inner.meta())
+            .field("attempt", &self.attempt)
+            .field("event", &self.inner.event())
+            .finish()
+    }
+}

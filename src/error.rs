@@ -1,0 +1,162 @@
+//! Errors of the bus: building it, publishing, requesting.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Why [`BusBuilder::build`](crate::BusBuilder::build) refused a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A topic was configured with zero partitions.
+    #[error("topic {topic:?}: partitions must be at least 1")]
+    ZeroPartitions {
+        /// The topic.
+        topic: String,
+    },
+    /// A topic was configured with a queue capacity of zero.
+    #[error("topic {topic:?}: queue capacity must be at least 1")]
+    ZeroCapacity {
+        /// The topic.
+        topic: String,
+    },
+    /// A topic name a broker would reject.
+    #[error("invalid topic name: {reason}")]
+    InvalidTopicName {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The same topic was configured twice.
+    #[error("topic {topic:?} is configured twice")]
+    DuplicateTopic {
+        /// The topic.
+        topic: String,
+    },
+    /// A subscription (consumer group) name was used twice.
+    #[error("subscription {group:?} is declared twice; every consumer group needs its own name")]
+    DuplicateSubscription {
+        /// The group name.
+        group: String,
+    },
+    /// A subscription name that is empty or has characters a broker would reject.
+    #[error(
+        "invalid subscription name {group:?}: use 1 to 249 ASCII letters, digits, '.', '_' or '-'"
+    )]
+    InvalidSubscriptionName {
+        /// The group name.
+        group: String,
+    },
+    /// Two handlers were registered for one command type.
+    #[error("command {command} has two handlers; a command needs exactly one")]
+    DuplicateCommandHandler {
+        /// The command type.
+        command: &'static str,
+    },
+    /// A setting out of range (zero batch size, zero max deliveries, …).
+    #[error("invalid setting: {0}")]
+    InvalidSetting(String),
+    /// `build` was called outside a tokio runtime.
+    #[error("BusBuilder::build must be called from within a tokio runtime")]
+    NoRuntime,
+}
+
+/// Why [`Bus::publish`](crate::Bus::publish) did not accept an event. Carries the event back.
+#[derive(thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError<E> {
+    /// The bus is shutting down or shut down.
+    #[error("the bus is shut down")]
+    Closed(E),
+}
+
+impl<E> PublishError<E> {
+    /// The event that was not published.
+    pub fn into_event(self) -> E {
+        match self {
+            PublishError::Closed(e) => e,
+        }
+    }
+}
+
+impl<E> fmt::Debug for PublishError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PublishError::Closed(_) => f.write_str("Closed(..)"),
+        }
+    }
+}
+
+/// Why [`Bus::try_publish`](crate::Bus::try_publish) did not accept an event. Carries the event
+/// back.
+#[derive(thiserror::Error)]
+#[non_exhaustive]
+pub enum TryPublishError<E> {
+    /// A partition queue of a subscribed group is full (and the topic's overflow policy is
+    /// [`Overflow::Block`](crate::Overflow::Block)).
+    #[error("a subscriber's partition queue is full")]
+    Full(E),
+    /// The bus is shutting down or shut down.
+    #[error("the bus is shut down")]
+    Closed(E),
+}
+
+impl<E> TryPublishError<E> {
+    /// The event that was not published.
+    pub fn into_event(self) -> E {
+        match self {
+            TryPublishError::Full(e) | TryPublishError::Closed(e) => e,
+        }
+    }
+
+    /// Whether the queue was full.
+    pub fn is_full(&self) -> bool {
+        matches!(self, TryPublishError::Full(_))
+    }
+}
+
+impl<E> fmt::Debug for TryPublishError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TryPublishError::Full(_) => f.write_str("Full(..)"),
+            TryPublishError::Closed(_) => f.write_str("Closed(..)"),
+        }
+    }
+}
+
+/// Why [`Bus::request`](crate::Bus::request) got no reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// No handler is registered for the command type.
+    #[error("no handler is registered for command {command}")]
+    NoHandler {
+        /// The command type.
+        command: &'static str,
+    },
+    /// The handler did not reply in time.
+    #[error("command {command} got no reply within {timeout:?}")]
+    Timeout {
+        /// The command type.
+        command: &'static str,
+        /// The timeout that passed.
+        timeout: Duration,
+    },
+    /// The handler returned an error.
+    #[error("command {command} failed: {message}")]
+    Failed {
+        /// The command type.
+        command: &'static str,
+        /// The handler's error, as text.
+        message: String,
+    },
+    /// The handler panicked; it was restarted.
+    #[error("the handler of command {command} panicked: {message}")]
+    Panicked {
+        /// The command type.
+        command: &'static str,
+        /// The panic message.
+        message: String,
+    },
+    /// The bus is shutting down or shut down.
+    #[error("the bus is shut down")]
+    Closed,
+}

@@ -1,0 +1,43 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+
+extern crate self as tidings;
+
+mod bus;
+mod command;
+mod context;
+mod envelope;
+mod error;
+mod event;
+mod handler;
+mod stats;
+pub mod testing;
+mod topic;
+mod worker;
+
+#[doc(inline)]
+pub use bus::{Bus, BusBuilder, Failure, Published, RestartBackoff, Subscription};
+pub use command::{Command, CommandHandler};
+pub use context::Context;
+pub use envelope::{AnyEnvelope, Envelope, Headers, Metadata};
+pub use error::{BuildError, PublishError, RequestError, TryPublishError};
+pub use event::{AsKey, DynEvent, Event, EventInfo, Key};
+pub use handler::{AnyHandler, ErrorKind, Handler, HandlerError};
+pub use stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
+pub use topic::{Overflow, TopicConfig, DEFAULT_CAPACITY};
+
+/// Derives [`Event`] for a serde type. See [`Event`] for the attributes.
+pub use tidings_macros::Event;
+
+/// The common imports: `use tidings::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        AnyEnvelope, AnyHandler, Bus, Command, CommandHandler, Context, Envelope, Event, Handler,
+        HandlerError, Subscription, TopicConfig,
+    };
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use typetag;
+}

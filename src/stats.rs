@@ -1,0 +1,130 @@
+//! Counters: what [`Bus::stats`](crate::Bus::stats) and [`Bus::shutdown`](crate::Bus::shutdown)
+//! report.
+
+/// A snapshot of the bus's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// One entry per topic: configured and subscribed ones first, then topics published to
+    /// without a subscriber.
+    pub topics: Vec<TopicStats>,
+    /// Deliveries and requests accepted but not finished yet, over the whole bus.
+    pub pending: u64,
+}
+
+impl Stats {
+    /// The counters of one topic.
+    pub fn topic(&self, topic: &str) -> Option<&TopicStats> {
+        self.topics.iter().find(|t| t.topic == topic)
+    }
+
+    /// The counters of one consumer group, on whichever topic it subscribes to.
+    pub fn group(&self, group: &str) -> Option<&GroupStats> {
+        self.topics
+            .iter()
+            .flat_map(|t| t.groups.iter())
+            .find(|g| g.group == group)
+    }
+}
+
+/// Counters of one topic.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TopicStats {
+    /// Topic name.
+    pub topic: String,
+    /// Number of partitions.
+    pub partitions: u32,
+    /// Events accepted on this topic, over all partitions.
+    pub published: u64,
+    /// Events accepted per partition (the next offset of each partition).
+    pub published_per_partition: Vec<u64>,
+    /// One entry per consumer group subscribed to this topic.
+    pub groups: Vec<GroupStats>,
+}
+
+/// Counters of one consumer group on its topic: totals and per partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupStats {
+    /// Group (subscription) name.
+    pub group: String,
+    /// Events delivered to the group's queues.
+    pub delivered: u64,
+    /// Events handled successfully.
+    pub handled: u64,
+    /// Events given up on after their last delivery attempt.
+    pub failed: u64,
+    /// Events dropped by [`Overflow::DropOldest`](crate::Overflow::DropOldest).
+    pub dropped: u64,
+    /// Handler panics caught.
+    pub panics: u64,
+    /// Handler restarts after a panic.
+    pub restarts: u64,
+    /// Events waiting in the queues.
+    pub depth: u64,
+    /// Events delivered but not finished (queued or in flight).
+    pub lag: u64,
+    /// Per partition.
+    pub partitions: Vec<PartitionStats>,
+}
+
+impl GroupStats {
+    pub(crate) fn add(&mut self, p: PartitionStats) {
+        self.delivered += p.delivered;
+        self.handled += p.handled;
+        self.failed += p.failed;
+        self.dropped += p.dropped;
+        self.panics += p.panics;
+        self.restarts += p.restarts;
+        self.depth += p.depth;
+        self.lag += p.lag;
+        self.partitions.push(p);
+    }
+}
+
+/// Counters of one consumer group on one partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PartitionStats {
+    /// Partition number.
+    pub partition: u32,
+    /// Events accepted on the partition (its next offset), for every group.
+    pub published: u64,
+    /// Events delivered to this group's queue (fewer than `published` if the group takes only
+    /// some event types of the topic).
+    pub delivered: u64,
+    /// Events handled successfully.
+    pub handled: u64,
+    /// Events given up on.
+    pub failed: u64,
+    /// Events dropped by the overflow policy.
+    pub dropped: u64,
+    /// Handler panics caught.
+    pub panics: u64,
+    /// Handler restarts.
+    pub restarts: u64,
+    /// Events waiting in the queue.
+    pub depth: u64,
+    /// Events delivered but not finished: `delivered - handled - failed - dropped`.
+    pub lag: u64,
+    /// Offset of the last event finished, if any.
+    pub committed: Option<u64>,
+}
+
+/// What [`Bus::shutdown`](crate::Bus::shutdown) reports, over all groups.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Events handled successfully.
+    pub handled: u64,
+    /// Events given up on after their last attempt.
+    pub failed: u64,
+    /// Events dropped by [`Overflow::DropOldest`](crate::Overflow::DropOldest).
+    pub dropped: u64,
+    /// Handler panics caught.
+    pub panics: u64,
+    /// Deliveries and requests not finished when a
+    /// [`shutdown_timeout`](crate::Bus::shutdown_timeout) ran out (0 after a full drain).
+    pub abandoned: u64,
+}

@@ -1,0 +1,220 @@
+//! Testing handlers and whole flows without a broker.
+//!
+//! Two levels:
+//!
+//! - **A handler alone**: call it with a [`TestContext`], which records what it publishes
+//!   instead of routing it. No bus, no tasks.
+//! - **A whole bus**: build it with [`BusBuilder::record`](crate::BusBuilder::record), publish,
+//!   await [`Bus::settled`] (every queue empty, every handler idle, follow-up events included),
+//!   then assert on what handlers recorded (share a [`Recorder`] with them) and on
+//!   [`Bus::published`] / [`Bus::failures`]. Run the test with `#[tokio::test(start_paused =
+//!   true)]`: tokio's paused clock then skips over sleeps and restart backoffs, so tests of
+//!   timing are fast and deterministic.
+//!
+//! # Examples
+//!
+//! ```
+//! # use serde::{Deserialize, Serialize};
+//! use tidings::testing::{Recorder, TestContext};
+//! use tidings::{Bus, Context, Envelope, Event, Handler, HandlerError};
+//!
+//! #[derive(Debug, Clone, Serialize, Deserialize, Event)]
+//! #[event(topic = "orders", key = order_id)]
+//! struct OrderPlaced { order_id: u64 }
+//!
+//! #[derive(Debug, Clone, Serialize, Deserialize, Event)]
+//! #[event(topic = "mail", key = order_id)]
+//! struct ConfirmationSent { order_id: u64 }
+//!
+//! struct Mailer { sent: Recorder<u64> }
+//!
+//! impl Handler<OrderPlaced> for Mailer {
+//!     async fn handle(&mut self, e: &Envelope<OrderPlaced>, ctx: &Context) -> Result<(), HandlerError> {
+//!         self.sent.push(e.event().order_id);
+//!         ctx.publish(ConfirmationSent { order_id: e.event().order_id }).await?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+//! // A handler alone.
+//! let mut mailer = Mailer { sent: Recorder::new() };
+//! let mut ctx = TestContext::new();
+//! let placed = Envelope::new(OrderPlaced { order_id: 1 });
+//! ctx.call(&mut mailer, &placed).await.unwrap();
+//! let out = ctx.published_of::<ConfirmationSent>();
+//! assert_eq!(out[0].event().order_id, 1);
+//! assert_eq!(out[0].causation_id(), Some(placed.id()));
+//!
+//! // A whole bus.
+//! let sent = Recorder::new();
+//! let bus = Bus::builder()
+//!     .record(true)
+//!     .subscribe::<OrderPlaced, _>("mailer", { let sent = sent.clone(); move || Mailer { sent: sent.clone() } })
+//!     .build()
+//!     .unwrap();
+//! bus.publish(OrderPlaced { order_id: 7 }).await.unwrap();
+//! bus.settled().await;
+//! assert_eq!(sent.snapshot(), vec![7]);
+//! assert_eq!(tidings::testing::events_of::<ConfirmationSent>(&bus.published()).len(), 1);
+//! # bus.shutdown().await; }
+//! ```
+
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::context::{Cause, Context, Sink};
+use crate::envelope::{AnyEnvelope, Envelope};
+use crate::event::Event;
+use crate::handler::{AnyHandler, Handler, HandlerError};
+
+/// A [`Context`] for calling a handler directly, without a bus. What the handler publishes is
+/// recorded, with correlation and causation filled in as the bus would.
+pub struct TestContext {
+    log: Arc<Mutex<Vec<AnyEnvelope>>>,
+    ctx: Context,
+}
+
+impl Default for TestContext {
+    fn default() -> Self {
+        TestContext::new()
+    }
+}
+
+impl TestContext {
+    /// A context for the group `"test"`.
+    pub fn new() -> Self {
+        TestContext::for_group("test")
+    }
+
+    /// A context for the named group.
+    pub fn for_group(group: &str) -> Self {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        TestContext {
+            ctx: Context {
+                sink: Sink::Capture(Arc::clone(&log)),
+                group: Arc::from(group),
+                cause: None,
+                cancel: CancellationToken::new(),
+            },
+            log,
+        }
+    }
+
+    /// Calls `handler` with `event`, as the bus would: the events it publishes name `event` as
+    /// their cause.
+    ///
+    /// # Errors
+    ///
+    /// What the handler returns.
+    pub async fn call<E: Event, H: Handler<E>>(
+        &mut self,
+        handler: &mut H,
+        event: &Envelope<E>,
+    ) -> Result<(), HandlerError> {
+        self.ctx.cause = Some(Cause {
+            id: event.id(),
+            correlation: event.correlation_id(),
+        });
+        handler.handle(event, &self.ctx).await
+    }
+
+    /// Calls an [`AnyHandler`] with `event`.
+    ///
+    /// # Errors
+    ///
+    /// What the handler returns.
+    pub async fn call_any<H: AnyHandler>(
+        &mut self,
+        handler: &mut H,
+        event: &AnyEnvelope,
+    ) -> Result<(), HandlerError> {
+        self.ctx.cause = Some(Cause {
+            id: event.id(),
+            correlation: event.correlation_id(),
+        });
+        handler.handle(event, &self.ctx).await
+    }
+
+    /// The context itself, to pass to a handler by hand.
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// Signals shutdown to the handler ([`Context::is_shutting_down`] becomes true).
+    pub fn begin_shutdown(&self) {
+        self.ctx.cancel.cancel();
+    }
+
+    /// Everything published through this context so far.
+    pub fn published(&self) -> Vec<AnyEnvelope> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The published events of type `E`.
+    pub fn published_of<E: Event>(&self) -> Vec<Envelope<E>> {
+        events_of::<E>(&self.published())
+    }
+
+    /// Forgets what was published so far.
+    pub fn clear(&self) {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+/// The envelopes of type `E` among `envelopes`, in order.
+pub fn events_of<E: Event>(envelopes: &[AnyEnvelope]) -> Vec<Envelope<E>> {
+    envelopes.iter().filter_map(|e| e.downcast::<E>()).collect()
+}
+
+/// A list shared between a test and the handlers it builds: handlers push, the test reads.
+/// Cloning shares the list.
+#[derive(Debug)]
+pub struct Recorder<T>(Arc<Mutex<Vec<T>>>);
+
+impl<T> Clone for Recorder<T> {
+    fn clone(&self) -> Self {
+        Recorder(Arc::clone(&self.0))
+    }
+}
+
+impl<T> Default for Recorder<T> {
+    fn default() -> Self {
+        Recorder::new()
+    }
+}
+
+impl<T> Recorder<T> {
+    /// An empty recorder.
+    pub fn new() -> Self {
+        Recorder(Arc::new(Mutex::new(Vec::new())))
+    }
+
+    /// Appends a value.
+    pub fn push(&self, value: T) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(value);
+    }
+
+    /// Number of values recorded.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes every value out, leaving the recorder empty.
+    pub fn take(&self) -> Vec<T> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl<T: Clone> Recorder<T> {
+    /// A copy of the values recorded so far.
+    pub fn snapshot(&self) -> Vec<T> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

@@ -1,0 +1,248 @@
+//! Topics: partitions, key routing and the bounded per-group partition queues.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::envelope::Erased;
+use crate::event::Key;
+
+/// Default queue capacity of a partition, per consumer group.
+pub const DEFAULT_CAPACITY: usize = 1024;
+
+/// What `publish` does when a subscriber's partition queue is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Overflow {
+    /// Wait for room (`publish`), or return [`TryPublishError::Full`](crate::TryPublishError::Full)
+    /// (`try_publish`). Nothing is ever dropped. The default.
+    #[default]
+    Block,
+    /// Drop the oldest queued event of the full group's partition queue to make room. Meant for
+    /// telemetry where fresh data beats complete data. Every drop is counted in
+    /// [`Bus::stats`](crate::Bus::stats) and in the [`ShutdownReport`](crate::ShutdownReport),
+    /// and logged at `warn` level.
+    DropOldest,
+}
+
+/// Settings of one topic: partition count, queue capacity, overflow policy.
+///
+/// Topics that are subscribed to but not configured get the defaults: one partition per CPU
+/// core, capacity [`DEFAULT_CAPACITY`] and [`Overflow::Block`].
+///
+/// The partition count decides which partition a key maps to. Set it explicitly if events will
+/// outlive the process (a store, a broker), so that it does not change with the machine.
+///
+/// ```
+/// use tidings::{Bus, Overflow, TopicConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tidings::BuildError> {
+/// let bus = Bus::builder()
+///     .topic(TopicConfig::new("orders").partitions(8).capacity(256))
+///     .topic(TopicConfig::new("telemetry").overflow(Overflow::DropOldest))
+///     .build()?;
+/// # bus.shutdown().await; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct TopicConfig {
+    pub(crate) name: String,
+    pub(crate) partitions: Option<u32>,
+    pub(crate) capacity: usize,
+    pub(crate) overflow: Overflow,
+}
+
+impl TopicConfig {
+    /// Default settings for the topic `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        TopicConfig {
+            name: name.into(),
+            partitions: None,
+            capacity: DEFAULT_CAPACITY,
+            overflow: Overflow::Block,
+        }
+    }
+
+    /// Number of partitions (at least 1). Default: the number of CPU cores.
+    pub fn partitions(mut self, partitions: u32) -> Self {
+        self.partitions = Some(partitions);
+        self
+    }
+
+    /// Capacity of each partition queue of each consumer group (at least 1). Default 1024.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// What to do when a queue is full. Default [`Overflow::Block`].
+    pub fn overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+}
+
+pub(crate) fn default_partitions() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+}
+
+pub(crate) struct Topic {
+    pub(crate) name: String,
+    pub(crate) capacity: usize,
+    pub(crate) overflow: Overflow,
+    pub(crate) partitions: Box<[Partition]>,
+    /// Names of the consumer groups, by slot.
+    pub(crate) groups: Box<[String]>,
+    /// Counters of each group's worker, by slot then partition.
+    pub(crate) worker_stats: Box<[Box<[WorkerStats]>]>,
+    round_robin: AtomicU32,
+}
+
+/// Counters a partition worker keeps; written by that worker only.
+#[derive(Default)]
+pub(crate) struct WorkerStats {
+    pub(crate) handled: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) panics: AtomicU64,
+    pub(crate) restarts: AtomicU64,
+    /// Offset after the last finished (handled or failed) event; 0 before the first.
+    pub(crate) next_offset: AtomicU64,
+}
+
+impl Topic {
+    pub(crate) fn new(config: &TopicConfig, partitions: u32, groups: Vec<String>) -> Self {
+        let worker_stats = groups
+            .iter()
+            .map(|_| (0..partitions).map(|_| WorkerStats::default()).collect())
+            .collect();
+        let partitions = (0..partitions)
+            .map(|_| Partition::new(groups.len()))
+            .collect();
+        Topic {
+            name: config.name.clone(),
+            capacity: config.capacity,
+            overflow: config.overflow,
+            partitions,
+            groups: groups.into_boxed_slice(),
+            worker_stats,
+            round_robin: AtomicU32::new(0),
+        }
+    }
+
+    pub(crate) fn partition_for(&self, key: Option<Key<'_>>) -> u32 {
+        let n = self.partitions.len() as u32;
+        if n == 1 {
+            return 0;
+        }
+        match key {
+            Some(key) => key.partition(n),
+            None => self.round_robin.fetch_add(1, Ordering::Relaxed) % n,
+        }
+    }
+}
+
+/// One partition of a topic: the offset counter and one bounded queue per consumer group, under
+/// one lock so that offsets are assigned in queue order.
+pub(crate) struct Partition {
+    state: Mutex<PartitionState>,
+    /// Producers waiting for room.
+    pub(crate) not_full: Notify,
+    /// One per group slot: wakes that group's worker.
+    wakers: Box<[Notify]>,
+}
+
+pub(crate) struct PartitionState {
+    pub(crate) next_offset: u64,
+    pub(crate) producers_waiting: bool,
+    pub(crate) closed: bool,
+    pub(crate) queues: Box<[GroupQueue]>,
+}
+
+#[derive(Default)]
+pub(crate) struct GroupQueue {
+    pub(crate) items: VecDeque<Erased>,
+    /// The worker found the queue empty and waits to be woken.
+    pub(crate) parked: bool,
+    /// Events ever accepted into this queue.
+    pub(crate) delivered: u64,
+    /// Events dropped by [`Overflow::DropOldest`].
+    pub(crate) dropped: u64,
+}
+
+impl Partition {
+    fn new(groups: usize) -> Self {
+        Partition {
+            state: Mutex::new(PartitionState {
+                next_offset: 0,
+                producers_waiting: false,
+                closed: false,
+                queues: (0..groups).map(|_| GroupQueue::default()).collect(),
+            }),
+            not_full: Notify::new(),
+            wakers: (0..groups).map(|_| Notify::new()).collect(),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, PartitionState> {
+        // A panic never happens while the lock is held (no user code runs under it), but do not
+        // turn a poisoned lock into a second panic either.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the worker of `slot` if it is parked. Call with the lock held.
+    pub(crate) fn wake(&self, state: &mut PartitionState, slot: usize) {
+        let q = &mut state.queues[slot];
+        if q.parked {
+            q.parked = false;
+            self.wakers[slot].notify_one();
+        }
+    }
+
+    /// Moves up to `max` events of `slot` into `out`, waiting while the queue is empty.
+    /// Returns `false` once the partition is closed and the queue is empty.
+    pub(crate) async fn next_batch(
+        &self,
+        slot: usize,
+        out: &mut VecDeque<Erased>,
+        max: usize,
+    ) -> bool {
+        loop {
+            {
+                let mut state = self.lock();
+                let state = &mut *state;
+                let q = &mut state.queues[slot];
+                if !q.items.is_empty() {
+                    let n = q.items.len().min(max);
+                    out.extend(q.items.drain(..n));
+                    let wake_producers = std::mem::take(&mut state.producers_waiting);
+                    if wake_producers {
+                        self.not_full.notify_waiters();
+                    }
+                    return true;
+                }
+                if state.closed {
+                    return false;
+                }
+                q.parked = true;
+            }
+            self.wakers[slot].notified().await;
+        }
+    }
+
+    /// Closes the partition: workers finish what is queued, then stop.
+    pub(crate) fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        for q in state.queues.iter_mut() {
+            q.parked = false;
+        }
+        drop(state);
+        for w in self.wakers.iter() {
+            w.notify_one();
+        }
+        self.not_full.notify_waiters();
+    }
+}

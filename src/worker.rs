@@ -1,0 +1,328 @@
+//! The partition worker: the actor loop that feeds one partition of one group to its handler,
+//! and supervises it.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use futures::FutureExt;
+use tracing::Instrument;
+
+use crate::bus::{Bus, CommandRequest, Failure, RestartBackoff, Subscription};
+use crate::command::{Command, CommandHandler};
+use crate::context::{Cause, Context};
+use crate::envelope::{downcast, AnyEnvelope, Envelope, Erased};
+use crate::error::RequestError;
+use crate::event::Event;
+use crate::handler::{AnyHandler, Handler, HandlerError};
+use crate::topic::Topic;
+
+pub(crate) type Factory<H> = Arc<dyn Fn() -> H + Send + Sync>;
+
+/// How a worker turns a queued event into a handler call.
+pub(crate) trait Dispatch: Send + 'static {
+    type Env: Send + Sync + 'static;
+    fn wrap(item: Erased) -> Option<Self::Env>;
+    fn set_attempt(env: &mut Self::Env, attempt: u32);
+    fn call<'a>(
+        &'a mut self,
+        env: &'a Self::Env,
+        ctx: &'a Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a;
+    /// Replaces the handler with a fresh one from the factory.
+    fn restart(&mut self) -> bool;
+}
+
+pub(crate) struct Typed<E, H> {
+    handler: H,
+    factory: Factory<H>,
+    _event: PhantomData<fn() -> E>,
+}
+
+impl<E, H> Typed<E, H> {
+    pub(crate) fn new(factory: Factory<H>) -> Self {
+        Typed {
+            handler: factory(),
+            factory,
+            _event: PhantomData,
+        }
+    }
+}
+
+fn fresh<H>(factory: &Factory<H>) -> Option<H> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| factory())) {
+        Ok(h) => Some(h),
+        Err(panic) => {
+            tracing::error!(
+                panic = %panic_message(&*panic),
+                "handler factory panicked; keeping the previous handler instance"
+            );
+            None
+        }
+    }
+}
+
+impl<E: Event, H: Handler<E>> Dispatch for Typed<E, H> {
+    type Env = Envelope<E>;
+
+    fn wrap(item: Erased) -> Option<Envelope<E>> {
+        downcast::<E>(item).map(|inner| Envelope { inner, attempt: 1 })
+    }
+
+    fn set_attempt(env: &mut Envelope<E>, attempt: u32) {
+        env.attempt = attempt;
+    }
+
+    fn call<'a>(
+        &'a mut self,
+        env: &'a Envelope<E>,
+        ctx: &'a Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a {
+        self.handler.handle(env, ctx)
+    }
+
+    fn restart(&mut self) -> bool {
+        fresh(&self.factory).map(|h| self.handler = h).is_some()
+    }
+}
+
+pub(crate) struct Untyped<H> {
+    handler: H,
+    factory: Factory<H>,
+}
+
+impl<H> Untyped<H> {
+    pub(crate) fn new(factory: Factory<H>) -> Self {
+        Untyped {
+            handler: factory(),
+            factory,
+        }
+    }
+}
+
+impl<H: AnyHandler> Dispatch for Untyped<H> {
+    type Env = AnyEnvelope;
+
+    fn wrap(item: Erased) -> Option<AnyEnvelope> {
+        Some(AnyEnvelope {
+            inner: item,
+            attempt: 1,
+        })
+    }
+
+    fn set_attempt(env: &mut AnyEnvelope, attempt: u32) {
+        env.attempt = attempt;
+    }
+
+    fn call<'a>(
+        &'a mut self,
+        env: &'a AnyEnvelope,
+        ctx: &'a Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a {
+        self.handler.handle(env, ctx)
+    }
+
+    fn restart(&mut self) -> bool {
+        fresh(&self.factory).map(|h| self.handler = h).is_some()
+    }
+}
+
+pub(crate) struct WorkerArgs {
+    pub(crate) bus: Bus,
+    pub(crate) topic: Arc<Topic>,
+    pub(crate) slot: usize,
+    pub(crate) partition: u32,
+    pub(crate) options: Subscription,
+    pub(crate) handler_name: &'static str,
+}
+
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// Runs one partition of one group until the partition is closed and drained.
+pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
+    let WorkerArgs {
+        bus,
+        topic,
+        slot,
+        partition,
+        options,
+        handler_name,
+    } = args;
+    let part = &topic.partitions[partition as usize];
+    let stats = &topic.worker_stats[slot][partition as usize];
+    let group: Arc<str> = Arc::from(topic.groups[slot].as_str());
+    let mut ctx = Context::for_bus(bus.clone(), Arc::clone(&group), bus.inner.cancel.clone());
+    let mut batch: VecDeque<Erased> = VecDeque::with_capacity(options.batch_size);
+    let mut consecutive_panics = 0u32;
+
+    while part.next_batch(slot, &mut batch, options.batch_size).await {
+        let n = batch.len();
+        while let Some(item) = batch.pop_front() {
+            let meta = item.meta();
+            let (id, offset, correlation) = (meta.id, meta.offset, meta.correlation_id);
+            let keep = AnyEnvelope {
+                inner: Arc::clone(&item),
+                attempt: 1,
+            };
+            let Some(mut env) = D::wrap(item) else {
+                // Routing guarantees the type; reaching this is a bug in tidings.
+                tracing::error!(group = %group, %id, "event of an unexpected type reached a worker");
+                stats.failed.fetch_add(1, Relaxed);
+                continue;
+            };
+            ctx.cause = Some(Cause { id, correlation });
+            let mut attempt = 1u32;
+            loop {
+                D::set_attempt(&mut env, attempt);
+                let span = tracing::info_span!(
+                    "tidings.handle",
+                    topic = %topic.name,
+                    partition,
+                    offset,
+                    group = %group,
+                    event_id = %id,
+                    correlation_id = %correlation,
+                    attempt,
+                );
+                let outcome = AssertUnwindSafe(dispatch.call(&env, &ctx))
+                    .catch_unwind()
+                    .instrument(span.clone())
+                    .await;
+                let error = match outcome {
+                    Ok(Ok(())) => {
+                        stats.handled.fetch_add(1, Relaxed);
+                        consecutive_panics = 0;
+                        break;
+                    }
+                    Ok(Err(err)) => {
+                        let _enter = span.enter();
+                        let last = err.is_permanent() || attempt >= options.max_deliveries;
+                        if last {
+                            tracing::error!(error = %err, permanent = err.is_permanent(), handler = handler_name, "handler failed; giving up on the event");
+                        } else {
+                            tracing::warn!(error = %err, handler = handler_name, "handler failed; redelivering");
+                        }
+                        (last, err.to_string())
+                    }
+                    Err(panic) => {
+                        let message = panic_message(&*panic);
+                        stats.panics.fetch_add(1, Relaxed);
+                        consecutive_panics += 1;
+                        {
+                            let _enter = span.enter();
+                            tracing::error!(panic = %message, handler = handler_name, "handler panicked; restarting it");
+                        }
+                        tokio::time::sleep(options.restart_backoff.delay(consecutive_panics)).await;
+                        if dispatch.restart() {
+                            stats.restarts.fetch_add(1, Relaxed);
+                        }
+                        (
+                            attempt >= options.max_deliveries,
+                            format!("panic: {message}"),
+                        )
+                    }
+                };
+                if error.0 {
+                    stats.failed.fetch_add(1, Relaxed);
+                    bus.inner.record_failure(|| Failure {
+                        group: group.to_string(),
+                        envelope: AnyEnvelope {
+                            attempt,
+                            ..keep.clone()
+                        },
+                        error: error.1,
+                        attempts: attempt,
+                    });
+                    break;
+                }
+                attempt += 1;
+            }
+            stats.next_offset.store(offset + 1, Relaxed);
+        }
+        bus.inner.finish(n);
+    }
+}
+
+impl RestartBackoff {
+    pub(crate) fn delay(&self, consecutive: u32) -> std::time::Duration {
+        let factor = 1u32 << consecutive.saturating_sub(1).min(16);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// Runs the one handler of command type `C`.
+pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
+    factory: Factory<H>,
+    mut requests: tokio::sync::mpsc::Receiver<CommandRequest<C>>,
+    bus: Bus,
+    backoff: RestartBackoff,
+) {
+    let name = std::any::type_name::<C>();
+    let mut handler = factory();
+    let mut ctx = Context::for_bus(bus.clone(), Arc::from(name), bus.inner.cancel.clone());
+    let mut consecutive_panics = 0u32;
+    loop {
+        let request = tokio::select! {
+            biased;
+            request = requests.recv() => request,
+            // After shutdown drained every request, stop; new requests are refused by then.
+            _ = bus.inner.closed.cancelled() => None,
+        };
+        let Some(CommandRequest {
+            command,
+            cause,
+            reply,
+        }) = request
+        else {
+            break;
+        };
+        ctx.cause = Some(cause);
+        let span = tracing::info_span!(
+            "tidings.request",
+            command = name,
+            request_id = %cause.id,
+            correlation_id = %cause.correlation,
+        );
+        let outcome = AssertUnwindSafe(handler.handle(command, &ctx))
+            .catch_unwind()
+            .instrument(span)
+            .await;
+        let answer = match outcome {
+            Ok(Ok(value)) => {
+                consecutive_panics = 0;
+                Ok(value)
+            }
+            Ok(Err(err)) => Err(RequestError::Failed {
+                command: name,
+                message: err.to_string(),
+            }),
+            Err(panic) => {
+                let message = panic_message(&*panic);
+                tracing::error!(command = name, panic = %message, "command handler panicked; restarting it");
+                consecutive_panics += 1;
+                tokio::time::sleep(backoff.delay(consecutive_panics)).await;
+                if let Some(h) = fresh(&factory) {
+                    handler = h;
+                }
+                Err(RequestError::Panicked {
+                    command: name,
+                    message,
+                })
+            }
+        };
+        // The requester may have timed out and gone; that is its business.
+        let _ = reply.send(answer);
+        bus.inner.finish(1);
+    }
+}

@@ -1,0 +1,9 @@
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, tidings::Event)]
+#[event(topic = "orders", partition = 3)]
+struct OrderCreated {
+    order_id: u64,
+}
+
+fn main() {}
