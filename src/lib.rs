@@ -26,6 +26,9 @@ pub use handler::{AnyHandler, ErrorKind, Handler, HandlerError};
 pub use stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
 pub use topic::{Overflow, TopicConfig, DEFAULT_CAPACITY};
 
+/// Event, correlation and causation ids are UUIDs (v7 for ids the bus makes).
+pub use uuid::Uuid;
+
 /// Derives [`Event`] for a serde type. See [`Event`] for the attributes.
 pub use tidings_macros::Event;
 
