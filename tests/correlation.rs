@@ -1,0 +1,89 @@
+//! Correlation and causation flow through handler chains.
+
+use serde::{Deserialize, Serialize};
+use tidings::prelude::*;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+#[event(topic = "chain.a", key = id)]
+struct A {
+    id: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+#[event(topic = "chain.b", key = id)]
+struct B {
+    id: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+#[event(topic = "chain.c", key = id)]
+struct C {
+    id: u64,
+}
+
+struct AtoB;
+impl Handler<A> for AtoB {
+    async fn handle(&mut self, e: &Envelope<A>, ctx: &Context) -> Result<(), HandlerError> {
+        ctx.publish(B { id: e.event().id }).await?;
+        Ok(())
+    }
+}
+
+struct BtoC;
+impl Handler<B> for BtoC {
+    async fn handle(&mut self, e: &Envelope<B>, ctx: &Context) -> Result<(), HandlerError> {
+        // try_publish carries correlation too.
+        ctx.try_publish(C { id: e.event().id })
+            .map_err(|e| HandlerError::msg(e))?;
+        Ok(())
+    }
+}
+
+struct SinkC;
+impl Handler<C> for SinkC {
+    async fn handle(&mut self, _: &Envelope<C>, _: &Context) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+fn chain_bus() -> Bus {
+    Bus::builder()
+        .record(true)
+        .subscribe::<A, _>("a-to-b", || AtoB)
+        .subscribe::<B, _>("b-to-c", || BtoC)
+        .subscribe::<C, _>("sink", || SinkC)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn follow_up_events_carry_the_correlation_id_and_name_their_cause() {
+    let bus = chain_bus();
+    let a1 = bus.publish(A { id: 1 }).await.unwrap();
+    let a2 = bus.publish(A { id: 2 }).await.unwrap();
+    bus.settled().await;
+    let published = bus.published();
+    assert_eq!(published.len(), 6);
+    for (root, id) in [(a1, 1u64), (a2, 2u64)] {
+        let a = published.iter().find(|e| e.id() == root.id).unwrap();
+        assert_eq!(
+            a.correlation_id(),
+            root.id,
+            "a root event starts its own chain"
+        );
+        assert_eq!(a.causation_id(), None);
+        let b = published
+            .iter()
+            .find(|e| e.downcast_ref::<B>().is_some_and(|b| b.id == id))
+            .unwrap();
+        assert_eq!(b.correlation_id(), root.id);
+        assert_eq!(b.causation_id(), Some(root.id));
+        let c = published
+            .iter()
+            .find(|e| e.downcast_ref::<C>().is_some_and(|c| c.id == id))
+            .unwrap();
+        assert_eq!(c.correlation_id(), root.id);
+        assert_eq!(c.causation_id(), Some(b.id()));
+    }
+    bus.shutdown().await;
+}
