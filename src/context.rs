@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::bus::{Bus, Origin, Published};
 use crate::command::Command;
-use crate::envelope::{AnyEnvelope, Envelope, Headers, Metadata};
+use crate::envelope::{new_id, AnyEnvelope, Envelope, Headers, Metadata};
 use crate::error::{PublishError, RequestError, TryPublishError};
 use crate::event::Event;
 
@@ -128,7 +128,8 @@ impl Context {
     }
 
     fn capture<E: Event>(&self, log: &Mutex<Vec<AnyEnvelope>>, event: E) -> Published {
-        let id = Uuid::now_v7();
+        let timestamp = SystemTime::now();
+        let id = new_id(timestamp);
         let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
         let offset = log.len() as u64;
         let env = Envelope::from_parts(
@@ -137,7 +138,7 @@ impl Context {
                 topic: E::TOPIC,
                 partition: 0,
                 offset,
-                timestamp: SystemTime::now(),
+                timestamp,
                 correlation_id: self.cause.map_or(id, |c| c.correlation),
                 causation_id: self.cause.map(|c| c.id),
                 headers: Headers::new(),

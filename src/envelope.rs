@@ -77,6 +77,16 @@ impl Headers {
     }
 }
 
+/// A fresh UUIDv7 for an event published at `now`: the millisecond timestamp, then 74 random
+/// bits from the thread-local generator (no global lock, unlike `Uuid::now_v7`).
+pub(crate) fn new_id(now: SystemTime) -> Uuid {
+    let millis = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let random: [u8; 10] = rand::random();
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
+}
+
 pub(crate) struct Inner<E> {
     pub(crate) meta: Metadata,
     pub(crate) event: E,
@@ -144,14 +154,15 @@ impl<E: Event> Envelope<E> {
     /// Wraps `event` in a fresh root envelope (partition 0, offset 0, attempt 1), as the bus
     /// would for a first publish. Mostly useful to call a handler directly in a test.
     pub fn new(event: E) -> Self {
-        let id = Uuid::now_v7();
+        let timestamp = SystemTime::now();
+        let id = new_id(timestamp);
         Envelope::from_parts(
             Metadata {
                 id,
                 topic: E::TOPIC,
                 partition: 0,
                 offset: 0,
-                timestamp: SystemTime::now(),
+                timestamp,
                 correlation_id: id,
                 causation_id: None,
                 headers: Headers::new(),
@@ -359,5 +370,21 @@ impl fmt::Debug for AnyEnvelope {
             .field("attempt", &self.attempt)
             .field("event", &self.inner.event())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_time_ordered_uuid_v7() {
+        let now = SystemTime::now();
+        let a = new_id(now);
+        let b = new_id(now);
+        assert_eq!(a.get_version_num(), 7);
+        assert_ne!(a, b);
+        let later = new_id(now + std::time::Duration::from_millis(5));
+        assert!(later > a && later > b, "a later millisecond sorts after");
     }
 }

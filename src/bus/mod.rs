@@ -18,7 +18,7 @@ pub use builder::{BusBuilder, RestartBackoff, Subscription};
 
 use crate::command::Command;
 use crate::context::Cause;
-use crate::envelope::{AnyEnvelope, Erased, Headers, Inner, Metadata};
+use crate::envelope::{new_id, AnyEnvelope, Erased, Headers, Inner, Metadata};
 use crate::error::{PublishError, RequestError, TryPublishError};
 use crate::event::Event;
 use crate::stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
@@ -236,8 +236,8 @@ impl Bus {
         let route = inner.route::<E>();
         let partition = route.topic.partition_for(event.key());
         let part = &route.topic.partitions[partition as usize];
-        let id = Uuid::now_v7();
         let timestamp = SystemTime::now();
+        let id = new_id(timestamp);
         let mut event = event;
         loop {
             let waiting = {
@@ -270,18 +270,11 @@ impl Bus {
         let route = inner.route::<E>();
         let partition = route.topic.partition_for(event.key());
         let part = &route.topic.partitions[partition as usize];
+        let timestamp = SystemTime::now();
+        let id = new_id(timestamp);
         let mut state = part.lock();
-        let id = Uuid::now_v7();
         inner
-            .enqueue(
-                &route,
-                partition,
-                &mut state,
-                event,
-                origin,
-                id,
-                SystemTime::now(),
-            )
+            .enqueue(&route, partition, &mut state, event, origin, id, timestamp)
             .map_err(|r| match r {
                 Reject::Full(e) => TryPublishError::Full(e),
                 Reject::Closed(e) => TryPublishError::Closed(e),
@@ -354,7 +347,7 @@ impl Bus {
             return Err(RequestError::Closed);
         }
         let timeout = timeout.unwrap_or(inner.request_timeout);
-        let id = Uuid::now_v7();
+        let id = new_id(SystemTime::now());
         let cause = Cause {
             id,
             correlation: cause.map_or(id, |c| c.correlation),
