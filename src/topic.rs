@@ -101,8 +101,10 @@ pub(crate) struct Topic {
     round_robin: AtomicU32,
 }
 
-/// Counters a partition worker keeps; written by that worker only.
+/// Counters a partition worker keeps; written by that worker only. Aligned to its own cache
+/// lines so that workers of neighbouring partitions do not contend.
 #[derive(Default)]
+#[repr(align(128))]
 pub(crate) struct WorkerStats {
     pub(crate) handled: AtomicU64,
     pub(crate) failed: AtomicU64,

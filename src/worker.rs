@@ -27,6 +27,8 @@ pub(crate) trait Dispatch: Send + 'static {
     type Env: Send + Sync + 'static;
     fn wrap(item: Erased) -> Option<Self::Env>;
     fn set_attempt(env: &mut Self::Env, attempt: u32);
+    /// The envelope, type-erased again (to report a failure).
+    fn erase(env: &Self::Env) -> AnyEnvelope;
     fn call<'a>(
         &'a mut self,
         env: &'a Self::Env,
@@ -76,6 +78,10 @@ impl<E: Event, H: Handler<E>> Dispatch for Typed<E, H> {
         env.attempt = attempt;
     }
 
+    fn erase(env: &Envelope<E>) -> AnyEnvelope {
+        env.clone().into()
+    }
+
     fn call<'a>(
         &'a mut self,
         env: &'a Envelope<E>,
@@ -117,6 +123,10 @@ impl<H: AnyHandler> Dispatch for Untyped<H> {
         env.attempt = attempt;
     }
 
+    fn erase(env: &AnyEnvelope) -> AnyEnvelope {
+        env.clone()
+    }
+
     fn call<'a>(
         &'a mut self,
         env: &'a AnyEnvelope,
@@ -149,6 +159,12 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// Adds one to a counter that only this worker writes: a plain load and store, no locked
+/// read-modify-write on the hot path.
+fn bump(counter: &std::sync::atomic::AtomicU64) {
+    counter.store(counter.load(Relaxed) + 1, Relaxed);
+}
+
 /// Runs one partition of one group until the partition is closed and drained.
 pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
     let WorkerArgs {
@@ -171,14 +187,10 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
         while let Some(item) = batch.pop_front() {
             let meta = item.meta();
             let (id, offset, correlation) = (meta.id, meta.offset, meta.correlation_id);
-            let keep = AnyEnvelope {
-                inner: Arc::clone(&item),
-                attempt: 1,
-            };
             let Some(mut env) = D::wrap(item) else {
                 // Routing guarantees the type; reaching this is a bug in tidings.
                 tracing::error!(group = %group, %id, "event of an unexpected type reached a worker");
-                stats.failed.fetch_add(1, Relaxed);
+                bump(&stats.failed);
                 continue;
             };
             ctx.cause = Some(Cause { id, correlation });
@@ -201,7 +213,7 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
                     .await;
                 let error = match outcome {
                     Ok(Ok(())) => {
-                        stats.handled.fetch_add(1, Relaxed);
+                        bump(&stats.handled);
                         consecutive_panics = 0;
                         break;
                     }
@@ -217,7 +229,7 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
                     }
                     Err(panic) => {
                         let message = panic_message(&*panic);
-                        stats.panics.fetch_add(1, Relaxed);
+                        bump(&stats.panics);
                         consecutive_panics += 1;
                         {
                             let _enter = span.enter();
@@ -225,7 +237,7 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
                         }
                         tokio::time::sleep(options.restart_backoff.delay(consecutive_panics)).await;
                         if dispatch.restart() {
-                            stats.restarts.fetch_add(1, Relaxed);
+                            bump(&stats.restarts);
                         }
                         (
                             attempt >= options.max_deliveries,
@@ -234,13 +246,10 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
                     }
                 };
                 if error.0 {
-                    stats.failed.fetch_add(1, Relaxed);
+                    bump(&stats.failed);
                     bus.inner.record_failure(|| Failure {
                         group: group.to_string(),
-                        envelope: AnyEnvelope {
-                            attempt,
-                            ..keep.clone()
-                        },
+                        envelope: D::erase(&env),
                         error: error.1,
                         attempts: attempt,
                     });
