@@ -313,6 +313,11 @@ impl AnyEnvelope {
         self.inner.event().event_info().name
     }
 
+    /// The partition key of the event.
+    pub fn key(&self) -> Option<Key<'_>> {
+        self.inner.event().event_info().key
+    }
+
     /// All metadata.
     pub fn metadata(&self) -> &Metadata {
         self.inner.meta()

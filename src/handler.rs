@@ -101,6 +101,9 @@ pub enum ErrorKind {
 /// Any `std::error::Error` converts into it with `?` (as a transient error); build one from a
 /// message with [`HandlerError::msg`], or mark it permanent with [`HandlerError::permanent`].
 ///
+/// Like `anyhow::Error`, it does not implement `std::error::Error` itself (that would clash with
+/// the blanket conversion); it converts into `Box<dyn Error + Send + Sync>` with `?` instead.
+///
 /// ```
 /// use tidings::{ErrorKind, HandlerError};
 ///
@@ -165,6 +168,22 @@ impl<E: StdError + Send + Sync + 'static> From<E> for HandlerError {
         HandlerError::transient(err)
     }
 }
+
+impl From<HandlerError> for Box<dyn StdError + Send + Sync + 'static> {
+    /// Lets `?` turn a `HandlerError` into a boxed error outside handlers (in `main`, say).
+    fn from(err: HandlerError) -> Self {
+        err.source
+    }
+}
+
+impl From<HandlerError> for Box<dyn StdError + 'static> {
+    fn from(err: HandlerError) -> Self {
+        err.source
+    }
+}
+
+/// What a handler returns: `Ok(())` to acknowledge the event.
+pub type HandlerResult<T = ()> = Result<T, HandlerError>;
 
 impl fmt::Display for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -22,7 +22,7 @@ pub use context::Context;
 pub use envelope::{AnyEnvelope, Envelope, Headers, Metadata};
 pub use error::{BuildError, PublishError, RequestError, TryPublishError};
 pub use event::{AsKey, DynEvent, Event, EventInfo, Key};
-pub use handler::{AnyHandler, ErrorKind, Handler, HandlerError};
+pub use handler::{AnyHandler, ErrorKind, Handler, HandlerError, HandlerResult};
 pub use stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
 pub use topic::{Overflow, TopicConfig, DEFAULT_CAPACITY};
 
@@ -35,8 +35,8 @@ pub use tidings_macros::Event;
 /// The common imports: `use tidings::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        AnyEnvelope, AnyHandler, Bus, Command, CommandHandler, Context, Envelope, Event, Handler,
-        HandlerError, Subscription, TopicConfig,
+        AnyEnvelope, AnyHandler, Bus, BusBuilder, Command, CommandHandler, Context, Envelope,
+        Event, Handler, HandlerError, HandlerResult, Subscription, TopicConfig,
     };
 }
 
