@@ -34,7 +34,7 @@ impl Handler<B> for BtoC {
     async fn handle(&mut self, e: &Envelope<B>, ctx: &Context) -> Result<(), HandlerError> {
         // try_publish carries correlation too.
         ctx.try_publish(C { id: e.event().id })
-            .map_err(|e| HandlerError::msg(e))?;
+            .map_err(HandlerError::msg)?;
         Ok(())
     }
 }

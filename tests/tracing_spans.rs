@@ -44,7 +44,7 @@ impl Handler<B> for BtoC {
     async fn handle(&mut self, e: &Envelope<B>, ctx: &Context) -> Result<(), HandlerError> {
         // try_publish carries correlation too.
         ctx.try_publish(C { id: e.event().id })
-            .map_err(|e| HandlerError::msg(e))?;
+            .map_err(HandlerError::msg)?;
         Ok(())
     }
 }
@@ -67,8 +67,11 @@ fn chain_bus() -> Bus {
 }
 
 /// Records the fields of every `tidings.handle` span.
+/// The fields of one span, as (name, value) text.
+type SpanFields = Vec<(String, String)>;
+
 #[derive(Clone, Default)]
-struct SpanLog(Arc<Mutex<Vec<Vec<(String, String)>>>>);
+struct SpanLog(Arc<Mutex<Vec<SpanFields>>>);
 
 struct Fields(Vec<(String, String)>);
 impl Visit for Fields {
