@@ -83,7 +83,13 @@ pub(crate) fn new_id(now: SystemTime) -> Uuid {
     let millis = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let random: [u8; 10] = rand::random();
+    thread_local! {
+        // A fast non-cryptographic generator per thread, seeded from the OS: ids need to be
+        // unique, not unguessable.
+        static RNG: std::cell::RefCell<rand::rngs::SmallRng> =
+            std::cell::RefCell::new(rand::SeedableRng::from_os_rng());
+    }
+    let random: [u8; 10] = RNG.with(|rng| rand::Rng::random(&mut *rng.borrow_mut()));
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 

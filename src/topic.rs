@@ -9,6 +9,9 @@ use tokio::sync::Notify;
 use crate::envelope::Erased;
 use crate::event::Key;
 
+/// Beyond this many envelopes waiting to be freed by a publisher, workers free their own.
+const GRAVEYARD_LIMIT: usize = 4096;
+
 /// Default queue capacity of a partition, per consumer group.
 pub const DEFAULT_CAPACITY: usize = 1024;
 
@@ -158,8 +161,9 @@ pub(crate) struct Partition {
 
 pub(crate) struct PartitionState {
     pub(crate) next_offset: u64,
-    pub(crate) producers_waiting: bool,
     pub(crate) closed: bool,
+    /// Envelopes the workers finished with, freed by the next publisher.
+    pub(crate) graveyard: Vec<Erased>,
     pub(crate) queues: Box<[GroupQueue]>,
 }
 
@@ -168,6 +172,8 @@ pub(crate) struct GroupQueue {
     pub(crate) items: VecDeque<Erased>,
     /// The worker found the queue empty and waits to be woken.
     pub(crate) parked: bool,
+    /// A producer found this queue full and waits on the partition's `not_full`.
+    pub(crate) producer_waiting: bool,
     /// Events ever accepted into this queue.
     pub(crate) delivered: u64,
     /// Events dropped by [`Overflow::DropOldest`].
@@ -179,7 +185,7 @@ impl Partition {
         Partition {
             state: Mutex::new(PartitionState {
                 next_offset: 0,
-                producers_waiting: false,
+                graveyard: Vec::new(),
                 closed: false,
                 queues: (0..groups).map(|_| GroupQueue::default()).collect(),
             }),
@@ -205,23 +211,38 @@ impl Partition {
 
     /// Moves up to `max` events of `slot` into `out`, waiting while the queue is empty.
     /// Returns `false` once the partition is closed and the queue is empty.
+    ///
+    /// `done` holds the envelopes the worker finished since its last call. They go to the
+    /// partition's graveyard, where the next publisher frees them: memory is then freed by the
+    /// thread that allocated it, instead of contending on the allocator across threads for
+    /// every event. When the worker is about to wait (the bus is idle), it frees them itself.
     pub(crate) async fn next_batch(
         &self,
         slot: usize,
         out: &mut VecDeque<Erased>,
+        done: &mut Vec<Erased>,
         max: usize,
+        capacity: usize,
     ) -> bool {
+        let low_water = capacity / 2;
         loop {
-            {
+            let idle_garbage = {
                 let mut state = self.lock();
                 let state = &mut *state;
                 let q = &mut state.queues[slot];
                 if !q.items.is_empty() {
                     let n = q.items.len().min(max);
                     out.extend(q.items.drain(..n));
-                    let wake_producers = std::mem::take(&mut state.producers_waiting);
-                    if wake_producers {
+                    // Wake waiting producers only once the queue is down to half its capacity:
+                    // they then publish half a queue per wake-up instead of one batch.
+                    if q.producer_waiting && q.items.len() <= low_water {
+                        q.producer_waiting = false;
                         self.not_full.notify_waiters();
+                    }
+                    if state.graveyard.is_empty() {
+                        std::mem::swap(&mut state.graveyard, done);
+                    } else if state.graveyard.len() < GRAVEYARD_LIMIT {
+                        state.graveyard.append(done);
                     }
                     return true;
                 }
@@ -229,8 +250,17 @@ impl Partition {
                     return false;
                 }
                 q.parked = true;
-            }
+                (std::mem::take(&mut state.graveyard), std::mem::take(done))
+            };
+            drop(idle_garbage);
             self.wakers[slot].notified().await;
+        }
+    }
+
+    /// Takes the envelopes workers finished, for the caller to drop outside the lock.
+    pub(crate) fn take_graveyard(state: &mut PartitionState, out: &mut Vec<Erased>) {
+        if !state.graveyard.is_empty() {
+            std::mem::swap(&mut state.graveyard, out);
         }
     }
 

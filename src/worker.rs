@@ -29,6 +29,8 @@ pub(crate) trait Dispatch: Send + 'static {
     fn set_attempt(env: &mut Self::Env, attempt: u32);
     /// The envelope, type-erased again (to report a failure).
     fn erase(env: &Self::Env) -> AnyEnvelope;
+    /// The envelope back as a queue item (to hand it to the graveyard).
+    fn into_item(env: Self::Env) -> Erased;
     fn call<'a>(
         &'a mut self,
         env: &'a Self::Env,
@@ -82,6 +84,10 @@ impl<E: Event, H: Handler<E>> Dispatch for Typed<E, H> {
         env.clone().into()
     }
 
+    fn into_item(env: Envelope<E>) -> Erased {
+        env.inner
+    }
+
     fn call<'a>(
         &'a mut self,
         env: &'a Envelope<E>,
@@ -125,6 +131,10 @@ impl<H: AnyHandler> Dispatch for Untyped<H> {
 
     fn erase(env: &AnyEnvelope) -> AnyEnvelope {
         env.clone()
+    }
+
+    fn into_item(env: AnyEnvelope) -> Erased {
+        env.inner
     }
 
     fn call<'a>(
@@ -180,10 +190,21 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
     let group: Arc<str> = Arc::from(topic.groups[slot].as_str());
     let mut ctx = Context::for_bus(bus.clone(), Arc::clone(&group), bus.inner.cancel.clone());
     let mut batch: VecDeque<Erased> = VecDeque::with_capacity(options.batch_size);
+    let mut done: Vec<Erased> = Vec::new();
     let mut consecutive_panics = 0u32;
 
-    while part.next_batch(slot, &mut batch, options.batch_size).await {
+    while part
+        .next_batch(
+            slot,
+            &mut batch,
+            &mut done,
+            options.batch_size,
+            topic.capacity,
+        )
+        .await
+    {
         let n = batch.len();
+        done.reserve(n);
         while let Some(item) = batch.pop_front() {
             let meta = item.meta();
             let (id, offset, correlation) = (meta.id, meta.offset, meta.correlation_id);
@@ -207,10 +228,13 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
                     correlation_id = %correlation,
                     attempt,
                 );
-                let outcome = AssertUnwindSafe(dispatch.call(&env, &ctx))
-                    .catch_unwind()
-                    .instrument(span.clone())
-                    .await;
+                let call = AssertUnwindSafe(dispatch.call(&env, &ctx)).catch_unwind();
+                // A disabled span (no subscriber interested) costs nothing to skip.
+                let outcome = if span.is_disabled() {
+                    call.await
+                } else {
+                    call.instrument(span.clone()).await
+                };
                 let error = match outcome {
                     Ok(Ok(())) => {
                         bump(&stats.handled);
@@ -258,6 +282,7 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
                 attempt += 1;
             }
             stats.next_offset.store(offset + 1, Relaxed);
+            done.push(D::into_item(env));
         }
         bus.inner.finish(n);
     }

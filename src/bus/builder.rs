@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use futures::future::BoxFuture;
+use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -337,7 +338,7 @@ impl BusBuilder {
             any_slots.push(anys);
         }
 
-        let mut commands = HashMap::new();
+        let mut commands = FxHashMap::default();
         let mut command_starts = Vec::new();
         for spec in self.commands {
             let (sender, start) = (spec.make)(self.command_capacity);
@@ -350,7 +351,7 @@ impl BusBuilder {
             topic_index,
             typed_slots,
             any_slots,
-            routes: HashMap::new(),
+            routes: FxHashMap::default(),
             dynamic_routes: DashMap::new(),
             unsubscribed_topics: DashMap::new(),
             commands,
@@ -365,7 +366,7 @@ impl BusBuilder {
             shutdown_done: tokio::sync::OnceCell::new(),
         };
         // Routes of the subscribed event types, resolved once.
-        let mut routes: HashMap<TypeId, Route> = HashMap::new();
+        let mut routes: FxHashMap<TypeId, Route> = FxHashMap::default();
         for sub in &self.subs {
             if let Some(type_id) = sub.accepts {
                 routes.insert(type_id, inner.compute_route(&sub.topic, type_id));

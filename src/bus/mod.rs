@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
+use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +23,7 @@ use crate::envelope::{new_id, AnyEnvelope, Erased, Headers, Inner, Metadata};
 use crate::error::{PublishError, RequestError, TryPublishError};
 use crate::event::Event;
 use crate::stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
-use crate::topic::{default_partitions, Overflow, PartitionState, Topic, TopicConfig};
+use crate::topic::{default_partitions, Overflow, Partition, PartitionState, Topic, TopicConfig};
 
 /// What [`Bus::publish`] returns once the bus accepted an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,11 +137,12 @@ pub(crate) struct BusInner {
     /// Per topic index: typed slots by event type, and the slots of `subscribe_all` groups.
     typed_slots: HashMap<(usize, TypeId), Vec<usize>>,
     any_slots: Vec<Vec<usize>>,
-    routes: HashMap<TypeId, Route>,
+    /// Fx-hashed: looked up on every publish, keyed by `TypeId`, which is a hash already.
+    routes: FxHashMap<TypeId, Route>,
     dynamic_routes: DashMap<TypeId, Arc<Route>>,
     /// Topics published to without any subscription or configuration.
     unsubscribed_topics: DashMap<String, Arc<Topic>>,
-    commands: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    commands: FxHashMap<TypeId, Box<dyn Any + Send + Sync>>,
     request_timeout: Duration,
     /// Deliveries and requests accepted but not yet finished.
     pending: AtomicUsize,
@@ -239,15 +241,18 @@ impl Bus {
         let timestamp = SystemTime::now();
         let id = new_id(timestamp);
         let mut event = event;
+        let mut garbage = Vec::new();
         loop {
             let waiting = {
                 let mut state = part.lock();
-                match inner.enqueue(&route, partition, &mut state, event, origin, id, timestamp) {
+                Partition::take_graveyard(&mut state, &mut garbage);
+                match inner.enqueue(
+                    &route, partition, &mut state, event, origin, id, timestamp, true,
+                ) {
                     Ok(published) => return Ok(published),
                     Err(Reject::Closed(e)) => return Err(PublishError::Closed(e)),
                     Err(Reject::Full(e)) => {
                         event = e;
-                        state.producers_waiting = true;
                         let mut waiting = Box::pin(part.not_full.notified());
                         waiting.as_mut().enable();
                         waiting
@@ -272,9 +277,13 @@ impl Bus {
         let part = &route.topic.partitions[partition as usize];
         let timestamp = SystemTime::now();
         let id = new_id(timestamp);
+        let mut garbage = Vec::new();
         let mut state = part.lock();
+        Partition::take_graveyard(&mut state, &mut garbage);
         inner
-            .enqueue(&route, partition, &mut state, event, origin, id, timestamp)
+            .enqueue(
+                &route, partition, &mut state, event, origin, id, timestamp, false,
+            )
             .map_err(|r| match r {
                 Reject::Full(e) => TryPublishError::Full(e),
                 Reject::Closed(e) => TryPublishError::Closed(e),
@@ -556,18 +565,25 @@ impl BusInner {
         origin: Origin,
         id: Uuid,
         timestamp: SystemTime,
+        will_wait: bool,
     ) -> Result<Published, Reject<E>> {
         if state.closed {
             return Err(Reject::Closed(event));
         }
         let topic = &*route.topic;
-        if topic.overflow == Overflow::Block
-            && route
-                .slots
-                .iter()
-                .any(|&slot| state.queues[slot].items.len() >= topic.capacity)
-        {
-            return Err(Reject::Full(event));
+        if topic.overflow == Overflow::Block {
+            let mut full = false;
+            for &slot in route.slots.iter() {
+                let q = &mut state.queues[slot];
+                if q.items.len() >= topic.capacity {
+                    full = true;
+                    // Ask this queue's worker to wake us when it has drained.
+                    q.producer_waiting |= will_wait;
+                }
+            }
+            if full {
+                return Err(Reject::Full(event));
+            }
         }
         let offset = state.next_offset;
         state.next_offset += 1;
