@@ -7,11 +7,12 @@ use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::FutureExt;
 use tracing::Instrument;
 
-use crate::bus::{Bus, CommandRequest, Failure, RestartBackoff, Subscription};
+use crate::bus::{Bus, CommandMessage, CommandRequest, Failure, RestartBackoff, Subscription};
 use crate::command::{Command, CommandHandler};
 use crate::context::{Cause, Context};
 use crate::envelope::{downcast, AnyEnvelope, Envelope, Erased};
@@ -295,32 +296,61 @@ impl RestartBackoff {
     }
 }
 
-/// Runs the one handler of command type `C`.
+/// Runs the one handler of command type `C`, and keeps the requests' deadlines.
+///
+/// Deadlines are kept with one timer that is re-armed lazily: it stays at an earlier deadline
+/// until it fires, and only then moves to the earliest deadline still open. Requests of one bus
+/// mostly share one timeout, so their deadlines arrive in order, and a stream of quick round
+/// trips re-arms it about once per timeout period instead of once per request.
 pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
     factory: Factory<H>,
-    mut requests: tokio::sync::mpsc::Receiver<CommandRequest<C>>,
+    mut requests: tokio::sync::mpsc::Receiver<CommandMessage<C>>,
     bus: Bus,
     backoff: RestartBackoff,
+    capacity: usize,
 ) {
     let name = std::any::type_name::<C>();
     let mut handler = factory();
     let mut ctx = Context::for_bus(bus.clone(), Arc::from(name), bus.inner.cancel.clone());
     let mut consecutive_panics = 0u32;
+    // Requests taken off the channel while the handler was busy, so their deadlines are kept.
+    let mut backlog: VecDeque<CommandRequest<C>> = VecDeque::new();
+    let timer = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(timer);
+    let mut armed = false;
+
     loop {
-        let request = tokio::select! {
-            biased;
-            request = requests.recv() => request,
-            // After shutdown drained every request, stop; new requests are refused by then.
-            _ = bus.inner.closed.cancelled() => None,
+        let request = match backlog.pop_front() {
+            Some(request) => request,
+            None => {
+                match requests.recv().await {
+                    Some(Some(request)) => request,
+                    // Shutdown drained every request and asks the task to stop.
+                    Some(None) | None => break,
+                }
+            }
         };
-        let Some(CommandRequest {
+        let CommandRequest {
             command,
             cause,
+            deadline,
+            timeout,
             reply,
-        }) = request
-        else {
-            break;
+        } = request;
+        let timed_out = RequestError::Timeout {
+            command: name,
+            timeout,
         };
+        if tokio::time::Instant::now() >= deadline {
+            let _ = reply.send(Err(timed_out));
+            bus.inner.finish(1);
+            continue;
+        }
+        if !armed || deadline < timer.deadline() {
+            timer.as_mut().reset(deadline);
+            armed = true;
+        }
+        let mut reply = Some(reply);
         ctx.cause = Some(cause);
         let span = tracing::info_span!(
             "tidings.request",
@@ -328,10 +358,60 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
             request_id = %cause.id,
             correlation_id = %cause.correlation,
         );
-        let outcome = AssertUnwindSafe(handler.handle(command, &ctx))
-            .catch_unwind()
-            .instrument(span)
-            .await;
+        let outcome = {
+            let call = AssertUnwindSafe(handler.handle(command, &ctx)).catch_unwind();
+            let call = if span.is_disabled() {
+                futures::future::Either::Left(call)
+            } else {
+                futures::future::Either::Right(call.instrument(span))
+            };
+            tokio::pin!(call);
+            loop {
+                tokio::select! {
+                    biased;
+                    outcome = &mut call => break outcome,
+                    () = &mut timer, if armed => {
+                        armed = false;
+                        let now = tokio::time::Instant::now();
+                        let mut next: Option<tokio::time::Instant> = None;
+                        if reply.is_some() {
+                            if now >= deadline {
+                                if let Some(reply) = reply.take() {
+                                    let _ = reply.send(Err(timed_out.clone()));
+                                }
+                            } else {
+                                next = Some(deadline);
+                            }
+                        }
+                        let mut kept = VecDeque::with_capacity(backlog.len());
+                        for queued in backlog.drain(..) {
+                            if now >= queued.deadline {
+                                let _ = queued.reply.send(Err(RequestError::Timeout {
+                                    command: name,
+                                    timeout: queued.timeout,
+                                }));
+                                bus.inner.finish(1);
+                            } else {
+                                next = Some(next.map_or(queued.deadline, |n| n.min(queued.deadline)));
+                                kept.push_back(queued);
+                            }
+                        }
+                        backlog = kept;
+                        if let Some(next) = next {
+                            timer.as_mut().reset(next);
+                            armed = true;
+                        }
+                    }
+                    Some(Some(queued)) = requests.recv(), if backlog.len() < capacity => {
+                        if !armed || queued.deadline < timer.deadline() {
+                            timer.as_mut().reset(queued.deadline);
+                            armed = true;
+                        }
+                        backlog.push_back(queued);
+                    }
+                }
+            }
+        };
         let answer = match outcome {
             Ok(Ok(value)) => {
                 consecutive_panics = 0;
@@ -355,8 +435,13 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
                 })
             }
         };
-        // The requester may have timed out and gone; that is its business.
-        let _ = reply.send(answer);
+        match reply {
+            // The requester may have gone away; that is its business.
+            Some(reply) => {
+                let _ = reply.send(answer);
+            }
+            None => tracing::debug!(command = name, "reply discarded: the request had timed out"),
+        }
         bus.inner.finish(1);
     }
 }

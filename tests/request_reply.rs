@@ -243,3 +243,73 @@ async fn requests_after_shutdown_are_refused() {
         Err(RequestError::Closed)
     );
 }
+
+struct Tracked(u32);
+impl Command for Tracked {
+    type Reply = u32;
+}
+
+/// Takes 10 s per command and records which commands it finished.
+struct SlowRecorder(Recorder<u32>);
+impl CommandHandler<Tracked> for SlowRecorder {
+    async fn handle(&mut self, cmd: Tracked, _: &Context) -> Result<u32, HandlerError> {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        self.0.push(cmd.0);
+        Ok(cmd.0)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadlines_hold_for_running_and_queued_requests() {
+    let finished = Recorder::new();
+    let bus = Bus::builder()
+        .request_timeout(Duration::from_secs(3))
+        .command_handler::<Tracked, _>({
+            let finished = finished.clone();
+            move || SlowRecorder(finished.clone())
+        })
+        .build()
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let first = tokio::spawn({
+        let bus = bus.clone();
+        async move { (bus.request(Tracked(1)).await, start.elapsed()) }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Queued behind the running one, with a shorter deadline of its own.
+    let second = tokio::spawn({
+        let bus = bus.clone();
+        async move {
+            let r = bus
+                .request_timeout(Tracked(2), Duration::from_secs(1))
+                .await;
+            (r, start.elapsed())
+        }
+    });
+    let (r1, t1) = first.await.unwrap();
+    let (r2, t2) = second.await.unwrap();
+    assert!(
+        matches!(r1, Err(RequestError::Timeout { timeout, .. }) if timeout == Duration::from_secs(3))
+    );
+    assert_eq!(
+        t1,
+        Duration::from_secs(3),
+        "answered at its deadline, not when the handler ended"
+    );
+    assert!(matches!(r2, Err(RequestError::Timeout { .. })));
+    assert_eq!(
+        t2,
+        Duration::from_secs(2),
+        "a queued request times out at its own deadline"
+    );
+    bus.settled().await;
+    // The running handler was not cancelled half-way; the expired queued one never ran.
+    assert_eq!(finished.snapshot(), vec![1]);
+    // And the handler answers again once free.
+    assert_eq!(
+        bus.request_timeout(Tracked(3), Duration::from_secs(60))
+            .await,
+        Ok(3)
+    );
+    bus.shutdown().await;
+}

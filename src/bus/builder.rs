@@ -12,7 +12,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{Bus, BusInner, CommandRequest, HandleGuard, Recorder, Route};
+use super::{Bus, BusInner, CommandEntry, CommandMessage, HandleGuard, Recorder, Route};
 use crate::command::{Command, CommandHandler};
 use crate::error::BuildError;
 use crate::event::{validate_topic_name, Event};
@@ -131,8 +131,7 @@ struct SubSpec {
 
 type CommandStart = Box<dyn FnOnce(Bus) -> BoxFuture<'static, ()> + Send>;
 /// Makes a command handler's queue: the type-erased sender, and what starts its task.
-type CommandMake =
-    Box<dyn FnOnce(usize) -> (Box<dyn std::any::Any + Send + Sync>, CommandStart) + Send>;
+type CommandMake = Box<dyn FnOnce(usize) -> (CommandEntry, CommandStart) + Send>;
 
 struct CmdSpec {
     type_id: TypeId,
@@ -260,16 +259,25 @@ impl BusBuilder {
             type_id: TypeId::of::<C>(),
             name: std::any::type_name::<C>(),
             make: Box::new(move |capacity| {
-                let (tx, rx) = mpsc::channel::<CommandRequest<C>>(capacity);
+                let (tx, rx) = mpsc::channel::<CommandMessage<C>>(capacity);
                 let start: CommandStart = Box::new(move |bus| {
                     Box::pin(worker::run_commands::<C, H>(
                         factory,
                         rx,
                         bus,
                         super::RestartBackoff::default(),
+                        capacity,
                     ))
                 });
-                (Box::new(tx), start)
+                let stopper = tx.clone();
+                let entry = CommandEntry {
+                    sender: Box::new(tx),
+                    // Sent once shutdown has drained every request, so there is room.
+                    stop: Box::new(move || {
+                        let _ = stopper.try_send(None);
+                    }),
+                };
+                (entry, start)
             }),
         });
         self
@@ -341,8 +349,8 @@ impl BusBuilder {
         let mut commands = FxHashMap::default();
         let mut command_starts = Vec::new();
         for spec in self.commands {
-            let (sender, start) = (spec.make)(self.command_capacity);
-            commands.insert(spec.type_id, sender);
+            let (entry, start) = (spec.make)(self.command_capacity);
+            commands.insert(spec.type_id, entry);
             command_starts.push(start);
         }
 
@@ -360,7 +368,6 @@ impl BusBuilder {
             idle: Notify::new(),
             intake_open: AtomicBool::new(true),
             cancel: CancellationToken::new(),
-            closed: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
             recorder: self.record.then(Recorder::default),
             shutdown_done: tokio::sync::OnceCell::new(),

@@ -142,15 +142,13 @@ pub(crate) struct BusInner {
     dynamic_routes: DashMap<TypeId, Arc<Route>>,
     /// Topics published to without any subscription or configuration.
     unsubscribed_topics: DashMap<String, Arc<Topic>>,
-    commands: FxHashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    commands: FxHashMap<TypeId, CommandEntry>,
     request_timeout: Duration,
     /// Deliveries and requests accepted but not yet finished.
     pending: AtomicUsize,
     idle: Notify,
     intake_open: AtomicBool,
     pub(crate) cancel: CancellationToken,
-    /// Fired when the queues close: command handlers stop.
-    pub(crate) closed: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) recorder: Option<Recorder>,
     shutdown_done: tokio::sync::OnceCell<ShutdownReport>,
@@ -162,9 +160,21 @@ pub(crate) struct Recorder {
     pub(crate) failures: Mutex<Vec<Failure>>,
 }
 
+/// A command handler's queue: the typed sender (`mpsc::Sender<CommandMessage<C>>`), erased, and
+/// how to tell its task to stop.
+pub(crate) struct CommandEntry {
+    pub(crate) sender: Box<dyn Any + Send + Sync>,
+    pub(crate) stop: Box<dyn Fn() + Send + Sync>,
+}
+
+/// What a command handler's queue carries: a request, or `None` to stop once drained.
+pub(crate) type CommandMessage<C> = Option<CommandRequest<C>>;
+
 pub(crate) struct CommandRequest<C: Command> {
     pub(crate) command: C,
     pub(crate) cause: Cause,
+    pub(crate) deadline: tokio::time::Instant,
+    pub(crate) timeout: Duration,
     pub(crate) reply: oneshot::Sender<Result<C::Reply, RequestError>>,
 }
 
@@ -293,6 +303,14 @@ impl Bus {
     /// Sends a command to its one handler and waits for the reply, at most the bus's
     /// [request timeout](BusBuilder::request_timeout).
     ///
+    /// # Timeouts
+    ///
+    /// The deadline is kept by the command's handler task: a request still queued when its
+    /// deadline passes is answered [`RequestError::Timeout`] and never handled; a request whose
+    /// handler is still running at its deadline is answered `Timeout` at the deadline, while
+    /// the handler runs on to completion (its reply is discarded; it is not cancelled half-way).
+    /// A handler that blocks its thread instead of awaiting delays the answer until it yields.
+    ///
     /// # Errors
     ///
     /// - [`RequestError::NoHandler`] at once if no handler is registered for `C`;
@@ -348,7 +366,7 @@ impl Bus {
         let Some(sender) = inner
             .commands
             .get(&TypeId::of::<C>())
-            .and_then(|s| s.downcast_ref::<mpsc::Sender<CommandRequest<C>>>())
+            .and_then(|e| e.sender.downcast_ref::<mpsc::Sender<CommandMessage<C>>>())
         else {
             return Err(RequestError::NoHandler { command: name });
         };
@@ -361,28 +379,37 @@ impl Bus {
             id,
             correlation: cause.map_or(id, |c| c.correlation),
         };
+        let deadline = tokio::time::Instant::now() + timeout;
         let (tx, rx) = oneshot::channel();
         let request = CommandRequest {
             command,
             cause,
+            deadline,
+            timeout,
             reply: tx,
         };
-        let exchange = async {
-            let Ok(permit) = sender.reserve().await else {
-                return Err(RequestError::Closed);
-            };
-            // Counted as pending from the moment it is queued; the handler task finishes it.
-            inner.pending.fetch_add(1, Ordering::SeqCst);
-            permit.send(request);
-            rx.await.unwrap_or(Err(RequestError::Closed))
+        let timed_out = RequestError::Timeout {
+            command: name,
+            timeout,
         };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(reply) => reply,
-            Err(_) => Err(RequestError::Timeout {
-                command: name,
-                timeout,
-            }),
-        }
+        // Fast path: room in the handler's queue. Only a full queue needs a timer here; the
+        // handler task enforces the deadline once the request is queued (see `run_commands`),
+        // so a round trip costs no timer registration.
+        let permit = match sender.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(RequestError::Closed),
+            Err(mpsc::error::TrySendError::Full(())) => {
+                match tokio::time::timeout_at(deadline, sender.reserve()).await {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => return Err(RequestError::Closed),
+                    Err(_) => return Err(timed_out),
+                }
+            }
+        };
+        // Counted as pending from the moment it is queued; the handler task finishes it.
+        inner.pending.fetch_add(1, Ordering::SeqCst);
+        permit.send(Some(request));
+        rx.await.unwrap_or(Err(RequestError::Closed))
     }
 
     /// Waits until the bus is idle: every queue empty, every handler idle, every request
@@ -677,7 +704,9 @@ impl BusInner {
     }
 
     fn close_queues(&self) {
-        self.closed.cancel();
+        for entry in self.commands.values() {
+            (entry.stop)();
+        }
         for topic in self.all_topics() {
             for part in topic.partitions.iter() {
                 part.close();
