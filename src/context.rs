@@ -51,6 +51,7 @@ impl Context {
         Origin {
             cause: self.cause,
             from_handler: true,
+            headers: Headers::new(),
         }
     }
 
@@ -60,13 +61,40 @@ impl Context {
     /// While the bus drains for shutdown, events published by handlers are still accepted, so
     /// causal chains started before shutdown complete.
     ///
+    /// A handler that waits for room in a queue that only its own group drains (its own topic
+    /// and partition, or a cycle of groups publishing to each other, all full) waits forever:
+    /// give such loops capacity to spare, or use [`try_publish`](Context::try_publish) and
+    /// decide what to do when it is full.
+    ///
     /// # Errors
     ///
     /// [`PublishError::Closed`] once the bus is shut down.
     pub async fn publish<E: Event>(&self, event: E) -> Result<Published, PublishError<E>> {
         match &self.sink {
             Sink::Bus(bus) => bus.publish_from(event, self.origin()).await,
-            Sink::Capture(log) => Ok(self.capture(log, event)),
+            Sink::Capture(log) => Ok(self.capture(log, event, Headers::new())),
+        }
+    }
+
+    /// Like [`publish`](Context::publish), with headers attached to the event.
+    ///
+    /// # Errors
+    ///
+    /// As [`publish`](Context::publish).
+    pub async fn publish_with<E: Event>(
+        &self,
+        event: E,
+        headers: Headers,
+    ) -> Result<Published, PublishError<E>> {
+        match &self.sink {
+            Sink::Bus(bus) => {
+                let origin = Origin {
+                    headers,
+                    ..self.origin()
+                };
+                bus.publish_from(event, origin).await
+            }
+            Sink::Capture(log) => Ok(self.capture(log, event, headers)),
         }
     }
 
@@ -79,7 +107,7 @@ impl Context {
     pub fn try_publish<E: Event>(&self, event: E) -> Result<Published, TryPublishError<E>> {
         match &self.sink {
             Sink::Bus(bus) => bus.try_publish_from(event, self.origin()),
-            Sink::Capture(log) => Ok(self.capture(log, event)),
+            Sink::Capture(log) => Ok(self.capture(log, event, Headers::new())),
         }
     }
 
@@ -119,7 +147,8 @@ impl Context {
         self.cancel.cancelled().await
     }
 
-    /// The bus this handler runs on, if any (a test context has none).
+    /// The bus this handler runs on, if any (a test context has none). Clones of it do not
+    /// keep the bus open: when the last handle the application holds is dropped, it closes.
     pub fn bus(&self) -> Option<&Bus> {
         match &self.sink {
             Sink::Bus(bus) => Some(bus),
@@ -127,7 +156,12 @@ impl Context {
         }
     }
 
-    fn capture<E: Event>(&self, log: &Mutex<Vec<AnyEnvelope>>, event: E) -> Published {
+    fn capture<E: Event>(
+        &self,
+        log: &Mutex<Vec<AnyEnvelope>>,
+        event: E,
+        headers: Headers,
+    ) -> Published {
         let timestamp = SystemTime::now();
         let id = new_id(timestamp);
         let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
@@ -141,7 +175,7 @@ impl Context {
                 timestamp,
                 correlation_id: self.cause.map_or(id, |c| c.correlation),
                 causation_id: self.cause.map(|c| c.id),
-                headers: Headers::new(),
+                headers,
             },
             event,
         );

@@ -43,6 +43,12 @@ impl Headers {
         Headers(Vec::new())
     }
 
+    /// These headers with `name` set to `value`, for building them in one expression.
+    pub fn with(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.insert(name, value);
+        self
+    }
+
     /// Sets `name` to `value`, replacing an earlier value.
     pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
         let name = name.into();

@@ -87,3 +87,47 @@ async fn follow_up_events_carry_the_correlation_id_and_name_their_cause() {
     }
     bus.shutdown().await;
 }
+
+struct Stamp;
+impl Handler<A> for Stamp {
+    async fn handle(&mut self, e: &Envelope<A>, ctx: &Context) -> Result<(), HandlerError> {
+        let tenant = e.headers().get("tenant").unwrap_or("none").to_owned();
+        ctx.publish_with(
+            B { id: e.event().id },
+            tidings::Headers::new().with("tenant", tenant),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn headers_travel_with_the_event_and_handlers_can_set_them() {
+    let bus = Bus::builder()
+        .record(true)
+        .subscribe::<A, _>("stamp", || Stamp)
+        .build()
+        .unwrap();
+    let headers = tidings::Headers::new()
+        .with("tenant", "acme")
+        .with("source", "test");
+    bus.publish_with(A { id: 1 }, headers).await.unwrap();
+    bus.settled().await;
+    let published = bus.published();
+    let a = &published[0];
+    assert_eq!(a.metadata().headers.get("tenant"), Some("acme"));
+    assert_eq!(a.metadata().headers.get("source"), Some("test"));
+    let b = tidings::testing::events_of::<B>(&published);
+    assert_eq!(b[0].headers().get("tenant"), Some("acme"));
+    assert_eq!(b[0].correlation_id(), a.id());
+    bus.shutdown().await;
+
+    // The same through a TestContext.
+    let mut ctx = tidings::testing::TestContext::new();
+    let env = Envelope::new(A { id: 2 });
+    ctx.call(&mut Stamp, &env).await.unwrap();
+    assert_eq!(
+        ctx.published_of::<B>()[0].headers().get("tenant"),
+        Some("none")
+    );
+}

@@ -100,10 +100,11 @@ impl Drop for HandleGuard {
     }
 }
 
-#[derive(Clone, Copy, Default)]
+#[derive(Default)]
 pub(crate) struct Origin {
     pub(crate) cause: Option<Cause>,
     pub(crate) from_handler: bool,
+    pub(crate) headers: Headers,
 }
 
 pub(crate) struct Route {
@@ -226,6 +227,37 @@ impl Bus {
         self.publish_from(event, Origin::default()).await
     }
 
+    /// Like [`publish`](Bus::publish), with headers attached to the event's metadata.
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// # use tidings::{Bus, Event, Headers};
+    /// # #[derive(Serialize, Deserialize, Event)]
+    /// # #[event(topic = "orders", key = order_id)]
+    /// # struct OrderPlaced { order_id: u64 }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let bus = Bus::builder().record(true).build().unwrap();
+    /// let headers = Headers::new().with("tenant", "acme").with("source", "web");
+    /// bus.publish_with(OrderPlaced { order_id: 1 }, headers).await.unwrap();
+    /// assert_eq!(bus.published()[0].metadata().headers.get("tenant"), Some("acme"));
+    /// # bus.shutdown().await; }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`publish`](Bus::publish).
+    pub async fn publish_with<E: Event>(
+        &self,
+        event: E,
+        headers: Headers,
+    ) -> Result<Published, PublishError<E>> {
+        let origin = Origin {
+            headers,
+            ..Origin::default()
+        };
+        self.publish_from(event, origin).await
+    }
+
     /// Publishes an event if every subscribed queue has room, without waiting.
     ///
     /// # Errors
@@ -239,7 +271,7 @@ impl Bus {
     pub(crate) async fn publish_from<E: Event>(
         &self,
         event: E,
-        origin: Origin,
+        mut origin: Origin,
     ) -> Result<Published, PublishError<E>> {
         let inner = &*self.inner;
         if !origin.from_handler && !inner.intake_open.load(Ordering::Acquire) {
@@ -257,7 +289,14 @@ impl Bus {
                 let mut state = part.lock();
                 Partition::take_graveyard(&mut state, &mut garbage);
                 match inner.enqueue(
-                    &route, partition, &mut state, event, origin, id, timestamp, true,
+                    &route,
+                    partition,
+                    &mut state,
+                    event,
+                    &mut origin,
+                    id,
+                    timestamp,
+                    true,
                 ) {
                     Ok(published) => return Ok(published),
                     Err(Reject::Closed(e)) => return Err(PublishError::Closed(e)),
@@ -276,7 +315,7 @@ impl Bus {
     pub(crate) fn try_publish_from<E: Event>(
         &self,
         event: E,
-        origin: Origin,
+        mut origin: Origin,
     ) -> Result<Published, TryPublishError<E>> {
         let inner = &*self.inner;
         if !origin.from_handler && !inner.intake_open.load(Ordering::Acquire) {
@@ -292,7 +331,14 @@ impl Bus {
         Partition::take_graveyard(&mut state, &mut garbage);
         inner
             .enqueue(
-                &route, partition, &mut state, event, origin, id, timestamp, false,
+                &route,
+                partition,
+                &mut state,
+                event,
+                &mut origin,
+                id,
+                timestamp,
+                false,
             )
             .map_err(|r| match r {
                 Reject::Full(e) => TryPublishError::Full(e),
@@ -589,7 +635,7 @@ impl BusInner {
         partition: u32,
         state: &mut PartitionState,
         event: E,
-        origin: Origin,
+        origin: &mut Origin,
         id: Uuid,
         timestamp: SystemTime,
         will_wait: bool,
@@ -623,7 +669,7 @@ impl BusInner {
                 timestamp,
                 correlation_id: origin.cause.map_or(id, |c| c.correlation),
                 causation_id: origin.cause.map(|c| c.id),
-                headers: Headers::new(),
+                headers: std::mem::take(&mut origin.headers),
             },
             event,
         });
@@ -634,10 +680,18 @@ impl BusInner {
         let mut dropped = 0;
         for &slot in route.slots.iter() {
             let q = &mut state.queues[slot];
-            if q.items.len() >= topic.capacity {
-                // Only reachable with Overflow::DropOldest.
-                q.items.pop_front();
+            // Only possible with Overflow::DropOldest: Block refused above.
+            let oldest = if q.items.len() >= topic.capacity {
                 q.dropped += 1;
+                q.items.pop_front()
+            } else {
+                None
+            };
+            q.items.push_back(Arc::clone(&erased));
+            q.delivered += 1;
+            if let Some(oldest) = oldest {
+                // Freed outside the lock, with the graveyard.
+                state.graveyard.push(oldest);
                 dropped += 1;
                 tracing::warn!(
                     topic = %topic.name,
@@ -646,8 +700,6 @@ impl BusInner {
                     "queue full: dropped the oldest event (Overflow::DropOldest)"
                 );
             }
-            q.items.push_back(Arc::clone(&erased));
-            q.delivered += 1;
             part.wake(state, slot);
         }
         if dropped > 0 {
