@@ -46,6 +46,17 @@ const GROUPS: [&str; 3] = ["billing", "shipping", "audit"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_key_order_holds_in_every_group_under_concurrent_publishers() {
+    // `TIDINGS_STRESS=N` repeats the run N times with other seeds (CI runs it once).
+    let rounds: u64 = std::env::var("TIDINGS_STRESS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for round in 0..rounds {
+        ordering_round(round).await;
+    }
+}
+
+async fn ordering_round(round: u64) {
     let seen = Seen::new();
     let mut builder = Bus::builder().topic(TopicConfig::new("ordering").partitions(4).capacity(64));
     for group in GROUPS {
@@ -60,7 +71,7 @@ async fn per_key_order_holds_in_every_group_under_concurrent_publishers() {
     for publisher in 0..PUBLISHERS {
         let bus = bus.clone();
         tasks.push(tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(publisher));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(round * 1000 + u64::from(publisher));
             // Per (key, publisher) sequence numbers: the order this task published in.
             let mut next: HashMap<u64, u64> = HashMap::new();
             for _ in 0..PER_PUBLISHER {
