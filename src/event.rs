@@ -64,7 +64,7 @@ pub trait Event: DynEvent + Serialize + DeserializeOwned + Send + Sync + 'static
 /// `Box<dyn DynEvent>` serializes with its type name (`{"OrderCreated": {...}}`) and deserializes
 /// back into the right Rust type. Subscriptions to every type of a topic
 /// ([`AnyHandler`](crate::AnyHandler)) receive events as `&dyn DynEvent`; use
-/// [`DynEvent::downcast_ref`] to get the concrete type back.
+/// `downcast_ref` (on `dyn DynEvent`) to get the concrete type back.
 ///
 /// Implemented by `#[derive(Event)]`; do not implement it by hand.
 #[typetag::serde]

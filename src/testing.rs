@@ -5,9 +5,9 @@
 //! - **A handler alone**: call it with a [`TestContext`], which records what it publishes
 //!   instead of routing it. No bus, no tasks.
 //! - **A whole bus**: build it with [`BusBuilder::record`](crate::BusBuilder::record), publish,
-//!   await [`Bus::settled`] (every queue empty, every handler idle, follow-up events included),
+//!   await [`Bus::settled`](crate::Bus::settled) (every queue empty, every handler idle, follow-up events included),
 //!   then assert on what handlers recorded (share a [`Recorder`] with them) and on
-//!   [`Bus::published`] / [`Bus::failures`]. Run the test with `#[tokio::test(start_paused =
+//!   [`Bus::published`](crate::Bus::published) / [`Bus::failures`](crate::Bus::failures). Run the test with `#[tokio::test(start_paused =
 //!   true)]`: tokio's paused clock then skips over sleeps and restart backoffs, so tests of
 //!   timing are fast and deterministic.
 //!
