@@ -54,6 +54,14 @@ pub enum BuildError {
     /// A setting out of range (zero batch size, zero max deliveries, …).
     #[error("invalid setting: {0}")]
     InvalidSetting(String),
+    /// A handler factory panicked while `build` made the first handlers.
+    #[error("the handler factory of {subscription} panicked: {message}")]
+    FactoryPanicked {
+        /// The subscription (or command) whose factory panicked.
+        subscription: String,
+        /// The panic message.
+        message: String,
+    },
     /// `build` was called outside a tokio runtime.
     #[error("BusBuilder::build must be called from within a tokio runtime")]
     NoRuntime,

@@ -226,7 +226,10 @@ impl Partition {
     ) -> bool {
         let low_water = capacity / 2;
         loop {
-            let idle_garbage = {
+            // Freed after the lock is released, never under it.
+            let garbage: (Vec<Erased>, Vec<Erased>);
+            let closed;
+            {
                 let mut state = self.lock();
                 let state = &mut *state;
                 let q = &mut state.queues[slot];
@@ -241,18 +244,31 @@ impl Partition {
                     }
                     if state.graveyard.is_empty() {
                         std::mem::swap(&mut state.graveyard, done);
-                    } else if state.graveyard.len() < GRAVEYARD_LIMIT {
-                        state.graveyard.append(done);
+                        return true;
                     }
-                    return true;
+                    if state.graveyard.len() < GRAVEYARD_LIMIT {
+                        state.graveyard.append(done);
+                        return true;
+                    }
+                    // No publisher is collecting: free our own.
+                    garbage = (Vec::new(), std::mem::take(done));
+                    closed = false;
+                } else {
+                    // Idle (or closed): nobody may publish for a while, so free everything now.
+                    garbage = (std::mem::take(&mut state.graveyard), std::mem::take(done));
+                    closed = state.closed;
+                    if !closed {
+                        q.parked = true;
+                    }
                 }
-                if state.closed {
-                    return false;
-                }
-                q.parked = true;
-                (std::mem::take(&mut state.graveyard), std::mem::take(done))
-            };
-            drop(idle_garbage);
+            }
+            drop(garbage);
+            if closed {
+                return false;
+            }
+            if !out.is_empty() {
+                return true;
+            }
             self.wakers[slot].notified().await;
         }
     }

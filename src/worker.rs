@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,7 +99,9 @@ impl<E: Event, H: Handler<E>> Dispatch for Typed<E, H> {
     }
 
     fn restart(&mut self) -> bool {
-        fresh(&self.factory).map(|h| self.handler = h).is_some()
+        fresh(&self.factory)
+            .map(|h| replace_handler(&mut self.handler, h))
+            .is_some()
     }
 }
 
@@ -147,7 +150,9 @@ impl<H: AnyHandler> Dispatch for Untyped<H> {
     }
 
     fn restart(&mut self) -> bool {
-        fresh(&self.factory).map(|h| self.handler = h).is_some()
+        fresh(&self.factory)
+            .map(|h| replace_handler(&mut self.handler, h))
+            .is_some()
     }
 }
 
@@ -229,7 +234,10 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
                     correlation_id = %correlation,
                     attempt,
                 );
-                let call = AssertUnwindSafe(dispatch.call(&env, &ctx)).catch_unwind();
+                // The handler's future is made inside the unwind guard: a handler that panics
+                // before returning its future is caught too.
+                let call =
+                    AssertUnwindSafe(async { dispatch.call(&env, &ctx).await }).catch_unwind();
                 // A disabled span (no subscriber interested) costs nothing to skip.
                 let outcome = if span.is_disabled() {
                     call.await
@@ -296,40 +304,143 @@ impl RestartBackoff {
     }
 }
 
-/// Runs the one handler of command type `C`, and keeps the requests' deadlines.
+/// Keeps the deadlines of a command handler's requests while the handler is busy.
 ///
-/// Deadlines are kept with one timer that is re-armed lazily: it stays at an earlier deadline
-/// until it fires, and only then moves to the earliest deadline still open. Requests of one bus
-/// mostly share one timeout, so their deadlines arrive in order, and a stream of quick round
-/// trips re-arms it about once per timeout period instead of once per request.
+/// One timer, re-armed lazily: it stays at an earlier deadline until it fires, and only then
+/// moves to the earliest deadline still open. Requests of one bus mostly share one timeout, so
+/// their deadlines arrive in order, and a stream of quick round trips re-arms it about once per
+/// timeout period instead of once per request.
+struct Deadlines<C: Command> {
+    name: &'static str,
+    requests: tokio::sync::mpsc::Receiver<CommandMessage<C>>,
+    /// Requests taken off the channel while the handler was busy, so their deadlines are kept.
+    /// Bounded by the deadlines: expired ones are answered and dropped.
+    backlog: VecDeque<CommandRequest<C>>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+    /// Shutdown asked the task to stop once the backlog is done.
+    stopping: bool,
+    bus: Bus,
+}
+
+/// The request being handled: its reply (until answered) and deadline.
+struct Current<R> {
+    reply: Option<tokio::sync::oneshot::Sender<Result<R, RequestError>>>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+}
+
+impl<C: Command> Deadlines<C> {
+    fn arm(&mut self, deadline: tokio::time::Instant) {
+        if !self.armed || deadline < self.timer.deadline() {
+            self.timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
+    }
+
+    fn timed_out(&self, timeout: Duration) -> RequestError {
+        RequestError::Timeout {
+            command: self.name,
+            timeout,
+        }
+    }
+
+    /// The next request to handle, or `None` when the task should stop.
+    async fn next(&mut self) -> Option<CommandRequest<C>> {
+        if let Some(request) = self.backlog.pop_front() {
+            return Some(request);
+        }
+        if self.stopping {
+            return None;
+        }
+        match self.requests.recv().await {
+            Some(Some(request)) => Some(request),
+            // Shutdown drained every request and asks the task to stop.
+            Some(None) | None => None,
+        }
+    }
+
+    /// Drives `work` to completion while answering `Timeout` to the current request (if any)
+    /// and to queued requests whose deadlines pass meanwhile.
+    async fn drive<F: Future>(
+        &mut self,
+        work: F,
+        mut current: Option<&mut Current<C::Reply>>,
+    ) -> F::Output {
+        if let Some(current) = current.as_deref() {
+            self.arm(current.deadline);
+        }
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                output = &mut work => return output,
+                () = self.timer.as_mut(), if self.armed => {
+                    self.armed = false;
+                    let now = tokio::time::Instant::now();
+                    let mut next: Option<tokio::time::Instant> = None;
+                    if let Some(current) = current.as_deref_mut() {
+                        if current.reply.is_some() {
+                            if now >= current.deadline {
+                                let err = self.timed_out(current.timeout);
+                                if let Some(reply) = current.reply.take() {
+                                    let _ = reply.send(Err(err));
+                                }
+                            } else {
+                                next = Some(current.deadline);
+                            }
+                        }
+                    }
+                    let mut kept = VecDeque::with_capacity(self.backlog.len());
+                    for queued in std::mem::take(&mut self.backlog) {
+                        if now >= queued.deadline {
+                            let _ = queued.reply.send(Err(self.timed_out(queued.timeout)));
+                            self.bus.inner.finish(1);
+                        } else {
+                            next = Some(next.map_or(queued.deadline, |n| n.min(queued.deadline)));
+                            kept.push_back(queued);
+                        }
+                    }
+                    self.backlog = kept;
+                    if let Some(next) = next {
+                        self.arm(next);
+                    }
+                }
+                message = self.requests.recv(), if !self.stopping => match message {
+                    Some(Some(queued)) => {
+                        self.arm(queued.deadline);
+                        self.backlog.push_back(queued);
+                    }
+                    Some(None) | None => self.stopping = true,
+                },
+            }
+        }
+    }
+}
+
+/// Runs the one handler of command type `C`, and keeps the requests' deadlines (see
+/// [`Deadlines`]).
 pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
+    mut handler: H,
     factory: Factory<H>,
-    mut requests: tokio::sync::mpsc::Receiver<CommandMessage<C>>,
+    requests: tokio::sync::mpsc::Receiver<CommandMessage<C>>,
     bus: Bus,
     backoff: RestartBackoff,
-    capacity: usize,
 ) {
     let name = std::any::type_name::<C>();
-    let mut handler = factory();
     let mut ctx = Context::for_bus(bus.clone(), Arc::from(name), bus.inner.cancel.clone());
     let mut consecutive_panics = 0u32;
-    // Requests taken off the channel while the handler was busy, so their deadlines are kept.
-    let mut backlog: VecDeque<CommandRequest<C>> = VecDeque::new();
-    let timer = tokio::time::sleep(Duration::from_secs(3600));
-    tokio::pin!(timer);
-    let mut armed = false;
+    let mut deadlines = Deadlines {
+        name,
+        requests,
+        backlog: VecDeque::new(),
+        timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
+        armed: false,
+        stopping: false,
+        bus: bus.clone(),
+    };
 
-    loop {
-        let request = match backlog.pop_front() {
-            Some(request) => request,
-            None => {
-                match requests.recv().await {
-                    Some(Some(request)) => request,
-                    // Shutdown drained every request and asks the task to stop.
-                    Some(None) | None => break,
-                }
-            }
-        };
+    while let Some(request) = deadlines.next().await {
         let CommandRequest {
             command,
             cause,
@@ -337,20 +448,16 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
             timeout,
             reply,
         } = request;
-        let timed_out = RequestError::Timeout {
-            command: name,
-            timeout,
-        };
         if tokio::time::Instant::now() >= deadline {
-            let _ = reply.send(Err(timed_out));
+            let _ = reply.send(Err(deadlines.timed_out(timeout)));
             bus.inner.finish(1);
             continue;
         }
-        if !armed || deadline < timer.deadline() {
-            timer.as_mut().reset(deadline);
-            armed = true;
-        }
-        let mut reply = Some(reply);
+        let mut current = Current {
+            reply: Some(reply),
+            deadline,
+            timeout,
+        };
         ctx.cause = Some(cause);
         let span = tracing::info_span!(
             "tidings.request",
@@ -358,59 +465,15 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
             request_id = %cause.id,
             correlation_id = %cause.correlation,
         );
-        let outcome = {
-            let call = AssertUnwindSafe(handler.handle(command, &ctx)).catch_unwind();
-            let call = if span.is_disabled() {
-                futures::future::Either::Left(call)
-            } else {
-                futures::future::Either::Right(call.instrument(span))
-            };
-            tokio::pin!(call);
-            loop {
-                tokio::select! {
-                    biased;
-                    outcome = &mut call => break outcome,
-                    () = &mut timer, if armed => {
-                        armed = false;
-                        let now = tokio::time::Instant::now();
-                        let mut next: Option<tokio::time::Instant> = None;
-                        if reply.is_some() {
-                            if now >= deadline {
-                                if let Some(reply) = reply.take() {
-                                    let _ = reply.send(Err(timed_out.clone()));
-                                }
-                            } else {
-                                next = Some(deadline);
-                            }
-                        }
-                        let mut kept = VecDeque::with_capacity(backlog.len());
-                        for queued in backlog.drain(..) {
-                            if now >= queued.deadline {
-                                let _ = queued.reply.send(Err(RequestError::Timeout {
-                                    command: name,
-                                    timeout: queued.timeout,
-                                }));
-                                bus.inner.finish(1);
-                            } else {
-                                next = Some(next.map_or(queued.deadline, |n| n.min(queued.deadline)));
-                                kept.push_back(queued);
-                            }
-                        }
-                        backlog = kept;
-                        if let Some(next) = next {
-                            timer.as_mut().reset(next);
-                            armed = true;
-                        }
-                    }
-                    Some(Some(queued)) = requests.recv(), if backlog.len() < capacity => {
-                        if !armed || queued.deadline < timer.deadline() {
-                            timer.as_mut().reset(queued.deadline);
-                            armed = true;
-                        }
-                        backlog.push_back(queued);
-                    }
-                }
-            }
+        // The handler's future is made inside the unwind guard: a handler that panics before
+        // returning its future is caught too.
+        let call = AssertUnwindSafe(async { handler.handle(command, &ctx).await }).catch_unwind();
+        let outcome = if span.is_disabled() {
+            deadlines.drive(call, Some(&mut current)).await
+        } else {
+            deadlines
+                .drive(call.instrument(span), Some(&mut current))
+                .await
         };
         let answer = match outcome {
             Ok(Ok(value)) => {
@@ -425,17 +488,14 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
                 let message = panic_message(&*panic);
                 tracing::error!(command = name, panic = %message, "command handler panicked; restarting it");
                 consecutive_panics += 1;
-                tokio::time::sleep(backoff.delay(consecutive_panics)).await;
-                if let Some(h) = fresh(&factory) {
-                    handler = h;
-                }
                 Err(RequestError::Panicked {
                     command: name,
                     message,
                 })
             }
         };
-        match reply {
+        let panicked = matches!(answer, Err(RequestError::Panicked { .. }));
+        match current.reply.take() {
             // The requester may have gone away; that is its business.
             Some(reply) => {
                 let _ = reply.send(answer);
@@ -443,5 +503,22 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
             None => tracing::debug!(command = name, "reply discarded: the request had timed out"),
         }
         bus.inner.finish(1);
+        if panicked {
+            // Deadlines of queued requests are kept during the restart backoff too.
+            deadlines
+                .drive(tokio::time::sleep(backoff.delay(consecutive_panics)), None)
+                .await;
+            if let Some(fresh) = fresh(&factory) {
+                replace_handler(&mut handler, fresh);
+            }
+        }
+    }
+}
+
+/// Swaps in a fresh handler; a panic in the old one's `Drop` is caught and logged.
+pub(crate) fn replace_handler<H>(slot: &mut H, fresh: H) {
+    let old = std::mem::replace(slot, fresh);
+    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(move || drop(old))) {
+        tracing::error!(panic = %panic_message(&*panic), "dropping a panicked handler panicked");
     }
 }

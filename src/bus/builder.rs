@@ -2,6 +2,7 @@
 
 use std::any::TypeId;
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -261,12 +262,13 @@ impl BusBuilder {
             make: Box::new(move |capacity| {
                 let (tx, rx) = mpsc::channel::<CommandMessage<C>>(capacity);
                 let start: CommandStart = Box::new(move |bus| {
+                    let handler = factory();
                     Box::pin(worker::run_commands::<C, H>(
+                        handler,
                         factory,
                         rx,
                         bus,
                         super::RestartBackoff::default(),
-                        capacity,
                     ))
                 });
                 let stopper = tx.clone();
@@ -274,7 +276,16 @@ impl BusBuilder {
                     sender: Box::new(tx),
                     // Sent once shutdown has drained every request, so there is room.
                     stop: Box::new(move || {
-                        let _ = stopper.try_send(None);
+                        if let Err(mpsc::error::TrySendError::Full(_)) = stopper.try_send(None) {
+                            // Only when the last handle is dropped with requests still queued:
+                            // queue the stop behind them.
+                            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                                let stopper = stopper.clone();
+                                runtime.spawn(async move {
+                                    let _ = stopper.send(None).await;
+                                });
+                            }
+                        }
                     }),
                 };
                 (entry, start)
@@ -351,7 +362,7 @@ impl BusBuilder {
         for spec in self.commands {
             let (entry, start) = (spec.make)(self.command_capacity);
             commands.insert(spec.type_id, entry);
-            command_starts.push(start);
+            command_starts.push((spec.name, start));
         }
 
         let mut inner = BusInner {
@@ -370,7 +381,7 @@ impl BusBuilder {
             cancel: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
             recorder: self.record.then(Recorder::default),
-            shutdown_done: tokio::sync::OnceCell::new(),
+            shutdown: Mutex::new(None),
         };
         // Routes of the subscribed event types, resolved once.
         let mut routes: FxHashMap<TypeId, Route> = FxHashMap::default();
@@ -386,25 +397,40 @@ impl BusBuilder {
             inner: Arc::clone(&inner),
             _guard: None,
         };
-        let mut tasks = Vec::new();
-        for (sub_index, topic_index, slot) in placements {
-            let sub = &self.subs[sub_index];
-            let topic = &inner.topics[topic_index];
-            for partition in 0..topic.partitions.len() as u32 {
-                let args = WorkerArgs {
-                    bus: bus.clone(),
-                    topic: Arc::clone(topic),
-                    slot,
-                    partition,
-                    options: sub.options.clone(),
-                    handler_name: sub.handler_name,
-                };
-                tasks.push(runtime.spawn((sub.spawn)(args)));
+        // Make every handler first (the factories run here), and spawn only when all are
+        // made: a factory that panics is a build error, with no task left behind.
+        let mut workers: Vec<BoxFuture<'static, ()>> = Vec::new();
+        let mut making = String::new();
+        let made = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            for (sub_index, topic_index, slot) in placements {
+                let sub = &self.subs[sub_index];
+                let topic = &inner.topics[topic_index];
+                making.clone_from(&sub.options.group);
+                for partition in 0..topic.partitions.len() as u32 {
+                    let args = WorkerArgs {
+                        bus: bus.clone(),
+                        topic: Arc::clone(topic),
+                        slot,
+                        partition,
+                        options: sub.options.clone(),
+                        handler_name: sub.handler_name,
+                    };
+                    workers.push((sub.spawn)(args));
+                }
             }
+            for (name, start) in command_starts {
+                making = format!("command handler of {name}");
+                workers.push(start(bus.clone()));
+            }
+        }));
+        if let Err(panic) = made {
+            drop(workers);
+            return Err(BuildError::FactoryPanicked {
+                subscription: making,
+                message: worker::panic_message(&*panic),
+            });
         }
-        for start in command_starts {
-            tasks.push(runtime.spawn(start(bus.clone())));
-        }
+        let tasks = workers.into_iter().map(|w| runtime.spawn(w)).collect();
         *super::lock(&inner.tasks) = tasks;
         Ok(Bus {
             _guard: Some(Arc::new(HandleGuard(Arc::downgrade(&inner)))),

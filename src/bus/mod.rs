@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
+use futures::future::{BoxFuture, FutureExt, Shared};
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -152,7 +153,19 @@ pub(crate) struct BusInner {
     pub(crate) cancel: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) recorder: Option<Recorder>,
-    shutdown_done: tokio::sync::OnceCell<ShutdownReport>,
+    /// The shutdown in progress or done, shared by every caller.
+    pub(crate) shutdown: Mutex<Option<Shared<BoxFuture<'static, ShutdownReport>>>>,
+}
+
+/// Uncounts one pending request when dropped, unless disarmed.
+struct PendingGuard<'a>(Option<&'a BusInner>);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0 {
+            inner.finish(1);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -287,7 +300,6 @@ impl Bus {
         loop {
             let waiting = {
                 let mut state = part.lock();
-                Partition::take_graveyard(&mut state, &mut garbage);
                 match inner.enqueue(
                     &route,
                     partition,
@@ -297,6 +309,7 @@ impl Bus {
                     id,
                     timestamp,
                     true,
+                    &mut garbage,
                 ) {
                     Ok(published) => return Ok(published),
                     Err(Reject::Closed(e)) => return Err(PublishError::Closed(e)),
@@ -308,6 +321,8 @@ impl Bus {
                     }
                 }
             };
+            // Free what this publisher collected before it waits, not after.
+            drop(std::mem::take(&mut garbage));
             waiting.await;
         }
     }
@@ -328,7 +343,6 @@ impl Bus {
         let id = new_id(timestamp);
         let mut garbage = Vec::new();
         let mut state = part.lock();
-        Partition::take_graveyard(&mut state, &mut garbage);
         inner
             .enqueue(
                 &route,
@@ -339,6 +353,7 @@ impl Bus {
                 id,
                 timestamp,
                 false,
+                &mut garbage,
             )
             .map_err(|r| match r {
                 Reject::Full(e) => TryPublishError::Full(e),
@@ -416,7 +431,12 @@ impl Bus {
         else {
             return Err(RequestError::NoHandler { command: name });
         };
-        if cause.is_none() && !inner.intake_open.load(Ordering::Acquire) {
+        // Counted as pending before intake is checked, so that shutdown either sees this
+        // request and waits for it, or this request sees shutdown and backs off; the guard
+        // uncounts it on every way out until the handler task owns it.
+        inner.pending.fetch_add(1, Ordering::SeqCst);
+        let mut counted = PendingGuard(Some(inner));
+        if cause.is_none() && !inner.intake_open.load(Ordering::SeqCst) {
             return Err(RequestError::Closed);
         }
         let timeout = timeout.unwrap_or(inner.request_timeout);
@@ -425,7 +445,11 @@ impl Bus {
             id,
             correlation: cause.map_or(id, |c| c.correlation),
         };
-        let deadline = tokio::time::Instant::now() + timeout;
+        let now = tokio::time::Instant::now();
+        // A timeout too large to add is as good as none (about 30 years).
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600));
         let (tx, rx) = oneshot::channel();
         let request = CommandRequest {
             command,
@@ -433,10 +457,6 @@ impl Bus {
             deadline,
             timeout,
             reply: tx,
-        };
-        let timed_out = RequestError::Timeout {
-            command: name,
-            timeout,
         };
         // Fast path: room in the handler's queue. Only a full queue needs a timer here; the
         // handler task enforces the deadline once the request is queued (see `run_commands`),
@@ -448,13 +468,18 @@ impl Bus {
                 match tokio::time::timeout_at(deadline, sender.reserve()).await {
                     Ok(Ok(permit)) => permit,
                     Ok(Err(_)) => return Err(RequestError::Closed),
-                    Err(_) => return Err(timed_out),
+                    Err(_) => {
+                        return Err(RequestError::Timeout {
+                            command: name,
+                            timeout,
+                        })
+                    }
                 }
             }
         };
-        // Counted as pending from the moment it is queued; the handler task finishes it.
-        inner.pending.fetch_add(1, Ordering::SeqCst);
         permit.send(Some(request));
+        // From here the handler task finishes the request, answered or not.
+        counted.0 = None;
         rx.await.unwrap_or(Err(RequestError::Closed))
     }
 
@@ -463,7 +488,8 @@ impl Bus {
     ///
     /// Meant for tests (see [`testing`](crate::testing)); with tokio's paused clock, timers in
     /// handlers (restart backoff, sleeps) are skipped over while waiting. If publishers outside
-    /// the bus keep publishing, it may never return.
+    /// the bus keep publishing, it may never return. Do not call it from inside a handler: it
+    /// would wait for that handler's own event.
     pub async fn settled(&self) {
         self.inner.settled().await
     }
@@ -503,7 +529,14 @@ impl Bus {
     /// 4. Stops the workers and returns the totals.
     ///
     /// Nothing accepted before shutdown is lost. Calling it again (from any clone) returns the
-    /// same report.
+    /// same report. Handlers still running for requests that timed out are waited for too.
+    ///
+    /// Do not call it from inside a handler: it waits for that handler's own event to finish.
+    ///
+    /// # Cancel safety
+    ///
+    /// The shutdown runs in a task of its own: dropping this future does not stop it, and a
+    /// later call waits for the same shutdown.
     pub async fn shutdown(&self) -> ShutdownReport {
         self.shutdown_inner(None).await
     }
@@ -516,55 +549,18 @@ impl Bus {
     }
 
     async fn shutdown_inner(&self, timeout: Option<Duration>) -> ShutdownReport {
-        let inner = &self.inner;
-        *inner
-            .shutdown_done
-            .get_or_init(|| async move {
-                inner.intake_open.store(false, Ordering::SeqCst);
-                inner.cancel.cancel();
-                let drained = match timeout {
-                    None => {
-                        inner.settled().await;
-                        true
-                    }
-                    Some(t) => tokio::time::timeout(t, inner.settled()).await.is_ok(),
-                };
-                let abandoned = if drained {
-                    0
-                } else {
-                    inner.pending.load(Ordering::SeqCst) as u64
-                };
-                inner.close_queues();
-                let tasks = std::mem::take(&mut *lock(&inner.tasks));
-                for task in tasks {
-                    if !drained {
-                        task.abort();
-                    }
-                    let _ = task.await;
-                }
-                let stats = inner.stats();
-                let mut report = ShutdownReport {
-                    abandoned,
-                    ..ShutdownReport::default()
-                };
-                for topic in &stats.topics {
-                    for group in &topic.groups {
-                        report.handled += group.handled;
-                        report.failed += group.failed;
-                        report.dropped += group.dropped;
-                        report.panics += group.panics;
-                    }
-                }
-                tracing::info!(
-                    handled = report.handled,
-                    failed = report.failed,
-                    dropped = report.dropped,
-                    abandoned = report.abandoned,
-                    "tidings bus shut down"
-                );
-                report
+        // The work runs in a task of its own, shared by every caller: dropping a `shutdown`
+        // future half-way does not leave the bus half shut down.
+        let shared = lock(&self.inner.shutdown)
+            .get_or_insert_with(|| {
+                let inner = Arc::clone(&self.inner);
+                let task = tokio::spawn(async move { inner.run_shutdown(timeout).await });
+                async move { task.await.unwrap_or_default() }
+                    .boxed()
+                    .shared()
             })
-            .await
+            .clone();
+        shared.await
     }
 }
 
@@ -582,6 +578,57 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl BusInner {
+    async fn run_shutdown(&self, timeout: Option<Duration>) -> ShutdownReport {
+        self.intake_open.store(false, Ordering::SeqCst);
+        // Barrier: a publisher that found intake open under a partition lock has counted its
+        // event by the time this takes that lock, so the drain below waits for it.
+        for topic in self.all_topics() {
+            for part in topic.partitions.iter() {
+                drop(part.lock());
+            }
+        }
+        self.cancel.cancel();
+        let drained = match timeout {
+            None => {
+                self.settled().await;
+                true
+            }
+            Some(t) => tokio::time::timeout(t, self.settled()).await.is_ok(),
+        };
+        self.close_queues();
+        let tasks = std::mem::take(&mut *lock(&self.tasks));
+        for task in tasks {
+            if !drained {
+                task.abort();
+            }
+            let _ = task.await;
+        }
+        // What is still counted now was never finished: queued, in flight when aborted, or
+        // requests whose handler was stopped.
+        let abandoned = self.pending.load(Ordering::SeqCst) as u64;
+        let stats = self.stats();
+        let mut report = ShutdownReport {
+            abandoned,
+            ..ShutdownReport::default()
+        };
+        for topic in &stats.topics {
+            for group in &topic.groups {
+                report.handled += group.handled;
+                report.failed += group.failed;
+                report.dropped += group.dropped;
+                report.panics += group.panics;
+            }
+        }
+        tracing::info!(
+            handled = report.handled,
+            failed = report.failed,
+            dropped = report.dropped,
+            abandoned = report.abandoned,
+            "tidings bus shut down"
+        );
+        report
+    }
+
     fn route<E: Event>(&self) -> RouteRef<'_> {
         let type_id = TypeId::of::<E>();
         if let Some(route) = self.routes.get(&type_id) {
@@ -639,8 +686,12 @@ impl BusInner {
         id: Uuid,
         timestamp: SystemTime,
         will_wait: bool,
+        garbage: &mut Vec<Erased>,
     ) -> Result<Published, Reject<E>> {
-        if state.closed {
+        Partition::take_graveyard(state, garbage);
+        // Checked under the partition lock: shutdown takes every partition lock once after
+        // closing intake, so an event accepted here is counted before shutdown drains.
+        if state.closed || (!origin.from_handler && !self.intake_open.load(Ordering::SeqCst)) {
             return Err(Reject::Closed(event));
         }
         let topic = &*route.topic;
@@ -705,11 +756,14 @@ impl BusInner {
         if dropped > 0 {
             self.finish(dropped);
         }
-        if let Some(recorder) = &self.recorder {
-            lock(&recorder.published).push(AnyEnvelope {
+        match &self.recorder {
+            Some(recorder) => lock(&recorder.published).push(AnyEnvelope {
                 inner: erased,
                 attempt: 1,
-            });
+            }),
+            // No subscriber and no record: the last reference; free it outside the lock.
+            None if route.slots.is_empty() => garbage.push(erased),
+            None => {}
         }
         Ok(Published {
             id,
