@@ -1,8 +1,8 @@
 //! Topics: partitions, key routing and the bounded per-group partition queues.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
@@ -195,9 +195,7 @@ impl Partition {
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, PartitionState> {
-        // A panic never happens while the lock is held (no user code runs under it), but do not
-        // turn a poisoned lock into a second panic either.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock()
     }
 
     /// Wakes the worker of `slot` if it is parked. Call with the lock held.
