@@ -8,7 +8,8 @@ pub struct Stats {
     /// One entry per topic: configured and subscribed ones first, then topics published to
     /// without a subscriber.
     pub topics: Vec<TopicStats>,
-    /// Deliveries and requests accepted but not finished yet, over the whole bus.
+    /// Deliveries and requests accepted but not finished yet, over the whole bus (a request
+    /// being refused at shutdown is counted for an instant).
     pub pending: u64,
 }
 

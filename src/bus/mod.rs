@@ -603,9 +603,14 @@ impl BusInner {
             }
             let _ = task.await;
         }
-        // What is still counted now was never finished: queued, in flight when aborted, or
-        // requests whose handler was stopped.
-        let abandoned = self.pending.load(Ordering::SeqCst) as u64;
+        // After a full drain nothing was abandoned (a request refused at this moment may be
+        // counted for an instant, so do not read the counter). Otherwise what is still counted
+        // was never finished: queued, in flight when aborted, or requests whose handler stopped.
+        let abandoned = if drained {
+            0
+        } else {
+            self.pending.load(Ordering::SeqCst) as u64
+        };
         let stats = self.stats();
         let mut report = ShutdownReport {
             abandoned,
