@@ -1,60 +1,10 @@
 //! Correlation and causation flow through handler chains.
 
-use serde::{Deserialize, Serialize};
 use tidings::prelude::*;
 
-#[derive(Debug, Clone, Serialize, Deserialize, Event)]
-#[event(topic = "chain.a", key = id)]
-struct A {
-    id: u64,
-}
+mod common;
 
-#[derive(Debug, Clone, Serialize, Deserialize, Event)]
-#[event(topic = "chain.b", key = id)]
-struct B {
-    id: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, Event)]
-#[event(topic = "chain.c", key = id)]
-struct C {
-    id: u64,
-}
-
-struct AtoB;
-impl Handler<A> for AtoB {
-    async fn handle(&mut self, e: &Envelope<A>, ctx: &Context) -> Result<(), HandlerError> {
-        ctx.publish(B { id: e.event().id }).await?;
-        Ok(())
-    }
-}
-
-struct BtoC;
-impl Handler<B> for BtoC {
-    async fn handle(&mut self, e: &Envelope<B>, ctx: &Context) -> Result<(), HandlerError> {
-        // try_publish carries correlation too.
-        ctx.try_publish(C { id: e.event().id })
-            .map_err(HandlerError::msg)?;
-        Ok(())
-    }
-}
-
-struct SinkC;
-impl Handler<C> for SinkC {
-    async fn handle(&mut self, _: &Envelope<C>, _: &Context) -> Result<(), HandlerError> {
-        Ok(())
-    }
-}
-
-fn chain_bus() -> Bus {
-    Bus::builder()
-        .record(true)
-        .subscribe::<A, _>("a-to-b", || AtoB)
-        .subscribe::<B, _>("b-to-c", || BtoC)
-        .subscribe::<C, _>("sink", || SinkC)
-        .build()
-        .unwrap()
-}
+use common::{chain_bus, A, B, C};
 
 #[tokio::test]
 async fn follow_up_events_carry_the_correlation_id_and_name_their_cause() {

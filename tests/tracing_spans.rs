@@ -5,66 +5,15 @@
 
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-use tidings::prelude::*;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id};
 use tracing::Subscriber;
 use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
 use tracing_subscriber::Layer;
 
-#[derive(Debug, Clone, Serialize, Deserialize, Event)]
-#[event(topic = "chain.a", key = id)]
-struct A {
-    id: u64,
-}
+mod common;
 
-#[derive(Debug, Clone, Serialize, Deserialize, Event)]
-#[event(topic = "chain.b", key = id)]
-struct B {
-    id: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, Event)]
-#[event(topic = "chain.c", key = id)]
-struct C {
-    id: u64,
-}
-
-struct AtoB;
-impl Handler<A> for AtoB {
-    async fn handle(&mut self, e: &Envelope<A>, ctx: &Context) -> Result<(), HandlerError> {
-        ctx.publish(B { id: e.event().id }).await?;
-        Ok(())
-    }
-}
-
-struct BtoC;
-impl Handler<B> for BtoC {
-    async fn handle(&mut self, e: &Envelope<B>, ctx: &Context) -> Result<(), HandlerError> {
-        // try_publish carries correlation too.
-        ctx.try_publish(C { id: e.event().id })
-            .map_err(HandlerError::msg)?;
-        Ok(())
-    }
-}
-
-struct SinkC;
-impl Handler<C> for SinkC {
-    async fn handle(&mut self, _: &Envelope<C>, _: &Context) -> Result<(), HandlerError> {
-        Ok(())
-    }
-}
-
-fn chain_bus() -> Bus {
-    Bus::builder()
-        .record(true)
-        .subscribe::<A, _>("a-to-b", || AtoB)
-        .subscribe::<B, _>("b-to-c", || BtoC)
-        .subscribe::<C, _>("sink", || SinkC)
-        .build()
-        .unwrap()
-}
+use common::{chain_bus, A};
 
 /// Records the fields of every `tidings.handle` span.
 /// The fields of one span, as (name, value) text.

@@ -128,6 +128,20 @@ impl std::ops::Deref for RouteRef<'_> {
     }
 }
 
+/// The route, partition, id and time of an event about to be published.
+struct Placement<'a> {
+    route: RouteRef<'a>,
+    partition: u32,
+    id: Uuid,
+    timestamp: SystemTime,
+}
+
+impl Placement<'_> {
+    fn partition(&self) -> &Partition {
+        &self.route.topic.partitions[self.partition as usize]
+    }
+}
+
 enum Reject<E> {
     Full(E),
     Closed(E),
@@ -290,27 +304,14 @@ impl Bus {
         if !origin.from_handler && !inner.intake_open.load(Ordering::Acquire) {
             return Err(PublishError::Closed(event));
         }
-        let route = inner.route::<E>();
-        let partition = route.topic.partition_for(event.key());
-        let part = &route.topic.partitions[partition as usize];
-        let timestamp = SystemTime::now();
-        let id = new_id(timestamp);
+        let place = inner.place(&event);
+        let part = place.partition();
         let mut event = event;
         let mut garbage = Vec::new();
         loop {
             let waiting = {
                 let mut state = part.lock();
-                match inner.enqueue(
-                    &route,
-                    partition,
-                    &mut state,
-                    event,
-                    &mut origin,
-                    id,
-                    timestamp,
-                    true,
-                    &mut garbage,
-                ) {
+                match inner.enqueue(&place, &mut state, event, &mut origin, true, &mut garbage) {
                     Ok(published) => return Ok(published),
                     Err(Reject::Closed(e)) => return Err(PublishError::Closed(e)),
                     Err(Reject::Full(e)) => {
@@ -336,25 +337,11 @@ impl Bus {
         if !origin.from_handler && !inner.intake_open.load(Ordering::Acquire) {
             return Err(TryPublishError::Closed(event));
         }
-        let route = inner.route::<E>();
-        let partition = route.topic.partition_for(event.key());
-        let part = &route.topic.partitions[partition as usize];
-        let timestamp = SystemTime::now();
-        let id = new_id(timestamp);
+        let place = inner.place(&event);
         let mut garbage = Vec::new();
-        let mut state = part.lock();
+        let mut state = place.partition().lock();
         inner
-            .enqueue(
-                &route,
-                partition,
-                &mut state,
-                event,
-                &mut origin,
-                id,
-                timestamp,
-                false,
-                &mut garbage,
-            )
+            .enqueue(&place, &mut state, event, &mut origin, false, &mut garbage)
             .map_err(|r| match r {
                 Reject::Full(e) => TryPublishError::Full(e),
                 Reject::Closed(e) => TryPublishError::Closed(e),
@@ -680,19 +667,31 @@ impl BusInner {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Where an event goes and what it is called: computed before the partition lock.
+    fn place<E: Event>(&self, event: &E) -> Placement<'_> {
+        let route = self.route::<E>();
+        let partition = route.topic.partition_for(event.key());
+        let timestamp = SystemTime::now();
+        Placement {
+            route,
+            partition,
+            id: new_id(timestamp),
+            timestamp,
+        }
+    }
+
+    /// Accepts `event` into the partition queues of its groups, under the partition lock.
     fn enqueue<E: Event>(
         &self,
-        route: &Route,
-        partition: u32,
+        place: &Placement<'_>,
         state: &mut PartitionState,
         event: E,
         origin: &mut Origin,
-        id: Uuid,
-        timestamp: SystemTime,
         will_wait: bool,
         garbage: &mut Vec<Erased>,
     ) -> Result<Published, Reject<E>> {
+        let (route, partition, id, timestamp) =
+            (&*place.route, place.partition, place.id, place.timestamp);
         Partition::take_graveyard(state, garbage);
         // Checked under the partition lock: shutdown takes every partition lock once after
         // closing intake, so an event accepted here is counted before shutdown drains.
