@@ -371,6 +371,10 @@ impl<C: Command> Deadlines<C> {
             self.arm(current.deadline);
         }
         tokio::pin!(work);
+        // Most handlers answer without waiting: skip the select machinery then.
+        if let std::task::Poll::Ready(output) = futures::poll!(work.as_mut()) {
+            return output;
+        }
         loop {
             tokio::select! {
                 biased;

@@ -162,6 +162,8 @@ pub(crate) struct BusInner {
     request_timeout: Duration,
     /// Deliveries and requests accepted but not yet finished.
     pending: AtomicUsize,
+    /// Callers waiting in `settled`, woken through `idle`.
+    settling: AtomicUsize,
     idle: Notify,
     intake_open: AtomicBool,
     pub(crate) cancel: CancellationToken,
@@ -778,7 +780,11 @@ impl BusInner {
 
     /// Marks `n` deliveries or requests as finished.
     pub(crate) fn finish(&self, n: usize) {
-        if self.pending.fetch_sub(n, Ordering::SeqCst) == n {
+        // Wake `settled` callers only if there are any: the bus goes idle after every request
+        // of a sequential round trip, and a notification costs a lock.
+        if self.pending.fetch_sub(n, Ordering::SeqCst) == n
+            && self.settling.load(Ordering::SeqCst) > 0
+        {
             self.idle.notify_waiters();
         }
     }
@@ -790,6 +796,14 @@ impl BusInner {
     }
 
     async fn settled(&self) {
+        struct Settling<'a>(&'a AtomicUsize);
+        impl Drop for Settling<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.settling.fetch_add(1, Ordering::SeqCst);
+        let _settling = Settling(&self.settling);
         loop {
             let idle = self.idle.notified();
             tokio::pin!(idle);
