@@ -39,7 +39,7 @@ pub enum BuildError {
     },
     /// A subscription name that is empty or has characters a broker would reject.
     #[error(
-        "invalid subscription name {group:?}: use 1 to 249 ASCII letters, digits, '.', '_' or '-'"
+        "invalid subscription name {group:?}: use 1 to 249 ASCII letters, digits, '.', '_' or '-', with no leading, trailing or doubled '.'"
     )]
     InvalidSubscriptionName {
         /// The group name.

@@ -63,8 +63,9 @@ pub trait Event: DynEvent + Serialize + DeserializeOwned + Send + Sync + 'static
 ///
 /// `Box<dyn DynEvent>` serializes with its type name (`{"OrderCreated": {...}}`) and deserializes
 /// back into the right Rust type. Subscriptions to every type of a topic
-/// ([`AnyHandler`](crate::AnyHandler)) receive events as `&dyn DynEvent`; use
-/// `downcast_ref` (on `dyn DynEvent`) to get the concrete type back.
+/// ([`AnyHandler`](crate::AnyHandler)) receive an [`AnyEnvelope`](crate::AnyEnvelope), whose
+/// `event()` is a `&dyn DynEvent`; use `downcast_ref` (on `dyn DynEvent` or on the envelope)
+/// to get the concrete type back.
 ///
 /// Implemented by `#[derive(Event)]`; do not implement it by hand.
 #[typetag::serde]
@@ -129,7 +130,8 @@ impl<'a> EventInfo<'a> {
 /// Keys hash with a stable function (XXH3, seed 0) over a canonical byte form, so the same key
 /// always picks the same partition for a given partition count, across runs and machines.
 /// Integers hash by their little-endian bytes, strings by their UTF-8 bytes; `Str` and `Owned`
-/// with equal text are the same key.
+/// with equal text (and `Bytes` and `OwnedBytes` with equal bytes) hash alike, so they pick the
+/// same partition, though they do not compare equal.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Key<'a> {
     /// A borrowed string key.
@@ -138,6 +140,8 @@ pub enum Key<'a> {
     Owned(String),
     /// Raw bytes.
     Bytes(&'a [u8]),
+    /// Owned raw bytes.
+    OwnedBytes(Vec<u8>),
     /// An unsigned integer.
     U64(u64),
     /// A signed integer.
@@ -157,6 +161,7 @@ impl Key<'_> {
             Key::Str(s) => xxh3_64(s.as_bytes()),
             Key::Owned(s) => xxh3_64(s.as_bytes()),
             Key::Bytes(b) => xxh3_64(b),
+            Key::OwnedBytes(b) => xxh3_64(b),
             Key::U64(n) => xxh3_64(&n.to_le_bytes()),
             Key::I64(n) => xxh3_64(&n.to_le_bytes()),
         }
@@ -176,7 +181,8 @@ impl Key<'_> {
         match self {
             Key::Str(s) => Key::Owned(s.to_owned()),
             Key::Owned(s) => Key::Owned(s),
-            Key::Bytes(b) => Key::Owned(String::from_utf8_lossy(b).into_owned()),
+            Key::Bytes(b) => Key::OwnedBytes(b.to_vec()),
+            Key::OwnedBytes(b) => Key::OwnedBytes(b),
             Key::U64(n) => Key::U64(n),
             Key::I64(n) => Key::I64(n),
         }
@@ -189,6 +195,7 @@ impl fmt::Display for Key<'_> {
             Key::Str(s) => f.write_str(s),
             Key::Owned(s) => f.write_str(s),
             Key::Bytes(b) => write!(f, "{}", String::from_utf8_lossy(b)),
+            Key::OwnedBytes(b) => write!(f, "{}", String::from_utf8_lossy(b)),
             Key::U64(n) => write!(f, "{n}"),
             Key::I64(n) => write!(f, "{n}"),
         }
@@ -360,5 +367,12 @@ mod tests {
         assert_eq!(7u8.as_key(), 7u64.as_key());
         assert_eq!((-7i32).as_key(), Key::I64(-7));
         assert_eq!(String::from("k").as_key(), Key::Str("k"));
+        let id = uuid::Uuid::now_v7();
+        let owned = id.as_key().into_owned();
+        assert_eq!(
+            owned.stable_hash(),
+            id.as_key().stable_hash(),
+            "owning keeps the key"
+        );
     }
 }

@@ -36,7 +36,8 @@ pub use tidings_macros::Event;
 pub mod prelude {
     pub use crate::{
         AnyEnvelope, AnyHandler, Bus, BusBuilder, Command, CommandHandler, Context, Envelope,
-        Event, Handler, HandlerError, HandlerResult, Subscription, TopicConfig,
+        Event, Handler, HandlerError, HandlerResult, Headers, Overflow, RestartBackoff,
+        Subscription, TopicConfig,
     };
 }
 

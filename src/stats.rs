@@ -58,7 +58,7 @@ pub struct GroupStats {
     pub failed: u64,
     /// Events dropped by [`Overflow::DropOldest`](crate::Overflow::DropOldest).
     pub dropped: u64,
-    /// Handler panics caught.
+    /// Event-handler panics caught (command handlers answer `Panicked` to the caller instead).
     pub panics: u64,
     /// Handler restarts after a panic.
     pub restarts: u64,
@@ -123,7 +123,7 @@ pub struct ShutdownReport {
     pub failed: u64,
     /// Events dropped by [`Overflow::DropOldest`](crate::Overflow::DropOldest).
     pub dropped: u64,
-    /// Handler panics caught.
+    /// Event-handler panics caught.
     pub panics: u64,
     /// Deliveries and requests not finished when a
     /// [`shutdown_timeout`](crate::Bus::shutdown_timeout) ran out (0 after a full drain).

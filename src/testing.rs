@@ -70,7 +70,8 @@ use crate::event::Event;
 use crate::handler::{AnyHandler, Handler, HandlerError};
 
 /// A [`Context`] for calling a handler directly, without a bus. What the handler publishes is
-/// recorded, with correlation and causation filled in as the bus would.
+/// recorded, with correlation and causation filled in as the bus would; partitions are all 0
+/// and offsets count every event published through this context, whatever its topic.
 pub struct TestContext {
     log: Arc<Mutex<Vec<AnyEnvelope>>>,
     ctx: Context,

@@ -254,9 +254,9 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
                         let _enter = span.enter();
                         let last = err.is_permanent() || attempt >= options.max_deliveries;
                         if last {
-                            tracing::error!(error = %err, permanent = err.is_permanent(), handler = handler_name, "handler failed; giving up on the event");
+                            tracing::error!(topic = %topic.name, group = %group, partition, offset, event_id = %id, correlation_id = %correlation, attempt, error = %err, permanent = err.is_permanent(), handler = handler_name, "handler failed; giving up on the event");
                         } else {
-                            tracing::warn!(error = %err, handler = handler_name, "handler failed; redelivering");
+                            tracing::warn!(topic = %topic.name, group = %group, partition, offset, event_id = %id, correlation_id = %correlation, attempt, error = %err, handler = handler_name, "handler failed; redelivering");
                         }
                         (last, err.to_string())
                     }
@@ -266,7 +266,7 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
                         consecutive_panics += 1;
                         {
                             let _enter = span.enter();
-                            tracing::error!(panic = %message, handler = handler_name, "handler panicked; restarting it");
+                            tracing::error!(topic = %topic.name, group = %group, partition, offset, event_id = %id, correlation_id = %correlation, attempt, panic = %message, handler = handler_name, "handler panicked; restarting it");
                         }
                         tokio::time::sleep(options.restart_backoff.delay(consecutive_panics)).await;
                         if dispatch.restart() {

@@ -170,9 +170,16 @@ async fn drop_oldest_drops_only_when_full_and_counts_every_drop() {
     bus.publish(Tick { n: 0 }).await.unwrap();
     tokio::task::yield_now().await;
     tokio::task::yield_now().await;
-    for n in 1..100 {
-        // Never waits with DropOldest.
-        bus.try_publish(Tick { n }).unwrap();
+    for n in 1..100u64 {
+        // Never waits with DropOldest, whether it is publish or try_publish.
+        if n.is_multiple_of(2) {
+            bus.try_publish(Tick { n }).unwrap();
+        } else {
+            tokio::time::timeout(Duration::from_secs(1), bus.publish(Tick { n }))
+                .await
+                .expect("publish must not wait with DropOldest")
+                .unwrap();
+        }
     }
     let stats = bus.stats();
     let group = stats.group("telemetry").unwrap();

@@ -181,8 +181,10 @@ async fn shutdown_drains_everything_accepted_including_follow_up_events() {
     );
     assert_eq!(report.handled, 2 * accepted.len() as u64);
     assert_eq!((report.failed, report.dropped, report.abandoned), (0, 0, 0));
-    // A second shutdown returns the same report; publishing after it is refused.
+    // A second shutdown, from any clone, returns the same report; publishing after it is
+    // refused.
     assert_eq!(bus.shutdown().await, report);
+    assert_eq!(bus.clone().shutdown().await, report);
     assert!(matches!(
         bus.publish(Item { n: 1 }).await,
         Err(PublishError::Closed(_))
@@ -325,4 +327,37 @@ async fn stats_report_published_handled_depth_and_lag_per_partition() {
         assert_eq!(p.committed, Some(p.published - 1));
     }
     bus.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_shutdown_future_does_not_stop_the_shutdown() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    struct Gated(Arc<tokio::sync::Semaphore>);
+    impl Handler<Item> for Gated {
+        async fn handle(&mut self, _: &Envelope<Item>, _: &Context) -> Result<(), HandlerError> {
+            self.0.acquire().await.unwrap().forget();
+            Ok(())
+        }
+    }
+    let bus = Bus::builder()
+        .subscribe::<Item, _>("gated", {
+            let gate = gate.clone();
+            move || Gated(gate.clone())
+        })
+        .build()
+        .unwrap();
+    for n in 0..3 {
+        bus.publish(Item { n }).await.unwrap();
+    }
+    // The first caller gives up while the drain waits on the gate.
+    assert!(tokio::time::timeout(Duration::from_secs(1), bus.shutdown())
+        .await
+        .is_err());
+    assert!(matches!(
+        bus.publish(Item { n: 9 }).await,
+        Err(PublishError::Closed(_))
+    ));
+    gate.add_permits(3);
+    let report = bus.shutdown().await;
+    assert_eq!((report.handled, report.abandoned), (3, 0));
 }

@@ -27,7 +27,7 @@ impl Handler<Numbered> for Track {
     async fn handle(&mut self, e: &Envelope<Numbered>, ctx: &Context) -> Result<(), HandlerError> {
         let ev = e.event();
         // Yield now and then so that workers interleave.
-        if ev.seq % 7 == 0 {
+        if ev.seq.is_multiple_of(7) {
             tokio::task::yield_now().await;
         }
         self.seen.push((

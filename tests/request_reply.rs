@@ -313,3 +313,48 @@ async fn deadlines_hold_for_running_and_queued_requests() {
     );
     bus.shutdown().await;
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+#[event(topic = "stock.audit", key = sku)]
+struct StockAudited {
+    sku: String,
+}
+
+/// A command handler that publishes an event while handling.
+struct AuditingStock;
+impl CommandHandler<Reserve> for AuditingStock {
+    async fn handle(&mut self, cmd: Reserve, ctx: &Context) -> Result<u32, HandlerError> {
+        ctx.publish(StockAudited {
+            sku: cmd.sku.to_owned(),
+        })
+        .await?;
+        Ok(0)
+    }
+}
+
+#[tokio::test]
+async fn events_a_command_handler_publishes_name_the_event_that_sent_the_command() {
+    let bus = Bus::builder()
+        .record(true)
+        .subscribe::<OrderPlaced, _>("checkout", || Checkout)
+        .command_handler::<Reserve, _>(|| AuditingStock)
+        .build()
+        .unwrap();
+    let placed = bus.publish(OrderPlaced { id: 9 }).await.unwrap();
+    // And a request from outside starts its own chain.
+    bus.request(Reserve {
+        sku: "outside",
+        quantity: 1,
+    })
+    .await
+    .unwrap();
+    bus.settled().await;
+    let audited = tidings::testing::events_of::<StockAudited>(&bus.published());
+    let inside = audited.iter().find(|e| e.event().sku == "a").unwrap();
+    assert_eq!(inside.correlation_id(), placed.id);
+    assert_eq!(inside.causation_id(), Some(placed.id));
+    let outside = audited.iter().find(|e| e.event().sku == "outside").unwrap();
+    assert_ne!(outside.correlation_id(), placed.id);
+    assert_eq!(outside.causation_id(), Some(outside.correlation_id()));
+    bus.shutdown().await;
+}

@@ -32,7 +32,8 @@ use crate::worker::{self, Factory, Typed, Untyped, WorkerArgs};
 ///   deliveries in all; a [permanent](crate::HandlerError::permanent) error is not redelivered.
 /// - A handler that panics is caught; the panic is logged with the event's ids and counted, the
 ///   handler is replaced by a fresh instance from its factory after a
-///   [restart backoff](Subscription::restart_backoff), and the event counts as a failed attempt.
+///   [restart backoff](Subscription::restart_backoff) (should the factory panic too, the old
+///   instance is kept and the error logged), and the event counts as a failed attempt.
 /// - After the last attempt the event is reported as failed: logged at `error` level, counted
 ///   in [`Bus::stats`](crate::Bus::stats), recorded in [`Bus::failures`](crate::Bus::failures)
 ///   when recording, and the partition moves on.
@@ -249,7 +250,8 @@ impl BusBuilder {
     }
 
     /// Registers the one handler of command type `C`. A second handler for the same type is a
-    /// [`BuildError::DuplicateCommandHandler`].
+    /// [`BuildError::DuplicateCommandHandler`]. After a panic it is restarted from `factory`
+    /// with the default [`RestartBackoff`] (10 ms doubling to 1 s).
     pub fn command_handler<C, H>(mut self, factory: impl Fn() -> H + Send + Sync + 'static) -> Self
     where
         C: Command,
@@ -319,7 +321,8 @@ impl BusBuilder {
     /// # Errors
     ///
     /// A [`BuildError`] for zero partitions or capacity, invalid or duplicate topic and group
-    /// names, duplicate command handlers, settings out of range, or no tokio runtime.
+    /// names, duplicate command handlers, settings out of range, a handler factory that
+    /// panicked, or no tokio runtime.
     pub fn build(self) -> Result<Bus, BuildError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
         self.validate()?;

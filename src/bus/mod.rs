@@ -366,7 +366,15 @@ impl Bus {
     /// - [`RequestError::NoHandler`] at once if no handler is registered for `C`;
     /// - [`RequestError::Timeout`] if no reply came in time;
     /// - [`RequestError::Failed`] / [`RequestError::Panicked`] if the handler failed;
-    /// - [`RequestError::Closed`] once shutdown has begun.
+    /// - [`RequestError::Closed`] once shutdown has begun (requests sent by handlers while the
+    ///   bus drains are still answered).
+    ///
+    /// # Correlation
+    ///
+    /// A request from outside the bus starts a causal chain: events its handler publishes carry
+    /// a fresh correlation id and name the request as their cause. A request sent from a handler
+    /// ([`Context::request`](crate::Context::request)) continues the handled event's chain: the
+    /// command handler's events carry its correlation id and name that event as their cause.
     ///
     /// # Examples
     ///
@@ -429,11 +437,15 @@ impl Bus {
             return Err(RequestError::Closed);
         }
         let timeout = timeout.unwrap_or(inner.request_timeout);
-        let id = new_id(SystemTime::now());
-        let cause = Cause {
-            id,
-            correlation: cause.map_or(id, |c| c.correlation),
-        };
+        // From a handler, the request carries the handled event's cause on, so events its
+        // command handler publishes name that event; from outside, the request starts a chain.
+        let cause = cause.unwrap_or_else(|| {
+            let id = new_id(SystemTime::now());
+            Cause {
+                id,
+                correlation: id,
+            }
+        });
         let now = tokio::time::Instant::now();
         // A timeout too large to add is as good as none (about 30 years).
         let deadline = now
