@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::bus::{Bus, Origin, Published};
+use crate::bus::{Bus, Origin, Published, QueueId};
 use crate::command::Command;
 use crate::envelope::{new_id, AnyEnvelope, Envelope, Headers, Metadata};
 use crate::error::{PublishError, RequestError, TryPublishError};
@@ -24,6 +24,8 @@ pub struct Context {
     pub(crate) group: Arc<str>,
     pub(crate) cause: Option<Cause>,
     pub(crate) cancel: CancellationToken,
+    /// The queue this context's worker drains (event handlers only).
+    pub(crate) owner: Option<QueueId>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -44,6 +46,7 @@ impl Context {
             group,
             cause: None,
             cancel,
+            owner: None,
         }
     }
 
@@ -52,6 +55,7 @@ impl Context {
             cause: self.cause,
             from_handler: true,
             headers: Headers::new(),
+            owner: self.owner,
         }
     }
 
@@ -61,10 +65,12 @@ impl Context {
     /// While the bus drains for shutdown, events published by handlers are still accepted, so
     /// causal chains started before shutdown complete.
     ///
-    /// A handler that waits for room in a queue that only its own group drains (its own topic
-    /// and partition, or a cycle of groups publishing to each other, all full) waits forever:
-    /// give such loops capacity to spare, or use [`try_publish`](Context::try_publish) and
-    /// decide what to do when it is full.
+    /// A handler publishing into the very queue its own worker drains (its own topic, partition
+    /// and group) is never made to wait, since nobody else could make room: that queue may go
+    /// past its capacity by what the handler publishes. A cycle of *different* groups, each
+    /// waiting for room in the other's full queue, still waits forever: give such loops
+    /// capacity to spare, or use [`try_publish`](Context::try_publish) and decide what to do
+    /// when it is full.
     ///
     /// # Errors
     ///

@@ -98,6 +98,7 @@ impl TestContext {
                 group: Arc::from(group),
                 cause: None,
                 cancel: CancellationToken::new(),
+                owner: None,
             },
             log,
         }

@@ -74,6 +74,11 @@ impl TopicConfig {
     }
 
     /// Capacity of each partition queue of each consumer group (at least 1). Default 1024.
+    ///
+    /// It bounds what waits in the queue; the worker also holds the batch it took (at most the
+    /// subscription's [`batch_size`](crate::Subscription::batch_size)), so up to `capacity +
+    /// batch_size` events of a group's partition are in memory at once. A handler publishing
+    /// into its own queue may exceed it (see [`Context::publish`](crate::Context::publish)).
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self

@@ -13,7 +13,9 @@ use std::time::Duration;
 use futures::FutureExt;
 use tracing::Instrument;
 
-use crate::bus::{Bus, CommandMessage, CommandRequest, Failure, RestartBackoff, Subscription};
+use crate::bus::{
+    Bus, CommandMessage, CommandRequest, Failure, QueueId, RestartBackoff, Subscription,
+};
 use crate::command::{Command, CommandHandler};
 use crate::context::{Cause, Context};
 use crate::envelope::{downcast, AnyEnvelope, Envelope, Erased};
@@ -195,6 +197,7 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
     let stats = &topic.worker_stats[slot][partition as usize];
     let group: Arc<str> = Arc::from(topic.groups[slot].as_str());
     let mut ctx = Context::for_bus(bus.clone(), Arc::clone(&group), bus.inner.cancel.clone());
+    ctx.owner = Some(QueueId::of(&topic, slot, partition));
     let mut batch: VecDeque<Erased> = VecDeque::with_capacity(options.batch_size);
     let mut done: Vec<Erased> = Vec::new();
     let mut consecutive_panics = 0u32;
@@ -516,6 +519,19 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
                 replace_handler(&mut handler, fresh);
             }
         }
+    }
+    // Stopping: refuse what is still queued (requests that slipped in beside the stop
+    // message), answering and uncounting each, so that nothing waits or stays counted.
+    deadlines.requests.close();
+    while let Ok(message) = deadlines.requests.try_recv() {
+        if let Some(request) = message {
+            let _ = request.reply.send(Err(RequestError::Closed));
+            bus.inner.finish(1);
+        }
+    }
+    for request in deadlines.backlog.drain(..) {
+        let _ = request.reply.send(Err(RequestError::Closed));
+        bus.inner.finish(1);
     }
 }
 

@@ -302,7 +302,10 @@ impl BusBuilder {
         self
     }
 
-    /// Capacity of each command handler's queue (default 1024).
+    /// Capacity of each command handler's queue (default 1024). While the handler is busy, its
+    /// task moves waiting requests aside to keep their deadlines, so requesters rarely wait for
+    /// room; what is set aside is bounded by the deadlines (expired requests are answered and
+    /// dropped).
     pub fn command_capacity(mut self, capacity: usize) -> Self {
         self.command_capacity = capacity;
         self

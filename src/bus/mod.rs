@@ -80,8 +80,9 @@ pub struct Failure {
 /// # Shutdown
 ///
 /// Call [`shutdown`](Bus::shutdown): it stops intake, drains what is queued and in flight, and
-/// reports. When the last user handle is dropped without it, the bus closes its queues: workers
-/// finish what is queued and stop.
+/// reports. When the last user handle is dropped without it, the same graceful shutdown starts
+/// in the background (outside a runtime, the queues just close: workers finish what is queued
+/// and stop).
 #[derive(Clone)]
 pub struct Bus {
     pub(crate) inner: Arc<BusInner>,
@@ -93,7 +94,15 @@ struct HandleGuard(Weak<BusInner>);
 
 impl Drop for HandleGuard {
     fn drop(&mut self) {
-        if let Some(inner) = self.0.upgrade() {
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // A graceful shutdown in the background (or the one already running): queued
+            // events and their follow-ups are handled, then the tasks stop.
+            drop(BusInner::begin_shutdown(&inner, None));
+        } else {
+            // No runtime to drain on: stop intake and let the workers finish what is queued.
             inner.intake_open.store(false, Ordering::SeqCst);
             inner.cancel.cancel();
             inner.close_queues();
@@ -106,6 +115,27 @@ pub(crate) struct Origin {
     pub(crate) cause: Option<Cause>,
     pub(crate) from_handler: bool,
     pub(crate) headers: Headers,
+    /// The queue the publishing handler's worker drains, if any.
+    pub(crate) owner: Option<QueueId>,
+}
+
+/// One group's queue of one partition of one topic.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct QueueId {
+    /// The topic's address, only compared.
+    pub(crate) topic: usize,
+    pub(crate) slot: usize,
+    pub(crate) partition: u32,
+}
+
+impl QueueId {
+    pub(crate) fn of(topic: &Arc<Topic>, slot: usize, partition: u32) -> Self {
+        QueueId {
+            topic: Arc::as_ptr(topic) as usize,
+            slot,
+            partition,
+        }
+    }
 }
 
 pub(crate) struct Route {
@@ -139,6 +169,11 @@ struct Placement<'a> {
 impl Placement<'_> {
     fn partition(&self) -> &Partition {
         &self.route.topic.partitions[self.partition as usize]
+    }
+
+    fn restamp(&mut self) {
+        self.timestamp = SystemTime::now();
+        self.id = new_id(self.timestamp);
     }
 }
 
@@ -306,11 +341,11 @@ impl Bus {
         if !origin.from_handler && !inner.intake_open.load(Ordering::Acquire) {
             return Err(PublishError::Closed(event));
         }
-        let place = inner.place(&event);
-        let part = place.partition();
+        let mut place = inner.place(&event);
         let mut event = event;
         let mut garbage = Vec::new();
         loop {
+            let part = place.partition();
             let waiting = {
                 let mut state = part.lock();
                 match inner.enqueue(&place, &mut state, event, &mut origin, true, &mut garbage) {
@@ -327,6 +362,8 @@ impl Bus {
             // Free what this publisher collected before it waits, not after.
             drop(std::mem::take(&mut garbage));
             waiting.await;
+            // Stamped when accepted, not when first tried: ids and times follow the offsets.
+            place.restamp();
         }
     }
 
@@ -552,16 +589,7 @@ impl Bus {
     async fn shutdown_inner(&self, timeout: Option<Duration>) -> ShutdownReport {
         // The work runs in a task of its own, shared by every caller: dropping a `shutdown`
         // future half-way does not leave the bus half shut down.
-        let shared = lock(&self.inner.shutdown)
-            .get_or_insert_with(|| {
-                let inner = Arc::clone(&self.inner);
-                let task = tokio::spawn(async move { inner.run_shutdown(timeout).await });
-                async move { task.await.unwrap_or_default() }
-                    .boxed()
-                    .shared()
-            })
-            .clone();
-        shared.await
+        BusInner::begin_shutdown(&self.inner, timeout).await
     }
 }
 
@@ -579,6 +607,22 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl BusInner {
+    /// Starts the shutdown (once) in a task of its own and returns a future of its report.
+    fn begin_shutdown(
+        this: &Arc<BusInner>,
+        timeout: Option<Duration>,
+    ) -> Shared<BoxFuture<'static, ShutdownReport>> {
+        lock(&this.shutdown)
+            .get_or_insert_with(|| {
+                let inner = Arc::clone(this);
+                let task = tokio::spawn(async move { inner.run_shutdown(timeout).await });
+                async move { task.await.unwrap_or_default() }
+                    .boxed()
+                    .shared()
+            })
+            .clone()
+    }
+
     async fn run_shutdown(&self, timeout: Option<Duration>) -> ShutdownReport {
         self.intake_open.store(false, Ordering::SeqCst);
         // Barrier: a publisher that found intake open under a partition lock has counted its
@@ -717,7 +761,13 @@ impl BusInner {
             let mut full = false;
             for &slot in route.slots.iter() {
                 let q = &mut state.queues[slot];
-                if q.items.len() >= topic.capacity {
+                // A handler publishing into the queue its own worker drains is never made to
+                // wait: nobody else could make room, so it would wait forever. That queue may
+                // go past its capacity by what the handler publishes.
+                let own = origin
+                    .owner
+                    .is_some_and(|o| o == QueueId::of(&route.topic, slot, partition));
+                if q.items.len() >= topic.capacity && !own {
                     full = true;
                     // Ask this queue's worker to wake us when it has drained.
                     q.producer_waiting |= will_wait;
@@ -750,12 +800,13 @@ impl BusInner {
         for &slot in route.slots.iter() {
             let q = &mut state.queues[slot];
             // Only possible with Overflow::DropOldest: Block refused above.
-            let oldest = if q.items.len() >= topic.capacity {
-                q.dropped += 1;
-                q.items.pop_front()
-            } else {
-                None
-            };
+            let oldest =
+                if topic.overflow == Overflow::DropOldest && q.items.len() >= topic.capacity {
+                    q.dropped += 1;
+                    q.items.pop_front()
+                } else {
+                    None
+                };
             q.items.push_back(Arc::clone(&erased));
             q.delivered += 1;
             if let Some(oldest) = oldest {
