@@ -764,10 +764,9 @@ impl BusInner {
                 // A handler publishing into the queue its own worker drains is never made to
                 // wait: nobody else could make room, so it would wait forever. That queue may
                 // go past its capacity by what the handler publishes.
-                let own = origin
-                    .owner
-                    .is_some_and(|o| o == QueueId::of(&route.topic, slot, partition));
-                if q.items.len() >= topic.capacity && !own {
+                if q.items.len() >= topic.capacity
+                    && origin.owner != Some(QueueId::of(&route.topic, slot, partition))
+                {
                     full = true;
                     // Ask this queue's worker to wake us when it has drained.
                     q.producer_waiting |= will_wait;
