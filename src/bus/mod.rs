@@ -26,6 +26,9 @@ use crate::event::Event;
 use crate::stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
 use crate::topic::{default_partitions, Overflow, Partition, PartitionState, Topic, TopicConfig};
 
+/// How many times `publish` yields to the scheduler on a full queue before it sleeps.
+const FULL_QUEUE_SPINS: u32 = 8;
+
 /// What [`Bus::publish`] returns once the bus accepted an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Published {
@@ -344,26 +347,49 @@ impl Bus {
         let mut place = inner.place(&event);
         let mut event = event;
         let mut garbage = Vec::new();
+        // When a queue is full, first yield to the scheduler a few times (the worker is likely
+        // draining right now), then sleep until the worker has drained half the queue.
+        let mut spins = 0;
+        let mut retry = false;
         loop {
+            if retry {
+                // Stamped when accepted, not when first tried: ids and times follow offsets.
+                place.restamp();
+            }
+            retry = true;
             let part = place.partition();
+            let will_wait = spins >= FULL_QUEUE_SPINS;
             let waiting = {
                 let mut state = part.lock();
-                match inner.enqueue(&place, &mut state, event, &mut origin, true, &mut garbage) {
+                match inner.enqueue(
+                    &place,
+                    &mut state,
+                    event,
+                    &mut origin,
+                    will_wait,
+                    &mut garbage,
+                ) {
                     Ok(published) => return Ok(published),
                     Err(Reject::Closed(e)) => return Err(PublishError::Closed(e)),
                     Err(Reject::Full(e)) => {
                         event = e;
-                        let mut waiting = Box::pin(part.not_full.notified());
-                        waiting.as_mut().enable();
-                        waiting
+                        will_wait.then(|| {
+                            let mut waiting = Box::pin(part.not_full.notified());
+                            waiting.as_mut().enable();
+                            waiting
+                        })
                     }
                 }
             };
             // Free what this publisher collected before it waits, not after.
             drop(std::mem::take(&mut garbage));
-            waiting.await;
-            // Stamped when accepted, not when first tried: ids and times follow the offsets.
-            place.restamp();
+            match waiting {
+                Some(waiting) => waiting.await,
+                None => {
+                    spins += 1;
+                    tokio::task::yield_now().await;
+                }
+            }
         }
     }
 
