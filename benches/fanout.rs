@@ -27,8 +27,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::{runtime, Counter, Ev, Sink};
 use criterion::{criterion_main, Criterion, Throughput};
-use serde::{Deserialize, Serialize};
 use tidings::prelude::*;
 use tokio::runtime::Runtime;
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -42,57 +44,6 @@ const GROUPS: usize = 4;
 const CAPACITY: usize = 1024;
 /// Key of the broadcast sentinel that tells receivers the batch is over.
 const SENTINEL: u64 = u64::MAX;
-
-/// A 64-byte event.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, Event)]
-#[event(topic = "bench.fanout", key = key)]
-struct Ev {
-    key: u64,
-    payload: [u64; 7],
-}
-
-impl Ev {
-    fn new(i: u64) -> Self {
-        Ev {
-            key: i,
-            payload: [i; 7],
-        }
-    }
-}
-
-/// A counter on cache lines of its own, so that the four groups' counters do not falsely share
-/// a line (the mpsc baseline counts in locals; this keeps the comparison about the bus).
-#[derive(Default)]
-#[repr(align(128))]
-struct Counter(AtomicU64);
-
-impl std::ops::Deref for Counter {
-    type Target = AtomicU64;
-    fn deref(&self) -> &AtomicU64 {
-        &self.0
-    }
-}
-
-/// Counts what it handles into the counter of its group.
-struct Sink {
-    handled: Arc<Counter>,
-}
-
-impl Handler<Ev> for Sink {
-    async fn handle(&mut self, e: &Envelope<Ev>, _: &Context) -> Result<(), HandlerError> {
-        black_box(e.event().payload[0]);
-        self.handled.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-}
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 /// One baseline batch over four mpsc channels.
 async fn mpsc_batch() {
@@ -173,11 +124,8 @@ async fn broadcast_batch(tally: Arc<BroadcastTally>) {
 
 fn build_bus(rt: &Runtime, counters: &[Arc<Counter>]) -> Bus {
     let _enter = rt.enter();
-    let mut builder = Bus::builder().topic(
-        TopicConfig::new("bench.fanout")
-            .partitions(1)
-            .capacity(CAPACITY),
-    );
+    let mut builder =
+        Bus::builder().topic(TopicConfig::new(Ev::TOPIC).partitions(1).capacity(CAPACITY));
     for (g, counter) in counters.iter().enumerate() {
         let counter = Arc::clone(counter);
         builder = builder.subscribe::<Ev, _>(format!("sink-{g}"), move || Sink {

@@ -25,8 +25,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::{runtime, Counter, Ev, Sink};
 use criterion::{criterion_main, Criterion, Throughput};
-use serde::{Deserialize, Serialize};
 use tidings::prelude::*;
 use tidings::TryPublishError;
 use tokio::runtime::Runtime;
@@ -36,44 +38,6 @@ use tokio::sync::mpsc;
 const N: u64 = 10_000;
 /// Queue capacity of the baseline channel and of the bus's partition queue.
 const CAPACITY: usize = 1024;
-
-/// A 64-byte event.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, Event)]
-#[event(topic = "bench.p2p", key = key)]
-struct Ev {
-    key: u64,
-    payload: [u64; 7],
-}
-
-impl Ev {
-    fn new(i: u64) -> Self {
-        Ev {
-            key: i,
-            payload: [i; 7],
-        }
-    }
-}
-
-/// Counts what it handles into a shared counter.
-struct Sink {
-    handled: Arc<AtomicU64>,
-}
-
-impl Handler<Ev> for Sink {
-    async fn handle(&mut self, e: &Envelope<Ev>, _: &Context) -> Result<(), HandlerError> {
-        black_box(e.event().payload[0]);
-        self.handled.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-}
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 /// One baseline batch: a fresh channel and consumer task, `N` sends, wait for the consumer.
 async fn mpsc_batch() {
@@ -94,15 +58,11 @@ async fn mpsc_batch() {
     assert_eq!(received, N, "tokio mpsc lost events");
 }
 
-fn build_bus(rt: &Runtime, handled: &Arc<AtomicU64>) -> Bus {
+fn build_bus(rt: &Runtime, handled: &Arc<Counter>) -> Bus {
     let _enter = rt.enter();
     let handled = Arc::clone(handled);
     Bus::builder()
-        .topic(
-            TopicConfig::new("bench.p2p")
-                .partitions(1)
-                .capacity(CAPACITY),
-        )
+        .topic(TopicConfig::new(Ev::TOPIC).partitions(1).capacity(CAPACITY))
         .subscribe::<Ev, _>("sink", move || Sink {
             handled: Arc::clone(&handled),
         })
@@ -119,7 +79,7 @@ async fn settle_and_check(bus: &Bus, handled: &AtomicU64, before: u64) {
 
 fn p2p(c: &mut Criterion) {
     let rt = runtime();
-    let handled = Arc::new(AtomicU64::new(0));
+    let handled = Arc::new(Counter::default());
     let bus = build_bus(&rt, &handled);
     let mut published = 0u64;
 

@@ -23,9 +23,11 @@
 
 use std::time::Duration;
 
+mod common;
+
+use common::runtime;
 use criterion::{criterion_main, Criterion, Throughput};
 use tidings::prelude::*;
-use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
 
 /// Round trips per iteration.
@@ -47,14 +49,6 @@ impl CommandHandler<Incr> for Incrementer {
     async fn handle(&mut self, cmd: Incr, _: &Context) -> Result<u64, HandlerError> {
         Ok(cmd.0 + 1)
     }
-}
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
 }
 
 type Request = (u64, oneshot::Sender<u64>);
