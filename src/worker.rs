@@ -247,7 +247,7 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
                 } else {
                     call.instrument(span.clone()).await
                 };
-                let error = match outcome {
+                let (give_up, message) = match outcome {
                     Ok(Ok(())) => {
                         bump(&stats.handled);
                         consecutive_panics = 0;
@@ -281,12 +281,12 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
                         )
                     }
                 };
-                if error.0 {
+                if give_up {
                     bump(&stats.failed);
                     bus.inner.record_failure(|| Failure {
                         group: group.to_string(),
                         envelope: D::erase(&env),
-                        error: error.1,
+                        error: message,
                         attempts: attempt,
                     });
                     break;
