@@ -316,6 +316,13 @@ async fn stats_report_published_handled_depth_and_lag_per_partition() {
     let per_partition: u64 = group.partitions.iter().map(|p| p.delivered).sum();
     assert_eq!(per_partition, 10);
     assert_eq!(stats.topic("work.done").unwrap().published, 1);
+    // Subscribed topics come first, then those published to without a subscriber.
+    let names: Vec<&str> = stats.topics.iter().map(|t| t.topic.as_str()).collect();
+    assert_eq!(names, vec!["work", "work.done"]);
+    assert_eq!(topic.published_per_partition.iter().sum::<u64>(), 10);
+    for (p, published) in topic.published_per_partition.iter().enumerate() {
+        assert_eq!(*published, group.partitions[p].delivered);
+    }
     assert_eq!(stats.pending, 10);
 
     gate.add_permits(10);
@@ -360,4 +367,27 @@ async fn a_dropped_shutdown_future_does_not_stop_the_shutdown() {
     gate.add_permits(3);
     let report = bus.shutdown().await;
     assert_eq!((report.handled, report.abandoned), (3, 0));
+}
+
+#[tokio::test]
+async fn the_record_keeps_events_in_the_order_the_bus_accepted_them() {
+    let bus = Bus::builder()
+        .record(true)
+        .topic(TopicConfig::new("work").partitions(3))
+        .build()
+        .unwrap();
+    let mut receipts = Vec::new();
+    for n in 0..30 {
+        receipts.push(bus.publish(Item { n }).await.unwrap());
+    }
+    let published = bus.published();
+    assert_eq!(published.len(), 30);
+    for (receipt, env) in receipts.iter().zip(&published) {
+        assert_eq!(env.id(), receipt.id);
+        assert_eq!(
+            (env.partition(), env.offset()),
+            (receipt.partition, receipt.offset)
+        );
+    }
+    bus.shutdown().await;
 }
