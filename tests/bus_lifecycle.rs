@@ -21,6 +21,15 @@ struct Done {
     n: u64,
 }
 
+/// Handles one event per permit the test hands out.
+struct Gated(Arc<tokio::sync::Semaphore>);
+impl Handler<Item> for Gated {
+    async fn handle(&mut self, _: &Envelope<Item>, _: &Context) -> Result<(), HandlerError> {
+        self.0.acquire().await.unwrap().forget();
+        Ok(())
+    }
+}
+
 struct Nop;
 impl Handler<Item> for Nop {
     async fn handle(&mut self, _: &Envelope<Item>, _: &Context) -> Result<(), HandlerError> {
@@ -283,13 +292,6 @@ async fn dropping_the_last_handle_lets_workers_finish_and_stop() {
 #[tokio::test]
 async fn stats_report_published_handled_depth_and_lag_per_partition() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    struct Gated(Arc<tokio::sync::Semaphore>);
-    impl Handler<Item> for Gated {
-        async fn handle(&mut self, _: &Envelope<Item>, _: &Context) -> Result<(), HandlerError> {
-            self.0.acquire().await.unwrap().forget();
-            Ok(())
-        }
-    }
     let bus = Bus::builder()
         .topic(TopicConfig::new("work").partitions(2))
         .subscribe::<Item, _>(Subscription::new("gated").batch_size(1), {
@@ -339,13 +341,6 @@ async fn stats_report_published_handled_depth_and_lag_per_partition() {
 #[tokio::test(start_paused = true)]
 async fn a_dropped_shutdown_future_does_not_stop_the_shutdown() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    struct Gated(Arc<tokio::sync::Semaphore>);
-    impl Handler<Item> for Gated {
-        async fn handle(&mut self, _: &Envelope<Item>, _: &Context) -> Result<(), HandlerError> {
-            self.0.acquire().await.unwrap().forget();
-            Ok(())
-        }
-    }
     let bus = Bus::builder()
         .subscribe::<Item, _>("gated", {
             let gate = gate.clone();
