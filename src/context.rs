@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::bus::{Bus, Origin, Published, QueueId};
+use crate::bus::{Bus, Origin, PublishOptions, Published, QueueId};
 use crate::command::Command;
 use crate::envelope::{new_id, AnyEnvelope, Envelope, Headers, Metadata};
 use crate::error::{PublishError, RequestError, TryPublishError};
@@ -55,6 +55,7 @@ impl Context {
             cause: self.cause,
             from_handler: true,
             headers: Headers::new(),
+            id: None,
             owner: self.owner,
         }
     }
@@ -78,11 +79,12 @@ impl Context {
     pub async fn publish<E: Event>(&self, event: E) -> Result<Published, PublishError<E>> {
         match &self.sink {
             Sink::Bus(bus) => bus.publish_from(event, self.origin()).await,
-            Sink::Capture(log) => Ok(self.capture(log, event, Headers::new())),
+            Sink::Capture(log) => Ok(self.capture(log, event, PublishOptions::new())),
         }
     }
 
-    /// Like [`publish`](Context::publish), with headers attached to the event.
+    /// Like [`publish`](Context::publish), with [options](PublishOptions): headers, an id of
+    /// your own.
     ///
     /// # Errors
     ///
@@ -90,17 +92,19 @@ impl Context {
     pub async fn publish_with<E: Event>(
         &self,
         event: E,
-        headers: Headers,
+        options: impl Into<PublishOptions>,
     ) -> Result<Published, PublishError<E>> {
+        let options = options.into();
         match &self.sink {
             Sink::Bus(bus) => {
                 let origin = Origin {
-                    headers,
+                    headers: options.headers,
+                    id: options.id,
                     ..self.origin()
                 };
                 bus.publish_from(event, origin).await
             }
-            Sink::Capture(log) => Ok(self.capture(log, event, headers)),
+            Sink::Capture(log) => Ok(self.capture(log, event, options)),
         }
     }
 
@@ -113,7 +117,7 @@ impl Context {
     pub fn try_publish<E: Event>(&self, event: E) -> Result<Published, TryPublishError<E>> {
         match &self.sink {
             Sink::Bus(bus) => bus.try_publish_from(event, self.origin()),
-            Sink::Capture(log) => Ok(self.capture(log, event, Headers::new())),
+            Sink::Capture(log) => Ok(self.capture(log, event, PublishOptions::new())),
         }
     }
 
@@ -166,10 +170,11 @@ impl Context {
         &self,
         log: &Mutex<Vec<AnyEnvelope>>,
         event: E,
-        headers: Headers,
+        options: PublishOptions,
     ) -> Published {
         let timestamp = SystemTime::now();
-        let id = new_id(timestamp);
+        let id = options.id.unwrap_or_else(|| new_id(timestamp));
+        let headers = options.headers;
         let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
         let offset = log.len() as u64;
         let env = Envelope::from_parts(
@@ -190,6 +195,7 @@ impl Context {
             id,
             partition: 0,
             offset,
+            duplicate: false,
         }
     }
 }

@@ -157,6 +157,7 @@ impl Key<'_> {
     /// ```
     pub fn stable_hash(&self) -> u64 {
         use xxhash_rust::xxh3::xxh3_64;
+        // No allocation here: this runs on every publish.
         match self {
             Key::Str(s) => xxh3_64(s.as_bytes()),
             Key::Owned(s) => xxh3_64(s.as_bytes()),
@@ -165,6 +166,24 @@ impl Key<'_> {
             Key::U64(n) => xxh3_64(&n.to_le_bytes()),
             Key::I64(n) => xxh3_64(&n.to_le_bytes()),
         }
+    }
+
+    /// The canonical bytes the hash is taken over.
+    fn canonical(&self) -> std::borrow::Cow<'_, [u8]> {
+        use std::borrow::Cow;
+        match self {
+            Key::Str(s) => Cow::Borrowed(s.as_bytes()),
+            Key::Owned(s) => Cow::Borrowed(s.as_bytes()),
+            Key::Bytes(b) => Cow::Borrowed(b),
+            Key::OwnedBytes(b) => Cow::Borrowed(b),
+            Key::U64(n) => Cow::Owned(n.to_le_bytes().to_vec()),
+            Key::I64(n) => Cow::Owned(n.to_le_bytes().to_vec()),
+        }
+    }
+
+    /// The canonical bytes, owned; keys that hash alike give equal bytes.
+    pub(crate) fn canonical_bytes(&self) -> Vec<u8> {
+        self.canonical().into_owned()
     }
 
     /// The partition this key maps to among `partitions` partitions.

@@ -6,23 +6,33 @@ extern crate self as tidings;
 mod bus;
 mod command;
 mod context;
+mod dead_letter;
+mod delivery;
 mod envelope;
 mod error;
 mod event;
 mod handler;
+pub mod middleware;
 mod stats;
 pub mod testing;
 mod topic;
 mod worker;
 
 #[doc(inline)]
-pub use bus::{Bus, BusBuilder, Failure, Published, RestartBackoff, Subscription};
+pub use bus::{Bus, BusBuilder, Failure, PublishOptions, Published, RestartBackoff, Subscription};
 pub use command::{Command, CommandHandler};
 pub use context::Context;
+pub use dead_letter::{DeadLetter, DeadLetterError, DeadLetterPolicy, DeadLetters};
+pub use delivery::DeliveryMode;
 pub use envelope::{AnyEnvelope, Envelope, Headers, Metadata};
 pub use error::{BuildError, PublishError, RequestError, TryPublishError};
 pub use event::{AsKey, DynEvent, Event, EventInfo, Key};
 pub use handler::{AnyHandler, ErrorKind, Handler, HandlerError, HandlerResult};
+#[doc(inline)]
+pub use middleware::{
+    CircuitBreaker, Dedup, DedupStore, DedupWindow, MemoryDedupStore, Middleware, Next, Retry,
+    Throttle, Timeout,
+};
 pub use stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
 pub use topic::{Overflow, TopicConfig, DEFAULT_CAPACITY};
 
@@ -36,8 +46,8 @@ pub use tidings_macros::Event;
 pub mod prelude {
     pub use crate::{
         AnyEnvelope, AnyHandler, Bus, BusBuilder, Command, CommandHandler, Context, Envelope,
-        Event, Handler, HandlerError, HandlerResult, Headers, Overflow, RestartBackoff,
-        Subscription, TopicConfig,
+        Event, Handler, HandlerError, HandlerResult, Headers, Middleware, Next, Overflow,
+        PublishOptions, RestartBackoff, Retry, Subscription, TopicConfig,
     };
 }
 

@@ -54,7 +54,8 @@ pub struct GroupStats {
     pub delivered: u64,
     /// Events handled successfully.
     pub handled: u64,
-    /// Events given up on after their last delivery attempt.
+    /// Events given up on after their last delivery attempt (dead-lettered, or dropped under
+    /// at-most-once delivery), and events parked behind them by a sequenced dead-letter queue.
     pub failed: u64,
     /// Events dropped by [`Overflow::DropOldest`](crate::Overflow::DropOldest).
     pub dropped: u64,
@@ -66,6 +67,14 @@ pub struct GroupStats {
     pub depth: u64,
     /// Events delivered but not finished (queued or in flight).
     pub lag: u64,
+    /// Entries waiting in the group's [dead-letter queue](crate::DeadLetters) now.
+    pub dead_letters: u64,
+    /// Entries ever added to the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Entries redriven.
+    pub redriven: u64,
+    /// Entries discarded.
+    pub discarded: u64,
     /// Per partition.
     pub partitions: Vec<PartitionStats>,
 }

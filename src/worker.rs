@@ -13,15 +13,22 @@ use std::time::Duration;
 use futures::FutureExt;
 use tracing::Instrument;
 
+use futures::future::BoxFuture;
+
 use crate::bus::{
     Bus, CommandMessage, CommandRequest, Failure, QueueId, RestartBackoff, Subscription,
 };
 use crate::command::{Command, CommandHandler};
 use crate::context::{Cause, Context};
+use crate::dead_letter::{DeadLetterPolicy, DeadLetterQueue, Gate};
+use crate::delivery::DeliveryMode;
+use crate::envelope::Metadata;
 use crate::envelope::{downcast, AnyEnvelope, Envelope, Erased};
 use crate::error::RequestError;
 use crate::event::Event;
+use crate::handler::HandlerResult;
 use crate::handler::{AnyHandler, Handler, HandlerError};
+use crate::middleware::{DynMiddleware, Endpoint, LayerKind, Next, Track};
 use crate::topic::Topic;
 
 pub(crate) type Factory<H> = Arc<dyn Fn() -> H + Send + Sync>;
@@ -35,6 +42,10 @@ pub(crate) trait Dispatch: Send + 'static {
     fn erase(env: &Self::Env) -> AnyEnvelope;
     /// The envelope back as a queue item (to hand it to the graveyard).
     fn into_item(env: Self::Env) -> Erased;
+    /// The typed envelope of an erased one (for the end of a middleware chain).
+    fn from_any(env: &AnyEnvelope) -> Option<Self::Env>;
+    fn attempt(env: &Self::Env) -> u32;
+    fn meta(env: &Self::Env) -> &Metadata;
     fn call<'a>(
         &'a mut self,
         env: &'a Self::Env,
@@ -92,6 +103,18 @@ impl<E: Event, H: Handler<E>> Dispatch for Typed<E, H> {
         env.inner
     }
 
+    fn from_any(env: &AnyEnvelope) -> Option<Envelope<E>> {
+        env.downcast::<E>()
+    }
+
+    fn attempt(env: &Envelope<E>) -> u32 {
+        env.attempt
+    }
+
+    fn meta(env: &Envelope<E>) -> &Metadata {
+        env.metadata()
+    }
+
     fn call<'a>(
         &'a mut self,
         env: &'a Envelope<E>,
@@ -143,6 +166,18 @@ impl<H: AnyHandler> Dispatch for Untyped<H> {
         env.inner
     }
 
+    fn from_any(env: &AnyEnvelope) -> Option<AnyEnvelope> {
+        Some(env.clone())
+    }
+
+    fn attempt(env: &AnyEnvelope) -> u32 {
+        env.attempt
+    }
+
+    fn meta(env: &AnyEnvelope) -> &Metadata {
+        env.metadata()
+    }
+
     fn call<'a>(
         &'a mut self,
         env: &'a AnyEnvelope,
@@ -165,6 +200,7 @@ pub(crate) struct WorkerArgs {
     pub(crate) partition: u32,
     pub(crate) options: Subscription,
     pub(crate) handler_name: &'static str,
+    pub(crate) dead_letters: Arc<DeadLetterQueue>,
 }
 
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -183,8 +219,260 @@ fn bump(counter: &std::sync::atomic::AtomicU64) {
     counter.store(counter.load(Relaxed) + 1, Relaxed);
 }
 
+/// The handler under supervision: one attempt at a time, panics caught and the handler
+/// restarted. The end of every middleware chain.
+struct Supervised<D> {
+    dispatch: D,
+    topic: Arc<Topic>,
+    slot: usize,
+    partition: u32,
+    group: Arc<str>,
+    handler_name: &'static str,
+    restart_backoff: RestartBackoff,
+    consecutive_panics: u32,
+}
+
+impl<D: Dispatch> Supervised<D> {
+    /// One attempt: the handler's result, or its panic as a transient error (after the
+    /// restart backoff and a fresh handler).
+    async fn attempt(&mut self, env: &D::Env, ctx: &Context) -> HandlerResult {
+        let attempt = D::attempt(env);
+        let meta = D::meta(env);
+        let span = tracing::info_span!(
+            "tidings.handle",
+            topic = %self.topic.name,
+            partition = self.partition,
+            offset = meta.offset,
+            group = %self.group,
+            event_id = %meta.id,
+            correlation_id = %meta.correlation_id,
+            attempt,
+        );
+        let dispatch = &mut self.dispatch;
+        // The handler's future is made inside the unwind guard: a handler that panics before
+        // returning its future is caught too.
+        let call = AssertUnwindSafe(async { dispatch.call(env, ctx).await }).catch_unwind();
+        // A disabled span (no subscriber interested) costs nothing to skip.
+        let outcome = if span.is_disabled() {
+            call.await
+        } else {
+            call.instrument(span.clone()).await
+        };
+        match outcome {
+            Ok(Ok(())) => {
+                self.consecutive_panics = 0;
+                Ok(())
+            }
+            Ok(Err(err)) => Err(err),
+            Err(panic) => {
+                let message = panic_message(&*panic);
+                let stats = &self.topic.worker_stats[self.slot][self.partition as usize];
+                bump(&stats.panics);
+                self.consecutive_panics += 1;
+                {
+                    let _enter = span.enter();
+                    tracing::error!(topic = %self.topic.name, group = %self.group, partition = self.partition, offset = meta.offset, event_id = %meta.id, correlation_id = %meta.correlation_id, attempt, panic = %message, handler = self.handler_name, "handler panicked; restarting it");
+                }
+                tokio::time::sleep(self.restart_backoff.delay(self.consecutive_panics)).await;
+                if self.dispatch.restart() {
+                    bump(&stats.restarts);
+                }
+                Err(HandlerError::msg(format!("panic: {message}")))
+            }
+        }
+    }
+}
+
+impl<D: Dispatch> Endpoint for Supervised<D> {
+    fn call<'a>(
+        &'a mut self,
+        env: &'a AnyEnvelope,
+        ctx: &'a Context,
+    ) -> BoxFuture<'a, HandlerResult> {
+        Box::pin(async move {
+            match D::from_any(env) {
+                Some(typed) => self.attempt(&typed, ctx).await,
+                // Routing guarantees the type; reaching this is a bug in tidings.
+                None => Err(HandlerError::permanent(
+                    "event of an unexpected type reached a worker",
+                )),
+            }
+        })
+    }
+}
+
+/// One partition worker: its handler, its middleware chain and what it needs to finish events.
+struct Worker<D> {
+    end: Supervised<D>,
+    /// Outermost first.
+    layers: Vec<Box<dyn DynMiddleware>>,
+    /// The chain has a `Retry` layer: the worker does not redeliver by itself.
+    retries: bool,
+    max_deliveries: u32,
+    delivery: DeliveryMode,
+    track: Track,
+    dead_letters: Arc<DeadLetterQueue>,
+    bus: Bus,
+}
+
+/// How one event ended for this group.
+enum Outcome {
+    Handled,
+    Failed { error: HandlerError, attempts: u32 },
+}
+
+impl<D: Dispatch> Worker<D> {
+    /// Delivers `env` (attempt 1) through the chain, redelivering as configured.
+    fn max_attempts(&self) -> u32 {
+        match self.delivery {
+            DeliveryMode::AtMostOnce => 1,
+            _ if self.retries => 1,
+            _ => self.max_deliveries,
+        }
+    }
+
+    /// The fast path, with no middleware: delivers the typed envelope, redelivering as
+    /// configured.
+    async fn deliver_typed(&mut self, env: &mut D::Env, ctx: &Context) -> Outcome {
+        let max = self.max_attempts();
+        let mut attempt = 1u32;
+        loop {
+            D::set_attempt(env, attempt);
+            let error = match self.end.attempt(env, ctx).await {
+                Ok(()) => return Outcome::Handled,
+                Err(error) => error,
+            };
+            if attempt == 1 {
+                self.track.reset();
+            }
+            self.track.note_failure();
+            if error.is_permanent() || attempt >= max {
+                return Outcome::Failed {
+                    error,
+                    attempts: attempt,
+                };
+            }
+            self.warn_redelivery(D::meta(env), attempt, &error);
+            attempt += 1;
+        }
+    }
+
+    fn warn_redelivery(&self, meta: &Metadata, attempt: u32, error: &HandlerError) {
+        tracing::warn!(topic = %self.end.topic.name, group = %self.end.group, partition = self.end.partition, offset = meta.offset, event_id = %meta.id, correlation_id = %meta.correlation_id, attempt, error = %error, handler = self.end.handler_name, "handler failed; redelivering");
+    }
+
+    /// Delivers `env` (attempt 1) through the middleware chain, redelivering as configured.
+    async fn deliver(&mut self, env: &AnyEnvelope, ctx: &Context) -> Outcome {
+        self.track.reset();
+        let max = self.max_attempts();
+        let mut attempt = 1u32;
+        let mut redelivery: Option<AnyEnvelope> = None;
+        loop {
+            let result = {
+                let current = redelivery.as_ref().unwrap_or(env);
+                let mut next = Next {
+                    rest: &mut self.layers,
+                    end: &mut self.end,
+                    ctx,
+                    track: &self.track,
+                };
+                // A panic in a middleware fails the attempt; the handler is not at fault.
+                match AssertUnwindSafe(next.run(current)).catch_unwind().await {
+                    Ok(result) => result,
+                    Err(panic) => Err(HandlerError::msg(format!(
+                        "panic in middleware: {}",
+                        panic_message(&*panic)
+                    ))),
+                }
+            };
+            let error = match result {
+                Ok(()) => return Outcome::Handled,
+                Err(error) => error,
+            };
+            self.track.note_failure();
+            let attempts = self.track.attempts.load(Relaxed).max(attempt);
+            if error.is_permanent() || attempt >= max {
+                return Outcome::Failed { error, attempts };
+            }
+            self.warn_redelivery(env.metadata(), attempt, &error);
+            attempt += 1;
+            redelivery = Some(AnyEnvelope {
+                inner: Arc::clone(&env.inner),
+                attempt,
+            });
+        }
+    }
+
+    /// Reports an event this group gave up on: counted, logged, recorded, and dead-lettered
+    /// (at-most-once: dropped).
+    fn give_up(&self, env: &AnyEnvelope, error: HandlerError, attempts: u32, released: bool) {
+        let end = &self.end;
+        let stats = &end.topic.worker_stats[end.slot][end.partition as usize];
+        bump(&stats.failed);
+        let meta = env.metadata();
+        let message = error.to_string();
+        self.bus.inner.record_failure(|| Failure {
+            group: end.group.to_string(),
+            envelope: env.clone(),
+            error: message.clone(),
+            attempts,
+        });
+        if self.delivery == DeliveryMode::AtMostOnce {
+            tracing::error!(topic = %end.topic.name, group = %end.group, partition = end.partition, offset = meta.offset, event_id = %meta.id, correlation_id = %meta.correlation_id, error = %message, handler = end.handler_name, "handler failed; event dropped (at-most-once)");
+            return;
+        }
+        tracing::error!(topic = %end.topic.name, group = %end.group, partition = end.partition, offset = meta.offset, event_id = %meta.id, correlation_id = %meta.correlation_id, attempts, error = %message, permanent = error.is_permanent(), handler = end.handler_name, "handler failed; giving up on the event");
+        self.dead_letters.push(
+            env.clone(),
+            message,
+            error.kind(),
+            attempts,
+            self.track.failure_times(),
+            end.handler_name,
+            released,
+        );
+    }
+
+    /// Sequenced dead letters: after a released event succeeded, handles the events parked
+    /// behind it, in order, until the key is free or one fails.
+    async fn release_followers(&mut self, mut env: AnyEnvelope, ctx: &mut Context) {
+        while let Some(next) = self.dead_letters.next_released(&env) {
+            let meta = next.metadata();
+            ctx.cause = Some(Cause {
+                id: meta.id,
+                correlation: meta.correlation_id,
+            });
+            match self.deliver(&next, ctx).await {
+                Outcome::Handled => {
+                    let stats =
+                        &self.end.topic.worker_stats[self.end.slot][self.end.partition as usize];
+                    bump(&stats.handled);
+                }
+                Outcome::Failed { error, attempts } => {
+                    // Counted failed when it was parked; it goes back to the head.
+                    self.give_up_again(&next, error, attempts);
+                    return;
+                }
+            }
+            env = next;
+        }
+    }
+
+    fn give_up_again(&self, env: &AnyEnvelope, error: HandlerError, attempts: u32) {
+        self.dead_letters.push(
+            env.clone(),
+            error.to_string(),
+            error.kind(),
+            attempts,
+            self.track.failure_times(),
+            self.end.handler_name,
+            true,
+        );
+    }
+}
+
 /// Runs one partition of one group until the partition is closed and drained.
-pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
+pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
     let WorkerArgs {
         bus,
         topic,
@@ -192,15 +480,43 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
         partition,
         options,
         handler_name,
+        dead_letters,
     } = args;
     let part = &topic.partitions[partition as usize];
-    let stats = &topic.worker_stats[slot][partition as usize];
     let group: Arc<str> = Arc::from(topic.groups[slot].as_str());
     let mut ctx = Context::for_bus(bus.clone(), Arc::clone(&group), bus.inner.cancel.clone());
     ctx.owner = Some(QueueId::of(&topic, slot, partition));
+    let layers: Vec<Box<dyn DynMiddleware>> = options
+        .layers
+        .iter()
+        .rev()
+        .map(|layer| (layer.make)())
+        .collect();
+    let retries = options.layers.iter().any(|l| l.kind == LayerKind::Retry);
+    let sequenced = dead_letters.policy == DeadLetterPolicy::Sequenced;
+    let mut worker = Worker {
+        end: Supervised {
+            dispatch,
+            topic: Arc::clone(&topic),
+            slot,
+            partition,
+            group: Arc::clone(&group),
+            handler_name,
+            restart_backoff: options.restart_backoff,
+            consecutive_panics: 0,
+        },
+        layers,
+        retries,
+        max_deliveries: options.effective_max_deliveries(),
+        delivery: options.delivery,
+        track: Track::default(),
+        dead_letters,
+        bus: bus.clone(),
+    };
+    let stats = &topic.worker_stats[slot][partition as usize];
+    let fast = worker.layers.is_empty() && !sequenced;
     let mut batch: VecDeque<Erased> = VecDeque::with_capacity(options.batch_size);
     let mut done: Vec<Erased> = Vec::new();
-    let mut consecutive_panics = 0u32;
 
     while part
         .next_batch(
@@ -217,86 +533,68 @@ pub(crate) async fn run<D: Dispatch>(mut dispatch: D, args: WorkerArgs) {
         while let Some(item) = batch.pop_front() {
             let meta = item.meta();
             let (id, offset, correlation) = (meta.id, meta.offset, meta.correlation_id);
-            let Some(mut env) = D::wrap(item) else {
-                // Routing guarantees the type; reaching this is a bug in tidings.
-                tracing::error!(group = %group, %id, "event of an unexpected type reached a worker");
-                bump(&stats.failed);
-                continue;
-            };
             ctx.cause = Some(Cause { id, correlation });
-            let mut attempt = 1u32;
-            loop {
-                D::set_attempt(&mut env, attempt);
-                let span = tracing::info_span!(
-                    "tidings.handle",
-                    topic = %topic.name,
-                    partition,
-                    offset,
-                    group = %group,
-                    event_id = %id,
-                    correlation_id = %correlation,
-                    attempt,
-                );
-                // The handler's future is made inside the unwind guard: a handler that panics
-                // before returning its future is caught too.
-                let call =
-                    AssertUnwindSafe(async { dispatch.call(&env, &ctx).await }).catch_unwind();
-                // A disabled span (no subscriber interested) costs nothing to skip.
-                let outcome = if span.is_disabled() {
-                    call.await
-                } else {
-                    call.instrument(span.clone()).await
-                };
-                let (give_up, message) = match outcome {
-                    Ok(Ok(())) => {
-                        bump(&stats.handled);
-                        consecutive_panics = 0;
-                        break;
-                    }
-                    Ok(Err(err)) => {
-                        let _enter = span.enter();
-                        let last = err.is_permanent() || attempt >= options.max_deliveries;
-                        if last {
-                            tracing::error!(topic = %topic.name, group = %group, partition, offset, event_id = %id, correlation_id = %correlation, attempt, error = %err, permanent = err.is_permanent(), handler = handler_name, "handler failed; giving up on the event");
-                        } else {
-                            tracing::warn!(topic = %topic.name, group = %group, partition, offset, event_id = %id, correlation_id = %correlation, attempt, error = %err, handler = handler_name, "handler failed; redelivering");
-                        }
-                        (last, err.to_string())
-                    }
-                    Err(panic) => {
-                        let message = panic_message(&*panic);
-                        bump(&stats.panics);
-                        consecutive_panics += 1;
-                        {
-                            let _enter = span.enter();
-                            tracing::error!(topic = %topic.name, group = %group, partition, offset, event_id = %id, correlation_id = %correlation, attempt, panic = %message, handler = handler_name, "handler panicked; restarting it");
-                        }
-                        tokio::time::sleep(options.restart_backoff.delay(consecutive_panics)).await;
-                        if dispatch.restart() {
-                            bump(&stats.restarts);
-                        }
-                        (
-                            attempt >= options.max_deliveries,
-                            format!("panic: {message}"),
-                        )
-                    }
-                };
-                if give_up {
-                    bump(&stats.failed);
-                    bus.inner.record_failure(|| Failure {
-                        group: group.to_string(),
-                        envelope: D::erase(&env),
-                        error: message,
-                        attempts: attempt,
-                    });
-                    break;
-                }
-                attempt += 1;
+            if worker.delivery == DeliveryMode::AtMostOnce {
+                // Acknowledged on receipt.
+                advance(stats, offset);
             }
-            stats.next_offset.store(offset + 1, Relaxed);
-            done.push(D::into_item(env));
+            if fast {
+                // No middleware, no parking: the typed envelope goes straight to the handler.
+                let Some(mut typed) = D::wrap(item) else {
+                    // Routing guarantees the type; reaching this is a bug in tidings.
+                    tracing::error!(group = %group, %id, "event of an unexpected type reached a worker");
+                    bump(&stats.failed);
+                    continue;
+                };
+                match worker.deliver_typed(&mut typed, &ctx).await {
+                    Outcome::Handled => bump(&stats.handled),
+                    Outcome::Failed { error, attempts } => {
+                        worker.give_up(&D::erase(&typed), error, attempts, false);
+                    }
+                }
+                advance(stats, offset);
+                done.push(D::into_item(typed));
+                continue;
+            }
+            let env = AnyEnvelope {
+                inner: item,
+                attempt: 1,
+            };
+            let mut released = false;
+            if sequenced {
+                match worker.dead_letters.gate(&env, handler_name) {
+                    Gate::Open => {}
+                    Gate::Release => released = true,
+                    Gate::Parked => {
+                        bump(&stats.failed);
+                        advance(stats, offset);
+                        done.push(env.inner);
+                        continue;
+                    }
+                }
+            }
+            match worker.deliver(&env, &ctx).await {
+                Outcome::Handled => {
+                    bump(&stats.handled);
+                    if released {
+                        worker.release_followers(env.clone(), &mut ctx).await;
+                    }
+                }
+                Outcome::Failed { error, attempts } => {
+                    worker.give_up(&env, error, attempts, released);
+                }
+            }
+            advance(stats, offset);
+            done.push(env.inner);
         }
         bus.inner.finish(n);
+    }
+}
+
+/// Commits `offset` as finished (redriven events may be older: the mark never goes back).
+fn advance(stats: &crate::topic::WorkerStats, offset: u64) {
+    if stats.next_offset.load(Relaxed) <= offset {
+        stats.next_offset.store(offset + 1, Relaxed);
     }
 }
 

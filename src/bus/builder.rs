@@ -15,9 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Bus, BusInner, CommandEntry, CommandMessage, HandleGuard, Recorder, Route};
 use crate::command::{Command, CommandHandler};
+use crate::dead_letter::{DeadLetterPolicy, DeadLetterQueue};
+use crate::delivery::DeliveryMode;
 use crate::error::BuildError;
 use crate::event::{validate_topic_name, Event};
 use crate::handler::{AnyHandler, Handler};
+use crate::middleware::{Dedup, DedupWindow, LayerKind, LayerSpec, Middleware, Window};
 use crate::topic::{default_partitions, Topic, TopicConfig};
 use crate::worker::{self, Factory, Typed, Untyped, WorkerArgs};
 
@@ -50,9 +53,13 @@ use crate::worker::{self, Factory, Typed, Untyped, WorkerArgs};
 #[derive(Debug, Clone)]
 pub struct Subscription {
     pub(crate) group: String,
-    pub(crate) max_deliveries: u32,
+    pub(crate) max_deliveries: Option<u32>,
     pub(crate) restart_backoff: RestartBackoff,
     pub(crate) batch_size: usize,
+    /// In declaration order: innermost first.
+    pub(crate) layers: Vec<LayerSpec>,
+    pub(crate) delivery: DeliveryMode,
+    pub(crate) dead_letter: DeadLetterPolicy,
 }
 
 impl Subscription {
@@ -60,17 +67,99 @@ impl Subscription {
     pub fn new(group: impl Into<String>) -> Self {
         Subscription {
             group: group.into(),
-            max_deliveries: 3,
+            max_deliveries: None,
             restart_backoff: RestartBackoff::default(),
             batch_size: 128,
+            layers: Vec::new(),
+            delivery: DeliveryMode::default(),
+            dead_letter: DeadLetterPolicy::default(),
         }
     }
 
-    /// How many times an event is delivered at most before it is reported as failed (at least
-    /// 1; default 3).
+    /// How many times an event is delivered at most, one right after the other, before it is
+    /// dead-lettered (at least 1; default 3), when the subscription has no [`Retry`](crate::Retry) layer.
+    /// With a `Retry` layer, the layer decides, and setting this is a build error.
     pub fn max_deliveries(mut self, n: u32) -> Self {
-        self.max_deliveries = n;
+        self.max_deliveries = Some(n);
         self
+    }
+
+    /// Wraps the handler, and every layer declared before, in `layer`: the last layer declared
+    /// sees each event first. See [the middleware module](crate::middleware) for what each
+    /// order means.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tidings::{Dedup, DedupWindow, Retry, Subscription, Timeout};
+    ///
+    /// let billing = Subscription::new("billing")
+    ///     .layer(Timeout::new(Duration::from_secs(5)))   // each attempt
+    ///     .layer(Retry::new(5))                         // up to 5 attempts
+    ///     .layer(Dedup::new(DedupWindow::new()));       // duplicates skipped first
+    /// ```
+    pub fn layer<M: Middleware>(mut self, layer: M) -> Self {
+        self.layers.push(LayerSpec::new(layer));
+        self
+    }
+
+    /// When events are acknowledged: see [`DeliveryMode`] (default at-least-once).
+    pub fn delivery(mut self, mode: DeliveryMode) -> Self {
+        self.delivery = mode;
+        self
+    }
+
+    /// What happens to events that failed their last attempt: see [`DeadLetterPolicy`]
+    /// (default: parked in the group's dead-letter queue while the partition moves on).
+    pub fn dead_letter(mut self, policy: DeadLetterPolicy) -> Self {
+        self.dead_letter = policy;
+        self
+    }
+
+    pub(crate) fn effective_max_deliveries(&self) -> u32 {
+        self.max_deliveries.unwrap_or(3)
+    }
+
+    fn has(&self, kind: LayerKind) -> bool {
+        self.layers.iter().any(|l| l.kind == kind)
+    }
+
+    /// Checks the settings, and adds what the delivery mode needs.
+    fn prepare(&mut self) -> Result<(), BuildError> {
+        let group = &self.group;
+        let invalid =
+            |what: String| BuildError::InvalidSetting(format!("subscription {group:?}: {what}"));
+        if self.max_deliveries == Some(0) {
+            return Err(invalid("max_deliveries must be at least 1".into()));
+        }
+        if self.batch_size == 0 {
+            return Err(invalid("batch_size must be at least 1".into()));
+        }
+        for layer in &self.layers {
+            layer.check.clone().map_err(invalid)?;
+        }
+        let retries = self.has(LayerKind::Retry);
+        if retries && self.max_deliveries.is_some() {
+            return Err(invalid(
+                "max_deliveries and a Retry layer both set the attempts; keep one (Retry::new(n) for n attempts)".into(),
+            ));
+        }
+        if self.delivery == DeliveryMode::AtMostOnce {
+            if retries || self.max_deliveries.is_some_and(|n| n > 1) {
+                return Err(invalid(
+                    "at-most-once delivery never redelivers; remove the Retry layer or max_deliveries".into(),
+                ));
+            }
+            if self.dead_letter == DeadLetterPolicy::Sequenced {
+                return Err(invalid(
+                    "at-most-once delivery drops failed events; a sequenced dead-letter queue needs at-least-once".into(),
+                ));
+            }
+        }
+        if self.delivery == DeliveryMode::EffectivelyOnce && !self.has(LayerKind::Dedup) {
+            self.layers
+                .push(LayerSpec::new(Dedup::new(DedupWindow::default())));
+        }
+        Ok(())
     }
 
     /// How long to wait before restarting a handler that panicked.
@@ -174,6 +263,7 @@ pub struct BusBuilder {
     request_timeout: Duration,
     command_capacity: usize,
     record: bool,
+    publish_dedup: Option<DedupWindow>,
 }
 
 impl Default for BusBuilder {
@@ -192,6 +282,7 @@ impl BusBuilder {
             request_timeout: Duration::from_secs(30),
             command_capacity: 1024,
             record: false,
+            publish_dedup: None,
         }
     }
 
@@ -311,6 +402,33 @@ impl BusBuilder {
         self
     }
 
+    /// Producer-side deduplication: a publish that gives an event id
+    /// ([`PublishOptions::id`](crate::PublishOptions::id)) already published within `window`
+    /// is accepted once; the repeat returns the first one's receipt, marked
+    /// [`duplicate`](crate::Published::duplicate), and publishes nothing. Publishes without an
+    /// explicit id are never duplicates (the bus makes a fresh id).
+    ///
+    /// ```
+    /// # use serde::{Deserialize, Serialize};
+    /// use tidings::{Bus, DedupWindow, Event, PublishOptions, Uuid};
+    /// # #[derive(Serialize, Deserialize, Event)]
+    /// # #[event(topic = "orders", key = order_id)]
+    /// # struct OrderPlaced { order_id: u64 }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let bus = Bus::builder().dedup_publishes(DedupWindow::new()).build().unwrap();
+    /// let id = Uuid::now_v7(); // e.g. the id of the web request that places the order
+    /// let first = bus.publish_with(OrderPlaced { order_id: 1 }, PublishOptions::new().id(id)).await.unwrap();
+    /// let again = bus.publish_with(OrderPlaced { order_id: 1 }, PublishOptions::new().id(id)).await.unwrap();
+    /// assert!(!first.duplicate && again.duplicate);
+    /// assert_eq!(again.offset, first.offset);
+    /// # bus.shutdown().await; }
+    /// ```
+    pub fn dedup_publishes(mut self, window: DedupWindow) -> Self {
+        self.publish_dedup = Some(window);
+        self
+    }
+
     /// Records every published event and every failure, for [`Bus::published`] and
     /// [`Bus::failures`]. Meant for tests: the record grows without bound.
     pub fn record(mut self, record: bool) -> Self {
@@ -326,9 +444,15 @@ impl BusBuilder {
     /// A [`BuildError`] for zero partitions or capacity, invalid or duplicate topic and group
     /// names, duplicate command handlers, settings out of range, a handler factory that
     /// panicked, or no tokio runtime.
-    pub fn build(self) -> Result<Bus, BuildError> {
+    pub fn build(mut self) -> Result<Bus, BuildError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
         self.validate()?;
+        for sub in &mut self.subs {
+            sub.options.prepare()?;
+        }
+        if let Some(window) = &self.publish_dedup {
+            window.validate().map_err(BuildError::InvalidSetting)?;
+        }
 
         // Topics: configured ones first, then those only subscribed to, in declaration order.
         let mut configs: Vec<TopicConfig> = self.topics.clone();
@@ -388,6 +512,10 @@ impl BusBuilder {
             cancel: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
             recorder: self.record.then(Recorder::default),
+            dead_letters: HashMap::new(),
+            publish_dedup: self
+                .publish_dedup
+                .map(|w| parking_lot::Mutex::new(Window::new(w))),
             shutdown: Mutex::new(None),
         };
         // Routes of the subscribed event types, resolved once.
@@ -398,6 +526,20 @@ impl BusBuilder {
             }
         }
         inner.routes = routes;
+        let mut dead_letters = HashMap::new();
+        for &(sub_index, topic_index, slot) in &placements {
+            let options = &self.subs[sub_index].options;
+            dead_letters.insert(
+                options.group.clone(),
+                Arc::new(DeadLetterQueue::new(
+                    options.group.clone(),
+                    options.dead_letter,
+                    Arc::clone(&inner.topics[topic_index]),
+                    slot,
+                )),
+            );
+        }
+        inner.dead_letters = dead_letters;
 
         let inner = Arc::new(inner);
         let bus = Bus {
@@ -421,6 +563,7 @@ impl BusBuilder {
                         partition,
                         options: sub.options.clone(),
                         handler_name: sub.handler_name,
+                        dead_letters: Arc::clone(&inner.dead_letters[&sub.options.group]),
                     };
                     workers.push((sub.spawn)(args));
                 }
@@ -480,16 +623,6 @@ impl BusBuilder {
                 return Err(BuildError::DuplicateSubscription {
                     group: group.clone(),
                 });
-            }
-            if sub.options.max_deliveries == 0 {
-                return Err(BuildError::InvalidSetting(format!(
-                    "subscription {group:?}: max_deliveries must be at least 1"
-                )));
-            }
-            if sub.options.batch_size == 0 {
-                return Err(BuildError::InvalidSetting(format!(
-                    "subscription {group:?}: batch_size must be at least 1"
-                )));
             }
         }
         let mut commands = HashSet::new();

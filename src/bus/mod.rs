@@ -20,9 +20,11 @@ pub use builder::{BusBuilder, RestartBackoff, Subscription};
 
 use crate::command::Command;
 use crate::context::Cause;
+use crate::dead_letter::{DeadLetterError, DeadLetterQueue, DeadLetters};
 use crate::envelope::{new_id, AnyEnvelope, Erased, Headers, Inner, Metadata};
 use crate::error::{PublishError, RequestError, TryPublishError};
 use crate::event::Event;
+use crate::middleware::Window;
 use crate::stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
 use crate::topic::{default_partitions, Overflow, Partition, PartitionState, Topic, TopicConfig};
 
@@ -38,6 +40,54 @@ pub struct Published {
     pub partition: u32,
     /// Its offset in that partition.
     pub offset: u64,
+    /// The event's id was already published within the
+    /// [deduplication window](BusBuilder::dedup_publishes): nothing was published this time,
+    /// and the fields above are those of the first publish.
+    pub duplicate: bool,
+}
+
+/// How to publish an event: an id of your own, headers.
+///
+/// [`Headers`] convert into options, so `publish_with(event, headers)` works as is.
+///
+/// ```
+/// use tidings::{Headers, PublishOptions, Uuid};
+///
+/// let options = PublishOptions::new()
+///     .id(Uuid::now_v7())
+///     .headers(Headers::new().with("tenant", "acme"));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct PublishOptions {
+    pub(crate) id: Option<Uuid>,
+    pub(crate) headers: Headers,
+}
+
+impl PublishOptions {
+    /// No options: a fresh id, no headers.
+    pub fn new() -> Self {
+        PublishOptions::default()
+    }
+
+    /// Publishes the event with this id instead of a fresh one: an idempotency key, for
+    /// [producer-side deduplication](BusBuilder::dedup_publishes) of retried publishes. Ids
+    /// should stay unique per event; a UUIDv7 keeps them time-ordered.
+    pub fn id(mut self, id: Uuid) -> Self {
+        self.id = Some(id);
+        self
+    }
+
+    /// Attaches these headers.
+    pub fn headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
+    }
+}
+
+impl From<Headers> for PublishOptions {
+    fn from(headers: Headers) -> Self {
+        PublishOptions { id: None, headers }
+    }
 }
 
 /// A failure the bus gave up on: the event, the group, the last error.
@@ -118,6 +168,8 @@ pub(crate) struct Origin {
     pub(crate) cause: Option<Cause>,
     pub(crate) from_handler: bool,
     pub(crate) headers: Headers,
+    /// An id given by the publisher.
+    pub(crate) id: Option<Uuid>,
     /// The queue the publishing handler's worker drains, if any.
     pub(crate) owner: Option<QueueId>,
 }
@@ -207,6 +259,10 @@ pub(crate) struct BusInner {
     pub(crate) cancel: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) recorder: Option<Recorder>,
+    /// Every subscription's dead-letter queue, by group.
+    pub(crate) dead_letters: HashMap<String, Arc<DeadLetterQueue>>,
+    /// Producer-side deduplication: ids published with an explicit id, and their receipts.
+    pub(crate) publish_dedup: Option<parking_lot::Mutex<Window<Published>>>,
     /// The shutdown in progress or done, shared by every caller.
     pub(crate) shutdown: Mutex<Option<Shared<BoxFuture<'static, ShutdownReport>>>>,
 }
@@ -294,7 +350,8 @@ impl Bus {
         self.publish_from(event, Origin::default()).await
     }
 
-    /// Like [`publish`](Bus::publish), with headers attached to the event's metadata.
+    /// Like [`publish`](Bus::publish), with [options](PublishOptions): headers attached to the
+    /// event's metadata, an id of your own.
     ///
     /// ```
     /// # use serde::{Deserialize, Serialize};
@@ -316,10 +373,12 @@ impl Bus {
     pub async fn publish_with<E: Event>(
         &self,
         event: E,
-        headers: Headers,
+        options: impl Into<PublishOptions>,
     ) -> Result<Published, PublishError<E>> {
+        let options = options.into();
         let origin = Origin {
-            headers,
+            headers: options.headers,
+            id: options.id,
             ..Origin::default()
         };
         self.publish_from(event, origin).await
@@ -605,6 +664,28 @@ impl Bus {
         self.shutdown_inner(None).await
     }
 
+    /// The dead-letter queue of consumer group `group`: list, inspect, redrive, discard.
+    ///
+    /// # Errors
+    ///
+    /// [`DeadLetterError::UnknownGroup`] if no subscription has that name.
+    pub fn dead_letters(&self, group: &str) -> Result<DeadLetters, DeadLetterError> {
+        let queue =
+            self.inner
+                .dead_letters
+                .get(group)
+                .ok_or_else(|| DeadLetterError::UnknownGroup {
+                    group: group.to_owned(),
+                })?;
+        Ok(DeadLetters::new(
+            Arc::clone(queue),
+            Bus {
+                inner: Arc::clone(&self.inner),
+                _guard: None,
+            },
+        ))
+    }
+
     /// Like [`shutdown`](Bus::shutdown), but gives up draining after `timeout`: workers are
     /// aborted and the events still queued or in flight are counted as
     /// [`abandoned`](ShutdownReport::abandoned).
@@ -802,8 +883,31 @@ impl BusInner {
                 return Err(Reject::Full(event));
             }
         }
+        let id = origin.id.unwrap_or(id);
+        let mut dedup = None;
+        if let (Some(window), Some(_)) = (&self.publish_dedup, origin.id) {
+            let mut window = window.lock();
+            if let Some(first) = window.get(id) {
+                return Ok(Published {
+                    duplicate: true,
+                    ..first
+                });
+            }
+            dedup = Some(window);
+        }
         let offset = state.next_offset;
         state.next_offset += 1;
+        if let Some(mut window) = dedup {
+            window.complete_with(
+                id,
+                Published {
+                    id,
+                    partition,
+                    offset,
+                    duplicate: false,
+                },
+            );
+        }
         let erased: Erased = Arc::new(Inner {
             meta: Metadata {
                 id,
@@ -863,7 +967,45 @@ impl BusInner {
             id,
             partition,
             offset,
+            duplicate: false,
         })
+    }
+
+    /// Whether the bus still takes events from outside.
+    pub(crate) fn is_open(&self) -> bool {
+        self.intake_open.load(Ordering::SeqCst)
+    }
+
+    /// Puts `item` back into one group's queue (a redrive), waiting for room; gives it back if
+    /// the bus is closing.
+    pub(crate) async fn redeliver(
+        &self,
+        topic: &Topic,
+        slot: usize,
+        item: Erased,
+    ) -> Result<(), Erased> {
+        let part = &topic.partitions[item.meta().partition as usize];
+        loop {
+            let waiting = {
+                let mut state = part.lock();
+                if state.closed || !self.is_open() {
+                    return Err(item);
+                }
+                let q = &mut state.queues[slot];
+                if q.items.len() < topic.capacity {
+                    self.pending.fetch_add(1, Ordering::SeqCst);
+                    q.items.push_back(item);
+                    q.delivered += 1;
+                    part.wake(&mut state, slot);
+                    return Ok(());
+                }
+                q.producer_waiting = true;
+                let mut waiting = Box::pin(part.not_full.notified());
+                waiting.as_mut().enable();
+                waiting
+            };
+            waiting.await;
+        }
     }
 
     /// Marks `n` deliveries or requests as finished.
@@ -962,6 +1104,15 @@ impl BusInner {
                         committed: next.checked_sub(1),
                     };
                     group.add(ps);
+                }
+            }
+            for group in &mut groups {
+                if let Some(dlq) = self.dead_letters.get(&group.group) {
+                    let counts = dlq.counts();
+                    group.dead_letters = counts.depth;
+                    group.dead_lettered = counts.total;
+                    group.redriven = counts.redriven;
+                    group.discarded = counts.discarded;
                 }
             }
             topics.push(TopicStats {

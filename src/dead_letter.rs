@@ -1,0 +1,530 @@
+//! The dead-letter queue: events a consumer group gave up on, kept for inspection, redrive or
+//! discard.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+use uuid::Uuid;
+
+use crate::bus::Bus;
+use crate::envelope::{AnyEnvelope, Erased};
+use crate::handler::ErrorKind;
+use crate::topic::Topic;
+
+/// What a subscription does with events that failed their last attempt.
+///
+/// ```
+/// use tidings::{DeadLetterPolicy, Subscription};
+///
+/// let ledger = Subscription::new("ledger").dead_letter(DeadLetterPolicy::Sequenced);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeadLetterPolicy {
+    /// The event goes to the group's dead-letter queue and the partition moves on (default).
+    /// Later events of the same key are handled meanwhile: a redriven event arrives after them.
+    #[default]
+    Park,
+    /// As `Park`, and later events with the same key in this group are parked behind it (in
+    /// the dead-letter queue, never attempted) until it is redriven or discarded, so a key's
+    /// events are never handled out of order. Events without a key are parked alone. Other keys
+    /// go on.
+    ///
+    /// Redriving the head of a parked key hands it to its worker again; once it succeeds, the
+    /// events parked behind it follow in order, and then the key is free. Should one of them
+    /// fail, it becomes the new head and the rest stay parked behind it. Discarding the head
+    /// makes the next parked event the head (still parked, waiting for its redrive).
+    Sequenced,
+}
+
+/// An event a consumer group gave up on, with why.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Number of this entry in its group's dead-letter queue (increasing; not reused).
+    pub seq: u64,
+    /// The consumer group.
+    pub group: String,
+    /// The event, with its original id, metadata and correlation.
+    pub envelope: AnyEnvelope,
+    /// The last error (or panic, or timeout), as text.
+    pub error: String,
+    /// Whether the last error was transient or permanent.
+    pub kind: ErrorKind,
+    /// Delivery attempts made before giving up (0 for an event parked behind another).
+    pub attempts: u32,
+    /// When the first attempt failed.
+    pub first_failure: SystemTime,
+    /// When the last attempt failed.
+    pub last_failure: SystemTime,
+    /// The handler's type name.
+    pub handler: &'static str,
+    /// With [`DeadLetterPolicy::Sequenced`]: the entry this one is parked behind (the head of
+    /// its key), or `None` if this one failed itself.
+    pub parked_behind: Option<u64>,
+}
+
+/// Why a dead-letter operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeadLetterError {
+    /// No subscription has this name.
+    #[error("no subscription is named {group:?}")]
+    UnknownGroup {
+        /// The name asked for.
+        group: String,
+    },
+    /// No entry has this number (redriven or discarded already?).
+    #[error("no dead letter #{seq} in {group:?}")]
+    NotFound {
+        /// The group.
+        group: String,
+        /// The entry asked for.
+        seq: u64,
+    },
+    /// With [`DeadLetterPolicy::Sequenced`], only the head of a parked key can be redriven.
+    #[error("dead letter #{seq} is parked behind #{head}: redrive #{head} first")]
+    ParkedBehind {
+        /// The entry asked for.
+        seq: u64,
+        /// The head of its key.
+        head: u64,
+    },
+    /// The bus is shutting down or shut down: nothing can be redriven.
+    #[error("the bus is shut down; the entry stays in the dead-letter queue")]
+    Closed,
+}
+
+/// The canonical bytes of a key, or the event id for an event without a key.
+type SeqKey = Vec<u8>;
+
+fn seq_key(env: &AnyEnvelope) -> SeqKey {
+    match env.key() {
+        Some(key) => key.canonical_bytes(),
+        None => env.id().as_bytes().to_vec(),
+    }
+}
+
+/// The dead-letter queue of one consumer group.
+pub(crate) struct DeadLetterQueue {
+    pub(crate) group: String,
+    pub(crate) policy: DeadLetterPolicy,
+    topic: Arc<Topic>,
+    slot: usize,
+    state: Mutex<State>,
+    /// Keys parked (sequenced policy): read by workers on every event without the lock.
+    parked_keys: AtomicUsize,
+}
+
+#[derive(Default)]
+struct State {
+    entries: BTreeMap<u64, DeadLetter>,
+    next_seq: u64,
+    total: u64,
+    redriven: u64,
+    discarded: u64,
+    /// Sequenced: each parked key's entries, head first; and the event being released.
+    keys: HashMap<SeqKey, KeyState>,
+}
+
+#[derive(Default)]
+struct KeyState {
+    seqs: std::collections::VecDeque<u64>,
+    /// The head was redriven: (id, offset) of the event its worker may handle.
+    releasing: Option<(Uuid, u64)>,
+}
+
+/// Counters of one group's dead-letter queue.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct DeadLetterCounts {
+    pub(crate) depth: u64,
+    pub(crate) total: u64,
+    pub(crate) redriven: u64,
+    pub(crate) discarded: u64,
+}
+
+/// What a sequenced worker does with an event of a parked key.
+pub(crate) enum Gate {
+    /// The key is free: handle it.
+    Open,
+    /// The key is parked: the event was parked behind its head.
+    Parked,
+    /// The redriven head: handle it, then release the followers.
+    Release,
+}
+
+impl DeadLetterQueue {
+    pub(crate) fn new(
+        group: String,
+        policy: DeadLetterPolicy,
+        topic: Arc<Topic>,
+        slot: usize,
+    ) -> Self {
+        DeadLetterQueue {
+            group,
+            policy,
+            topic,
+            slot,
+            state: Mutex::new(State::default()),
+            parked_keys: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn counts(&self) -> DeadLetterCounts {
+        let state = self.state.lock();
+        DeadLetterCounts {
+            depth: state.entries.len() as u64,
+            total: state.total,
+            redriven: state.redriven,
+            discarded: state.discarded,
+        }
+    }
+
+    /// Adds an event that failed its last attempt.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn push(
+        &self,
+        envelope: AnyEnvelope,
+        error: String,
+        kind: ErrorKind,
+        attempts: u32,
+        (first_failure, last_failure): (SystemTime, SystemTime),
+        handler: &'static str,
+        released: bool,
+    ) -> u64 {
+        let mut state = self.state.lock();
+        let state = &mut *state;
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        state.total += 1;
+        let mut parked_behind = None;
+        if self.policy == DeadLetterPolicy::Sequenced {
+            let key = seq_key(&envelope);
+            let entry = state.keys.entry(key).or_default();
+            if entry.seqs.is_empty() {
+                self.parked_keys.fetch_add(1, Ordering::SeqCst);
+            }
+            // A released event that failed again goes back to the head of its key.
+            if released {
+                entry.releasing = None;
+                entry.seqs.push_front(seq);
+                let followers: Vec<u64> = entry.seqs.iter().skip(1).copied().collect();
+                for s in followers {
+                    if let Some(e) = state.entries.get_mut(&s) {
+                        e.parked_behind = Some(seq);
+                    }
+                }
+            } else {
+                parked_behind = entry.seqs.front().copied();
+                entry.seqs.push_back(seq);
+            }
+        }
+        tracing::error!(group = %self.group, event_id = %envelope.id(), correlation_id = %envelope.correlation_id(), seq, attempts, error = %error, "event dead-lettered");
+        state.entries.insert(
+            seq,
+            DeadLetter {
+                seq,
+                group: self.group.clone(),
+                envelope,
+                error,
+                kind,
+                attempts,
+                first_failure,
+                last_failure,
+                handler,
+                parked_behind,
+            },
+        );
+        seq
+    }
+
+    /// Sequenced: what to do with `env` (cheap when no key is parked).
+    pub(crate) fn gate(&self, env: &AnyEnvelope, handler: &'static str) -> Gate {
+        if self.parked_keys.load(Ordering::SeqCst) == 0 {
+            return Gate::Open;
+        }
+        let key = seq_key(env);
+        let mut state = self.state.lock();
+        let Some(entry) = state.keys.get_mut(&key) else {
+            return Gate::Open;
+        };
+        if entry.releasing == Some((env.id(), env.offset())) {
+            return Gate::Release;
+        }
+        drop(state);
+        let now = SystemTime::now();
+        self.push(
+            env.clone(),
+            "parked behind an earlier event of the same key".into(),
+            ErrorKind::Transient,
+            0,
+            (now, now),
+            handler,
+            false,
+        );
+        Gate::Parked
+    }
+
+    /// Sequenced: after a released event succeeded, the next event parked behind it (now taken
+    /// out of the queue for the worker to handle), or `None` once the key is free.
+    pub(crate) fn next_released(&self, env: &AnyEnvelope) -> Option<AnyEnvelope> {
+        let key = seq_key(env);
+        let mut state = self.state.lock();
+        let state = &mut *state;
+        let entry = state.keys.get_mut(&key)?;
+        entry.releasing = None;
+        let Some(seq) = entry.seqs.pop_front() else {
+            state.keys.remove(&key);
+            self.parked_keys.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        };
+        let letter = state.entries.remove(&seq)?;
+        entry.releasing = Some((letter.envelope.id(), letter.envelope.offset()));
+        state.redriven += 1;
+        Some(AnyEnvelope {
+            inner: letter.envelope.inner,
+            attempt: 1,
+        })
+    }
+
+    fn list(&self) -> Vec<DeadLetter> {
+        self.state.lock().entries.values().cloned().collect()
+    }
+
+    fn get(&self, seq: u64) -> Option<DeadLetter> {
+        self.state.lock().entries.get(&seq).cloned()
+    }
+
+    fn not_found(&self, seq: u64) -> DeadLetterError {
+        DeadLetterError::NotFound {
+            group: self.group.clone(),
+            seq,
+        }
+    }
+
+    /// Takes entry `seq` out for a redrive (sequenced: only a head, which stays the head of a
+    /// parked key until it is handled).
+    fn take_for_redrive(&self, seq: u64) -> Result<DeadLetter, DeadLetterError> {
+        let mut state = self.state.lock();
+        let letter = state.entries.get(&seq).ok_or_else(|| self.not_found(seq))?;
+        if self.policy == DeadLetterPolicy::Sequenced {
+            let key = seq_key(&letter.envelope);
+            let (id, offset) = (letter.envelope.id(), letter.envelope.offset());
+            let entry = state
+                .keys
+                .get_mut(&key)
+                .ok_or_else(|| self.not_found(seq))?;
+            let head = entry.seqs.front().copied().unwrap_or(seq);
+            if head != seq {
+                return Err(DeadLetterError::ParkedBehind { seq, head });
+            }
+            entry.seqs.pop_front();
+            entry.releasing = Some((id, offset));
+        }
+        state.redriven += 1;
+        Ok(state.entries.remove(&seq).expect("checked above"))
+    }
+
+    /// Puts back an entry whose redrive failed (the bus closed).
+    fn put_back(&self, letter: DeadLetter) {
+        let mut state = self.state.lock();
+        state.redriven -= 1;
+        if self.policy == DeadLetterPolicy::Sequenced {
+            let entry = state.keys.entry(seq_key(&letter.envelope)).or_default();
+            entry.releasing = None;
+            entry.seqs.push_front(letter.seq);
+        }
+        state.entries.insert(letter.seq, letter);
+    }
+
+    fn discard(&self, seq: u64, reason: &str) -> Result<DeadLetter, DeadLetterError> {
+        let mut state = self.state.lock();
+        let state = &mut *state;
+        let letter = state
+            .entries
+            .remove(&seq)
+            .ok_or_else(|| self.not_found(seq))?;
+        state.discarded += 1;
+        if self.policy == DeadLetterPolicy::Sequenced {
+            let key = seq_key(&letter.envelope);
+            if let Some(entry) = state.keys.get_mut(&key) {
+                entry.seqs.retain(|&s| s != seq);
+                let head = entry.seqs.front().copied();
+                if head.is_none() && entry.releasing.is_none() {
+                    state.keys.remove(&key);
+                    self.parked_keys.fetch_sub(1, Ordering::SeqCst);
+                } else if let Some(head) = head {
+                    for &s in &entry.seqs {
+                        if let Some(e) = state.entries.get_mut(&s) {
+                            e.parked_behind = (s != head).then_some(head);
+                        }
+                    }
+                }
+            }
+        }
+        tracing::warn!(group = %self.group, event_id = %letter.envelope.id(), seq, reason, "dead letter discarded");
+        Ok(letter)
+    }
+
+    fn heads(&self) -> Vec<u64> {
+        let state = self.state.lock();
+        state
+            .entries
+            .values()
+            .filter(|e| e.parked_behind.is_none())
+            .map(|e| e.seq)
+            .collect()
+    }
+}
+
+/// The dead-letter queue of one consumer group: list, inspect, redrive, discard.
+///
+/// Get it with [`Bus::dead_letters`]. An event lands here after its last failed attempt (see
+/// [`Retry`](crate::Retry)), with the error, the attempts and when they failed. Without a store
+/// the queue is in memory: it lives as long as the bus (it stays readable after shutdown) and is
+/// not bounded — watch its depth in [`Bus::stats`] (`GroupStats::dead_letters`).
+///
+/// A redrive sends the event back to the same group only, with its original id, metadata and
+/// correlation id, as delivery attempt 1; it waits for room in the group's queue like a publish.
+/// Do not redrive from a handler of the same group into its own full queue: it would wait for
+/// itself.
+///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// use tidings::{Bus, Context, Envelope, Event, Handler, HandlerError};
+///
+/// #[derive(Serialize, Deserialize, Event)]
+/// #[event(topic = "orders", key = order_id)]
+/// struct OrderPlaced { order_id: u64 }
+///
+/// struct Failing;
+/// impl Handler<OrderPlaced> for Failing {
+///     async fn handle(&mut self, _: &Envelope<OrderPlaced>, _: &Context) -> Result<(), HandlerError> {
+///         Err(HandlerError::permanent("invalid order"))
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let bus = Bus::builder().subscribe::<OrderPlaced, _>("billing", || Failing).build()?;
+/// bus.publish(OrderPlaced { order_id: 7 }).await?;
+/// bus.settled().await;
+///
+/// let dlq = bus.dead_letters("billing")?;
+/// let letter = &dlq.list()[0];
+/// assert_eq!(letter.error, "invalid order");
+/// dlq.discard(letter.seq, "customer cancelled")?;
+/// assert!(dlq.is_empty());
+/// # bus.shutdown().await; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct DeadLetters {
+    queue: Arc<DeadLetterQueue>,
+    bus: Bus,
+}
+
+impl DeadLetters {
+    pub(crate) fn new(queue: Arc<DeadLetterQueue>, bus: Bus) -> Self {
+        DeadLetters { queue, bus }
+    }
+
+    /// The group's entries, oldest first.
+    pub fn list(&self) -> Vec<DeadLetter> {
+        self.queue.list()
+    }
+
+    /// Entry `seq`, if it is still there.
+    pub fn get(&self, seq: u64) -> Option<DeadLetter> {
+        self.queue.get(seq)
+    }
+
+    /// The entry of the event with this id, if there is one (the oldest, should the same id
+    /// have been dead-lettered twice).
+    pub fn find(&self, event_id: Uuid) -> Option<DeadLetter> {
+        let state = self.queue.state.lock();
+        state
+            .entries
+            .values()
+            .find(|e| e.envelope.id() == event_id)
+            .cloned()
+    }
+
+    /// How many entries wait.
+    pub fn len(&self) -> usize {
+        self.queue.state.lock().entries.len()
+    }
+
+    /// Whether no entry waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sends entry `seq` back to its group and removes it from the queue; waits for room in the
+    /// group's queue.
+    ///
+    /// # Errors
+    ///
+    /// [`DeadLetterError::NotFound`], [`DeadLetterError::ParkedBehind`] (sequenced: redrive
+    /// the head), or [`DeadLetterError::Closed`] once shutdown has begun (the entry stays).
+    pub async fn redrive(&self, seq: u64) -> Result<(), DeadLetterError> {
+        if !self.bus.inner.is_open() {
+            return Err(DeadLetterError::Closed);
+        }
+        let letter = self.queue.take_for_redrive(seq)?;
+        let item: Erased = Arc::clone(&letter.envelope.inner);
+        tracing::info!(group = %self.queue.group, event_id = %letter.envelope.id(), seq, "redriving dead letter");
+        match self
+            .bus
+            .inner
+            .redeliver(&self.queue.topic, self.queue.slot, item)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                self.queue.put_back(letter);
+                Err(DeadLetterError::Closed)
+            }
+        }
+    }
+
+    /// Redrives every entry (sequenced: every head; the events parked behind follow it), oldest
+    /// first, and returns how many were sent.
+    ///
+    /// # Errors
+    ///
+    /// [`DeadLetterError::Closed`] once shutdown has begun; what was redriven before stays
+    /// redriven.
+    pub async fn redrive_all(&self) -> Result<usize, DeadLetterError> {
+        let mut sent = 0;
+        for seq in self.queue.heads() {
+            match self.redrive(seq).await {
+                Ok(()) => sent += 1,
+                // Taken meanwhile by another redrive or discard.
+                Err(DeadLetterError::NotFound { .. } | DeadLetterError::ParkedBehind { .. }) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Removes entry `seq` for good, logging `reason` (at `warn` level) with the event's ids.
+    /// Returns the entry.
+    ///
+    /// # Errors
+    ///
+    /// [`DeadLetterError::NotFound`] if there is no such entry.
+    pub fn discard(&self, seq: u64, reason: &str) -> Result<DeadLetter, DeadLetterError> {
+        self.queue.discard(seq, reason)
+    }
+}
+
+impl std::fmt::Debug for DeadLetters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetters")
+            .field("group", &self.queue.group)
+            .field("len", &self.len())
+            .finish()
+    }
+}

@@ -1,0 +1,33 @@
+//! Delivery modes: when a consumer group acknowledges an event, and what that promises.
+
+/// When a subscription acknowledges an event, and so what a failure or a crash does to it.
+///
+/// | mode | acknowledged | a handler failure | a crash of the process |
+/// |---|---|---|---|
+/// | [`AtMostOnce`](DeliveryMode::AtMostOnce) | on receipt, before the handler runs | no retry; logged, counted as failed, dropped (not dead-lettered) | the event in flight and those queued are lost; none is handled twice |
+/// | [`AtLeastOnce`](DeliveryMode::AtLeastOnce) (default) | after the handler succeeded | redelivered (see [`Retry`](crate::Retry) and [`max_deliveries`](crate::Subscription::max_deliveries)), then dead-lettered | in memory: lost with the process. With a store: redelivered from the last committed offset, so an event may be handled twice |
+/// | [`EffectivelyOnce`](DeliveryMode::EffectivelyOnce) | after the handler succeeded, with its id marked processed | as at-least-once; a failure leaves the id unmarked | in memory: lost with the process. With a store: redelivered, and the dedup mark committed with the offset skips what was already handled |
+///
+/// Effectively-once is at-least-once plus [`Dedup`](crate::Dedup): if the subscription has no
+/// `Dedup` layer, one with the default [`DedupWindow`](crate::DedupWindow) is added outermost.
+/// A handler's side effects outside the bus (an email, a payment) are still at-least-once:
+/// make them idempotent, or key them by the event id.
+///
+/// ```
+/// use tidings::{DeliveryMode, Subscription};
+///
+/// let metrics = Subscription::new("metrics").delivery(DeliveryMode::AtMostOnce);
+/// let ledger = Subscription::new("ledger").delivery(DeliveryMode::EffectivelyOnce);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeliveryMode {
+    /// Acknowledge on receipt: never redelivered, may be lost.
+    AtMostOnce,
+    /// Acknowledge after success: never lost while the bus runs, may be handled twice.
+    #[default]
+    AtLeastOnce,
+    /// At-least-once with deduplication by event id: handled once per group within the
+    /// deduplication window.
+    EffectivelyOnce,
+}
