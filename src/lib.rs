@@ -45,9 +45,10 @@ pub use tidings_macros::Event;
 /// The common imports: `use tidings::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        AnyEnvelope, AnyHandler, Bus, BusBuilder, Command, CommandHandler, Context, Envelope,
-        Event, Handler, HandlerError, HandlerResult, Headers, Middleware, Next, Overflow,
-        PublishOptions, RestartBackoff, Retry, Subscription, TopicConfig,
+        AnyEnvelope, AnyHandler, Bus, BusBuilder, Command, CommandHandler, Context,
+        DeadLetterPolicy, Dedup, DedupWindow, DeliveryMode, Envelope, Event, Handler, HandlerError,
+        HandlerResult, Headers, Middleware, Next, Overflow, PublishOptions, RestartBackoff, Retry,
+        Subscription, Timeout, TopicConfig,
     };
 }
 
