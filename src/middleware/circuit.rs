@@ -14,8 +14,7 @@ use crate::handler::{HandlerError, HandlerResult};
 ///
 /// After a run of failed calls the circuit **opens**: calls fail at once with a transient
 /// "circuit open" error, without reaching the handler, for a while; then it lets calls through
-/// again (**half-open**) and closes on the first success, or opens again, for longer, on a
-/// failure. [Permanent](crate::HandlerError::permanent) errors do not count: they say the event
+/// again (**half-open**) and closes on the first success, or opens again on a failure. [Permanent](crate::HandlerError::permanent) errors do not count: they say the event
 /// is bad, not the system. One breaker is shared by every partition of the subscription (and by
 /// every subscription given a clone).
 ///
@@ -61,9 +60,9 @@ where
     fn state(&self) -> &'static str {
         // `failsafe` shows its state only through `Debug`.
         let text = format!("{self:?}");
-        if text.contains("HalfOpen") {
+        if text.contains("half_open") {
             "half-open"
-        } else if text.contains("Open") {
+        } else if text.contains("\"open\"") {
             "open"
         } else {
             "closed"
@@ -88,16 +87,15 @@ impl failsafe::Instrument for Log {
     }
 }
 
-type Consecutive = ConsecutiveFailures<backoff::Exponential>;
+type Consecutive = ConsecutiveFailures<backoff::Constant>;
 
 impl CircuitBreaker {
-    /// Opens after `failures` consecutive failed calls, for `open_for` the first time, doubling
-    /// each time it opens again at once (up to 32 × `open_for`); a success resets it.
+    /// Opens after `failures` consecutive failed calls (at least 1), for `open_for` each time;
+    /// a success resets the count. For a growing or jittered open time, or a success-rate
+    /// policy, build a failsafe state machine and use [`from_failsafe`](Self::from_failsafe).
     pub fn new(failures: u32, open_for: Duration) -> Self {
-        let policy: Consecutive = failure_policy::consecutive_failures(
-            failures.max(1),
-            backoff::exponential(open_for, open_for.saturating_mul(32)),
-        );
+        let policy: Consecutive =
+            failure_policy::consecutive_failures(failures.max(1), backoff::constant(open_for));
         CircuitBreaker {
             breaker: Arc::new(StateMachine::new(policy, Log)),
         }
