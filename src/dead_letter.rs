@@ -63,7 +63,8 @@ pub struct DeadLetter {
     /// The handler's type name.
     pub handler: &'static str,
     /// With [`DeadLetterPolicy::Sequenced`]: the entry this one is parked behind (the head of
-    /// its key), or `None` if this one failed itself.
+    /// its key; it may have left the queue for a redrive and be on its way), or `None` if this
+    /// one is the head.
     pub parked_behind: Option<u64>,
 }
 
@@ -133,8 +134,26 @@ struct State {
 #[derive(Default)]
 struct KeyState {
     seqs: std::collections::VecDeque<u64>,
-    /// The head was redriven: (id, offset) of the event its worker may handle.
-    releasing: Option<(Uuid, u64)>,
+    /// The head was redriven (or a follower released) and is on its way to the worker.
+    releasing: Option<Releasing>,
+}
+
+/// The event of a parked key that its worker may handle: the redriven head, or a follower
+/// released after it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Releasing {
+    id: Uuid,
+    offset: u64,
+    /// Its entry number while it was in the queue.
+    seq: u64,
+}
+
+impl KeyState {
+    /// The entry the key's parked events wait behind: the first in the queue, or the one in
+    /// flight.
+    fn head(&self) -> Option<u64> {
+        self.releasing.map(|r| r.seq).or(self.seqs.front().copied())
+    }
 }
 
 /// Counters of one group's dead-letter queue.
@@ -183,10 +202,29 @@ impl DeadLetterQueue {
         }
     }
 
-    /// Adds an event that failed its last attempt.
+    /// Adds an event that failed its last attempt (`released`: an event of a parked key that
+    /// its worker was allowed to handle, and that failed again).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn push(
         &self,
+        envelope: AnyEnvelope,
+        error: String,
+        kind: ErrorKind,
+        attempts: u32,
+        failures: (SystemTime, SystemTime),
+        handler: &'static str,
+        released: bool,
+    ) -> u64 {
+        let mut state = self.state.lock();
+        self.push_locked(
+            &mut state, envelope, error, kind, attempts, failures, handler, released,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push_locked(
+        &self,
+        state: &mut State,
         envelope: AnyEnvelope,
         error: String,
         kind: ErrorKind,
@@ -195,20 +233,18 @@ impl DeadLetterQueue {
         handler: &'static str,
         released: bool,
     ) -> u64 {
-        let mut state = self.state.lock();
-        let state = &mut *state;
         let seq = state.next_seq;
         state.next_seq += 1;
         state.total += 1;
         let mut parked_behind = None;
         if self.policy == DeadLetterPolicy::Sequenced {
             let key = seq_key(&envelope);
-            let entry = state.keys.entry(key).or_default();
-            if entry.seqs.is_empty() {
+            if !state.keys.contains_key(&key) {
                 self.parked_keys.fetch_add(1, Ordering::SeqCst);
             }
-            // A released event that failed again goes back to the head of its key.
+            let entry = state.keys.entry(key).or_default();
             if released {
+                // A released event that failed again goes back to the head of its key.
                 entry.releasing = None;
                 entry.seqs.push_front(seq);
                 let followers: Vec<u64> = entry.seqs.iter().skip(1).copied().collect();
@@ -218,7 +254,7 @@ impl DeadLetterQueue {
                     }
                 }
             } else {
-                parked_behind = entry.seqs.front().copied();
+                parked_behind = entry.head();
                 entry.seqs.push_back(seq);
             }
         }
@@ -248,15 +284,18 @@ impl DeadLetterQueue {
         }
         let key = seq_key(env);
         let mut state = self.state.lock();
-        let Some(entry) = state.keys.get_mut(&key) else {
+        let Some(entry) = state.keys.get(&key) else {
             return Gate::Open;
         };
-        if entry.releasing == Some((env.id(), env.offset())) {
+        if entry
+            .releasing
+            .is_some_and(|r| (r.id, r.offset) == (env.id(), env.offset()))
+        {
             return Gate::Release;
         }
-        drop(state);
         let now = SystemTime::now();
-        self.push(
+        self.push_locked(
+            &mut state,
             env.clone(),
             "parked behind an earlier event of the same key".into(),
             ErrorKind::Transient,
@@ -282,12 +321,23 @@ impl DeadLetterQueue {
             return None;
         };
         let letter = state.entries.remove(&seq)?;
-        entry.releasing = Some((letter.envelope.id(), letter.envelope.offset()));
+        entry.releasing = Some(Releasing {
+            id: letter.envelope.id(),
+            offset: letter.envelope.offset(),
+            seq,
+        });
         state.redriven += 1;
         Some(AnyEnvelope {
             inner: letter.envelope.inner,
             attempt: 1,
         })
+    }
+
+    /// Counts a released follower as delivered to the group's queue again (it was counted
+    /// failed when parked).
+    pub(crate) fn count_delivery(&self, env: &AnyEnvelope) {
+        let part = &self.topic.partitions[env.partition() as usize];
+        part.lock().queues[self.slot].delivered += 1;
     }
 
     fn list(&self) -> Vec<DeadLetter> {
@@ -309,6 +359,7 @@ impl DeadLetterQueue {
     /// parked key until it is handled).
     fn take_for_redrive(&self, seq: u64) -> Result<DeadLetter, DeadLetterError> {
         let mut state = self.state.lock();
+        let state = &mut *state;
         let letter = state.entries.get(&seq).ok_or_else(|| self.not_found(seq))?;
         if self.policy == DeadLetterPolicy::Sequenced {
             let key = seq_key(&letter.envelope);
@@ -317,23 +368,28 @@ impl DeadLetterQueue {
                 .keys
                 .get_mut(&key)
                 .ok_or_else(|| self.not_found(seq))?;
-            let head = entry.seqs.front().copied().unwrap_or(seq);
+            let head = entry.head().unwrap_or(seq);
             if head != seq {
                 return Err(DeadLetterError::ParkedBehind { seq, head });
             }
             entry.seqs.pop_front();
-            entry.releasing = Some((id, offset));
+            entry.releasing = Some(Releasing { id, offset, seq });
         }
         state.redriven += 1;
         Ok(state.entries.remove(&seq).expect("checked above"))
     }
 
-    /// Puts back an entry whose redrive failed (the bus closed).
+    /// Puts back an entry whose redrive did not happen (the bus closed, or the redrive was
+    /// cancelled).
     fn put_back(&self, letter: DeadLetter) {
         let mut state = self.state.lock();
         state.redriven -= 1;
         if self.policy == DeadLetterPolicy::Sequenced {
-            let entry = state.keys.entry(seq_key(&letter.envelope)).or_default();
+            let key = seq_key(&letter.envelope);
+            if !state.keys.contains_key(&key) {
+                self.parked_keys.fetch_add(1, Ordering::SeqCst);
+            }
+            let entry = state.keys.entry(key).or_default();
             entry.releasing = None;
             entry.seqs.push_front(letter.seq);
         }
@@ -352,14 +408,18 @@ impl DeadLetterQueue {
             let key = seq_key(&letter.envelope);
             if let Some(entry) = state.keys.get_mut(&key) {
                 entry.seqs.retain(|&s| s != seq);
-                let head = entry.seqs.front().copied();
-                if head.is_none() && entry.releasing.is_none() {
-                    state.keys.remove(&key);
-                    self.parked_keys.fetch_sub(1, Ordering::SeqCst);
-                } else if let Some(head) = head {
-                    for &s in &entry.seqs {
-                        if let Some(e) = state.entries.get_mut(&s) {
-                            e.parked_behind = (s != head).then_some(head);
+                match entry.head() {
+                    None => {
+                        state.keys.remove(&key);
+                        self.parked_keys.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    Some(head) => {
+                        // While the head is in flight, the others stay behind it.
+                        let first_is_head = entry.releasing.is_none();
+                        for (i, &s) in entry.seqs.iter().enumerate() {
+                            if let Some(e) = state.entries.get_mut(&s) {
+                                e.parked_behind = (i > 0 || !first_is_head).then_some(head);
+                            }
                         }
                     }
                 }
@@ -380,6 +440,21 @@ impl DeadLetterQueue {
     }
 }
 
+/// Puts a letter taken for a redrive back if the redrive does not complete (cancelled, or the
+/// bus closed).
+struct Redriving<'a> {
+    queue: &'a DeadLetterQueue,
+    letter: Option<DeadLetter>,
+}
+
+impl Drop for Redriving<'_> {
+    fn drop(&mut self) {
+        if let Some(letter) = self.letter.take() {
+            self.queue.put_back(letter);
+        }
+    }
+}
+
 /// The dead-letter queue of one consumer group: list, inspect, redrive, discard.
 ///
 /// Get it with [`Bus::dead_letters`]. An event lands here after its last failed attempt (see
@@ -388,7 +463,9 @@ impl DeadLetterQueue {
 /// not bounded — watch its depth in [`Bus::stats`] (`GroupStats::dead_letters`).
 ///
 /// A redrive sends the event back to the same group only, with its original id, metadata and
-/// correlation id, as delivery attempt 1; it waits for room in the group's queue like a publish.
+/// correlation id, as delivery attempt 1; it waits for room in the group's queue like a publish
+/// (even on a [`DropOldest`](crate::Overflow::DropOldest) topic: a redrive never drops an event).
+/// A redrive cancelled while it waits leaves the entry in the queue.
 /// Do not redrive from a handler of the same group into its own full queue: it would wait for
 /// itself.
 ///
@@ -430,7 +507,8 @@ impl DeadLetters {
         DeadLetters { queue, bus }
     }
 
-    /// The group's entries, oldest first.
+    /// The group's entries, oldest first (sequenced: an event parked behind another names it in
+    /// [`parked_behind`](DeadLetter::parked_behind), which may be in flight for a redrive).
     pub fn list(&self) -> Vec<DeadLetter> {
         self.queue.list()
     }
@@ -475,17 +553,22 @@ impl DeadLetters {
         let letter = self.queue.take_for_redrive(seq)?;
         let item: Erased = Arc::clone(&letter.envelope.inner);
         tracing::info!(group = %self.queue.group, event_id = %letter.envelope.id(), seq, "redriving dead letter");
+        // Cancel safe: dropped before the event is in the queue, the entry goes back.
+        let mut pending = Redriving {
+            queue: &self.queue,
+            letter: Some(letter),
+        };
         match self
             .bus
             .inner
             .redeliver(&self.queue.topic, self.queue.slot, item)
             .await
         {
-            Ok(()) => Ok(()),
-            Err(_) => {
-                self.queue.put_back(letter);
-                Err(DeadLetterError::Closed)
+            Ok(()) => {
+                pending.letter = None;
+                Ok(())
             }
+            Err(_) => Err(DeadLetterError::Closed),
         }
     }
 
@@ -497,11 +580,33 @@ impl DeadLetters {
     /// [`DeadLetterError::Closed`] once shutdown has begun; what was redriven before stays
     /// redriven.
     pub async fn redrive_all(&self) -> Result<usize, DeadLetterError> {
+        self.redrive_where(|_| true).await
+    }
+
+    /// Redrives the entries `filter` picks (sequenced: heads only), oldest first — say, only
+    /// transient failures — and returns how many were sent.
+    ///
+    /// ```no_run
+    /// # async fn f(dlq: tidings::DeadLetters) -> Result<(), tidings::DeadLetterError> {
+    /// use tidings::ErrorKind;
+    /// dlq.redrive_where(|letter| letter.kind == ErrorKind::Transient).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`redrive_all`](Self::redrive_all).
+    pub async fn redrive_where(
+        &self,
+        filter: impl Fn(&DeadLetter) -> bool,
+    ) -> Result<usize, DeadLetterError> {
         let mut sent = 0;
         for seq in self.queue.heads() {
+            if !self.get(seq).is_some_and(|letter| filter(&letter)) {
+                continue;
+            }
             match self.redrive(seq).await {
                 Ok(()) => sent += 1,
-                // Taken meanwhile by another redrive or discard.
                 Err(DeadLetterError::NotFound { .. } | DeadLetterError::ParkedBehind { .. }) => {}
                 Err(err) => return Err(err),
             }

@@ -46,9 +46,9 @@ pub use tidings_macros::Event;
 pub mod prelude {
     pub use crate::{
         AnyEnvelope, AnyHandler, Bus, BusBuilder, Command, CommandHandler, Context,
-        DeadLetterPolicy, Dedup, DedupWindow, DeliveryMode, Envelope, Event, Handler, HandlerError,
-        HandlerResult, Headers, Middleware, Next, Overflow, PublishOptions, RestartBackoff, Retry,
-        Subscription, Timeout, TopicConfig,
+        DeadLetterPolicy, Dedup, DedupWindow, DeliveryMode, Envelope, ErrorKind, Event, Handler,
+        HandlerError, HandlerResult, Headers, Middleware, Next, Overflow, PublishOptions,
+        RestartBackoff, Retry, Subscription, Timeout, TopicConfig,
     };
 }
 

@@ -52,8 +52,10 @@ pub struct GroupStats {
     pub group: String,
     /// Events delivered to the group's queues.
     pub delivered: u64,
-    /// Events handled successfully.
+    /// Events handled successfully (duplicates acknowledged without handling included).
     pub handled: u64,
+    /// Of `handled`, duplicates a [`Dedup`](crate::Dedup) layer acknowledged without handling.
+    pub duplicates: u64,
     /// Events given up on after their last delivery attempt (dead-lettered, or dropped under
     /// at-most-once delivery), and events parked behind them by a sequenced dead-letter queue.
     pub failed: u64,
@@ -83,6 +85,7 @@ impl GroupStats {
     pub(crate) fn add(&mut self, p: PartitionStats) {
         self.delivered += p.delivered;
         self.handled += p.handled;
+        self.duplicates += p.duplicates;
         self.failed += p.failed;
         self.dropped += p.dropped;
         self.panics += p.panics;
@@ -104,8 +107,10 @@ pub struct PartitionStats {
     /// Events delivered to this group's queue (fewer than `published` if the group takes only
     /// some event types of the topic).
     pub delivered: u64,
-    /// Events handled successfully.
+    /// Events handled successfully (duplicates acknowledged without handling included).
     pub handled: u64,
+    /// Of `handled`, duplicates acknowledged without handling.
+    pub duplicates: u64,
     /// Events given up on.
     pub failed: u64,
     /// Events dropped by the overflow policy.

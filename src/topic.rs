@@ -115,6 +115,8 @@ pub(crate) struct Topic {
 #[repr(align(128))]
 pub(crate) struct WorkerStats {
     pub(crate) handled: AtomicU64,
+    /// Of those handled, duplicates acknowledged without handling.
+    pub(crate) duplicates: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) panics: AtomicU64,
     pub(crate) restarts: AtomicU64,

@@ -233,6 +233,17 @@ struct Supervised<D> {
 }
 
 impl<D: Dispatch> Supervised<D> {
+    /// Swaps in a fresh handler, then waits the restart backoff (so that a handler that keeps
+    /// panicking does not spin). The swap comes first: should an outer timeout cut the wait
+    /// short, the next event still meets a fresh handler.
+    async fn restart(&mut self) {
+        if self.dispatch.restart() {
+            let stats = &self.topic.worker_stats[self.slot][self.partition as usize];
+            bump(&stats.restarts);
+        }
+        tokio::time::sleep(self.restart_backoff.delay(self.consecutive_panics)).await;
+    }
+
     /// One attempt: the handler's result, or its panic as a transient error (after the
     /// restart backoff and a fresh handler).
     async fn attempt(&mut self, env: &D::Env, ctx: &Context) -> HandlerResult {
@@ -273,10 +284,7 @@ impl<D: Dispatch> Supervised<D> {
                     let _enter = span.enter();
                     tracing::error!(topic = %self.topic.name, group = %self.group, partition = self.partition, offset = meta.offset, event_id = %meta.id, correlation_id = %meta.correlation_id, attempt, panic = %message, handler = self.handler_name, "handler panicked; restarting it");
                 }
-                tokio::time::sleep(self.restart_backoff.delay(self.consecutive_panics)).await;
-                if self.dispatch.restart() {
-                    bump(&stats.restarts);
-                }
+                self.restart().await;
                 Err(HandlerError::msg(format!("panic: {message}")))
             }
         }
@@ -377,7 +385,12 @@ impl<D: Dispatch> Worker<D> {
                     track: &self.track,
                 };
                 // A panic in a middleware fails the attempt; the handler is not at fault.
-                match AssertUnwindSafe(next.run(current)).catch_unwind().await {
+                // Made inside the unwind guard: a middleware that panics before returning its
+                // future is caught too.
+                match AssertUnwindSafe(async { next.run(current).await })
+                    .catch_unwind()
+                    .await
+                {
                     Ok(result) => result,
                     Err(panic) => Err(HandlerError::msg(format!(
                         "panic in middleware: {}",
@@ -437,6 +450,8 @@ impl<D: Dispatch> Worker<D> {
     /// behind it, in order, until the key is free or one fails.
     async fn release_followers(&mut self, mut env: AnyEnvelope, ctx: &mut Context) {
         while let Some(next) = self.dead_letters.next_released(&env) {
+            // Parked, it was counted failed; released, it is delivered again.
+            self.dead_letters.count_delivery(&next);
             let meta = next.metadata();
             ctx.cause = Some(Cause {
                 id: meta.id,
@@ -459,6 +474,17 @@ impl<D: Dispatch> Worker<D> {
     }
 
     fn give_up_again(&self, env: &AnyEnvelope, error: HandlerError, attempts: u32) {
+        let end = &self.end;
+        let stats = &end.topic.worker_stats[end.slot][end.partition as usize];
+        bump(&stats.failed);
+        let meta = env.metadata();
+        tracing::error!(topic = %end.topic.name, group = %end.group, partition = end.partition, offset = meta.offset, event_id = %meta.id, correlation_id = %meta.correlation_id, attempts, error = %error, handler = end.handler_name, "released event failed again; parked at the head of its key");
+        self.bus.inner.record_failure(|| Failure {
+            group: end.group.to_string(),
+            envelope: env.clone(),
+            error: error.to_string(),
+            attempts,
+        });
         self.dead_letters.push(
             env.clone(),
             error.to_string(),
@@ -576,6 +602,9 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
             match worker.deliver(&env, &ctx).await {
                 Outcome::Handled => {
                     bump(&stats.handled);
+                    if worker.track.duplicate.load(Relaxed) {
+                        bump(&stats.duplicates);
+                    }
                     if released {
                         worker.release_followers(env.clone(), &mut ctx).await;
                     }

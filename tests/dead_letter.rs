@@ -147,6 +147,35 @@ async fn redrive_all_sends_every_entry_back_oldest_first() {
 }
 
 #[tokio::test]
+async fn redrive_where_sends_back_only_the_entries_it_picks() {
+    let (bus, ship, _audit) = setup(DeadLetterPolicy::Park, 1);
+    for seq in 1..=4 {
+        bus.publish(Order {
+            key: seq.into(),
+            seq,
+        })
+        .await
+        .unwrap();
+    }
+    bus.settled().await;
+    ship.healthy.store(true, Ordering::SeqCst);
+    let dlq = bus.dead_letters("shipping").unwrap();
+    let even = |l: &tidings::DeadLetter| {
+        l.envelope
+            .downcast_ref::<Order>()
+            .unwrap()
+            .seq
+            .is_multiple_of(2)
+    };
+    assert_eq!(dlq.redrive_where(even).await.unwrap(), 2);
+    bus.settled().await;
+    let handled: Vec<u32> = ship.handled.take().iter().map(|h| h.1).collect();
+    assert_eq!(handled, vec![2, 4]);
+    assert_eq!(dlq.len(), 2);
+    bus.shutdown().await;
+}
+
+#[tokio::test]
 async fn discard_removes_an_entry_for_good_and_is_counted() {
     let (bus, _ship, _audit) = setup(DeadLetterPolicy::Park, 1);
     bus.publish(Order { key: 1, seq: 1 }).await.unwrap();

@@ -88,6 +88,8 @@ async fn a_duplicate_id_is_handled_once_per_group_with_dedup_and_twice_without()
         3,
         "skipped duplicates are acknowledged"
     );
+    assert_eq!(stats.group("a").unwrap().duplicates, 2);
+    assert_eq!(stats.group("plain").unwrap().duplicates, 0);
     bus.shutdown().await;
 }
 

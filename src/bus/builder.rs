@@ -32,14 +32,19 @@ use crate::worker::{self, Factory, Typed, Untyped, WorkerArgs};
 ///
 /// - A handler that returns an error gets the event again (attempt 2, 3, …) before any later
 ///   event of its partition, up to [`max_deliveries`](Subscription::max_deliveries) (default 3)
-///   deliveries in all; a [permanent](crate::HandlerError::permanent) error is not redelivered.
+///   deliveries in all, at once — or as a [`Retry`](crate::Retry) layer says, with backoff; a
+///   [permanent](crate::HandlerError::permanent) error is not redelivered.
 /// - A handler that panics is caught; the panic is logged with the event's ids and counted, the
 ///   handler is replaced by a fresh instance from its factory after a
 ///   [restart backoff](Subscription::restart_backoff) (should the factory panic too, the old
 ///   instance is kept and the error logged), and the event counts as a failed attempt.
-/// - After the last attempt the event is reported as failed: logged at `error` level, counted
-///   in [`Bus::stats`](crate::Bus::stats), recorded in [`Bus::failures`](crate::Bus::failures)
-///   when recording, and the partition moves on.
+/// - After the last attempt the event is given up on: logged at `error` level, counted in
+///   [`Bus::stats`](crate::Bus::stats), recorded in [`Bus::failures`](crate::Bus::failures)
+///   when recording, put in the group's [dead-letter queue](crate::DeadLetters) (see
+///   [`dead_letter`](Subscription::dead_letter); at-most-once delivery drops it instead), and
+///   the partition moves on.
+///
+/// [Middleware](crate::middleware) wraps the handler: see [`layer`](Subscription::layer).
 ///
 /// ```
 /// use std::time::Duration;

@@ -70,8 +70,10 @@ impl PublishOptions {
     }
 
     /// Publishes the event with this id instead of a fresh one: an idempotency key, for
-    /// [producer-side deduplication](BusBuilder::dedup_publishes) of retried publishes. Ids
-    /// should stay unique per event; a UUIDv7 keeps them time-ordered.
+    /// [producer-side deduplication](BusBuilder::dedup_publishes) of retried publishes. Without
+    /// that option a second publish with the same id is accepted and delivered again (a
+    /// [`Dedup`](crate::Dedup) layer then skips it per group). Ids should stay unique per
+    /// event; a UUIDv7 keeps them time-ordered.
     pub fn id(mut self, id: Uuid) -> Self {
         self.id = Some(id);
         self
@@ -124,9 +126,10 @@ pub struct Failure {
 ///
 /// # Delivery
 ///
-/// In memory, delivery is at-least-once while the process lives: every accepted event is
-/// handled by every subscribed group (or reported as failed after
-/// [`max_deliveries`](Subscription::max_deliveries)), unless its topic opted into
+/// In memory, delivery is at-least-once while the process lives (unless a subscription chose
+/// another [`DeliveryMode`](crate::DeliveryMode)): every accepted event is handled by every
+/// subscribed group, or after its last attempt lands in the group's
+/// [dead-letter queue](Bus::dead_letters), unless its topic opted into
 /// [`Overflow::DropOldest`], whose drops are counted. Nothing survives a crash of the process
 /// without a store.
 ///
@@ -863,6 +866,21 @@ impl BusInner {
         if state.closed || (!origin.from_handler && !self.intake_open.load(Ordering::SeqCst)) {
             return Err(Reject::Closed(event));
         }
+        // A repeat of an id within the producer-side window publishes nothing: answered before
+        // the capacity check, so it never waits for room. The window's lock is taken inside the
+        // partition lock, always in that order.
+        let id = origin.id.unwrap_or(id);
+        let mut dedup = None;
+        if let (Some(window), Some(_)) = (&self.publish_dedup, origin.id) {
+            let mut window = window.lock();
+            if let Some(first) = window.get(id) {
+                return Ok(Published {
+                    duplicate: true,
+                    ..first
+                });
+            }
+            dedup = Some(window);
+        }
         let topic = &*route.topic;
         if topic.overflow == Overflow::Block {
             let mut full = false;
@@ -882,18 +900,6 @@ impl BusInner {
             if full {
                 return Err(Reject::Full(event));
             }
-        }
-        let id = origin.id.unwrap_or(id);
-        let mut dedup = None;
-        if let (Some(window), Some(_)) = (&self.publish_dedup, origin.id) {
-            let mut window = window.lock();
-            if let Some(first) = window.get(id) {
-                return Ok(Published {
-                    duplicate: true,
-                    ..first
-                });
-            }
-            dedup = Some(window);
         }
         let offset = state.next_offset;
         state.next_offset += 1;
@@ -1095,6 +1101,7 @@ impl BusInner {
                         published: state.next_offset,
                         delivered: q.delivered,
                         handled,
+                        duplicates: w.duplicates.load(Relaxed),
                         failed,
                         dropped: q.dropped,
                         panics: w.panics.load(Relaxed),

@@ -137,7 +137,8 @@ impl Middleware for CircuitBreaker {
         let result = next.run(env).await;
         match &result {
             Ok(()) => self.breaker.on_success(),
-            Err(err) if err.is_permanent() => self.breaker.on_success(),
+            // Says the event is bad, not the system: counts neither way.
+            Err(err) if err.is_permanent() => {}
             Err(_) => self.breaker.on_error(),
         }
         result

@@ -1,6 +1,6 @@
 //! Deduplication: an event id is handled once per consumer group within a window.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,6 +127,9 @@ pub trait DedupStore: Clone + Send + Sync + 'static {
 pub struct MemoryDedupStore {
     window: DedupWindow,
     groups: Arc<DashMap<String, Arc<Mutex<Window>>>>,
+    /// The window this clone used last: a worker serves one group, so after its first event
+    /// it skips the map.
+    last: std::sync::OnceLock<(String, Arc<Mutex<Window>>)>,
 }
 
 impl MemoryDedupStore {
@@ -135,6 +138,7 @@ impl MemoryDedupStore {
         MemoryDedupStore {
             window,
             groups: Arc::default(),
+            last: std::sync::OnceLock::new(),
         }
     }
 
@@ -148,16 +152,22 @@ impl MemoryDedupStore {
         self.len(group) == 0
     }
 
-    fn group(&self, group: &str) -> Arc<Mutex<Window>> {
-        if let Some(w) = self.groups.get(group) {
-            return Arc::clone(&w);
+    /// Runs `f` on `group`'s window.
+    fn with<R>(&self, group: &str, f: impl FnOnce(&mut Window) -> R) -> R {
+        if let Some((name, window)) = self.last.get() {
+            if name == group {
+                return f(&mut window.lock());
+            }
         }
-        Arc::clone(
+        let window = Arc::clone(
             &self
                 .groups
                 .entry(group.to_owned())
                 .or_insert_with(|| Arc::new(Mutex::new(Window::new(self.window)))),
-        )
+        );
+        let result = f(&mut window.lock());
+        let _ = self.last.set((group.to_owned(), window));
+        result
     }
 }
 
@@ -167,38 +177,56 @@ impl DedupStore for MemoryDedupStore {
     }
 
     async fn claim(&self, group: &str, id: Uuid) -> Result<Claim, HandlerError> {
-        Ok(self.group(group).lock().claim(id))
+        Ok(self.with(group, |w| w.claim(id)))
     }
 
     async fn complete(&self, group: &str, id: Uuid) -> Result<(), HandlerError> {
-        self.group(group).lock().complete(id);
+        self.with(group, |w| w.complete(id));
         Ok(())
     }
 
     fn release(&self, group: &str, id: Uuid) {
-        self.group(group).lock().release(id);
+        self.with(group, |w| w.release(id));
     }
 }
 
-/// Ids within a window: those being handled, and those done with the time they were done (and
-/// a value remembered with them).
+/// Ids within a window: those being handled, and those done with the time they were claimed
+/// (and a value remembered with them).
+///
+/// Built for a large window on the hot path: one hash map (Fx-hashed: ids are mostly random
+/// bits already) holds both states, so a claim and its completion touch one bucket, and the
+/// clock is read once per event, at the claim.
 #[derive(Debug)]
 pub(crate) struct Window<V = ()> {
     limits: DedupWindow,
-    in_progress: HashMap<Uuid, ()>,
-    done: HashMap<Uuid, (Instant, V)>,
+    entries: rustc_hash::FxHashMap<Uuid, Entry<V>>,
     /// Done ids in the order they were marked, to forget the oldest first.
     order: VecDeque<(Instant, Uuid)>,
+    /// Ids done (entries minus those in progress).
+    done: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry<V> {
+    /// When it was claimed (in progress) or marked done.
+    at: Instant,
+    state: Option<V>,
 }
 
 impl<V: Copy> Window<V> {
     pub(crate) fn new(limits: DedupWindow) -> Self {
         Window {
             limits,
-            in_progress: HashMap::new(),
-            done: HashMap::new(),
+            entries: rustc_hash::FxHashMap::default(),
             order: VecDeque::new(),
+            done: 0,
         }
+    }
+
+    fn expired(&self, at: Instant, now: Instant) -> bool {
+        self.limits
+            .max_age
+            .is_some_and(|age| now.saturating_duration_since(at) >= age)
     }
 
     fn evict(&mut self, now: Instant) {
@@ -207,52 +235,90 @@ impl<V: Copy> Window<V> {
                 .limits
                 .max_entries
                 .is_some_and(|n| self.order.len() > n);
-            let too_old = self
-                .limits
-                .max_age
-                .is_some_and(|age| now.duration_since(at) >= age);
-            if !(too_many || too_old) {
+            if !(too_many || self.expired(at, now)) {
                 break;
             }
             self.order.pop_front();
-            // Forget it unless it was marked again since.
-            if self.done.get(&id).is_some_and(|(t, _)| *t == at) {
-                self.done.remove(&id);
+            // Forget it unless it was marked again since (or is being handled again).
+            if let std::collections::hash_map::Entry::Occupied(e) = self.entries.entry(id) {
+                if e.get().at == at && e.get().state.is_some() {
+                    e.remove();
+                    self.done -= 1;
+                }
             }
         }
     }
 
     pub(crate) fn claim(&mut self, id: Uuid) -> Claim {
-        self.evict(Instant::now());
-        if self.done.contains_key(&id) {
-            Claim::Processed
-        } else if self.in_progress.insert(id, ()).is_some() {
-            Claim::InProgress
-        } else {
-            Claim::New
+        let now = Instant::now();
+        let claim = match self.entries.get(&id) {
+            Some(e) if e.state.is_some() && !self.expired(e.at, now) => Claim::Processed,
+            Some(e) if e.state.is_none() => Claim::InProgress,
+            _ => Claim::New,
+        };
+        if claim == Claim::New {
+            if let Some(old) = self.entries.insert(
+                id,
+                Entry {
+                    at: now,
+                    state: None,
+                },
+            ) {
+                // An expired mark: forgotten now.
+                if old.state.is_some() {
+                    self.done -= 1;
+                }
+            }
         }
+        claim
     }
 
+    /// Marks a claimed `id` done (or an unclaimed one, for producer-side deduplication).
     pub(crate) fn complete_with(&mut self, id: Uuid, value: V) {
-        let now = Instant::now();
-        self.in_progress.remove(&id);
-        self.done.insert(id, (now, value));
-        self.order.push_back((now, id));
-        self.evict(now);
+        let at = match self.entries.get_mut(&id) {
+            Some(e) if e.state.is_none() => {
+                e.state = Some(value);
+                e.at
+            }
+            _ => {
+                let now = Instant::now();
+                let old = self.entries.insert(
+                    id,
+                    Entry {
+                        at: now,
+                        state: Some(value),
+                    },
+                );
+                if old.is_some_and(|e| e.state.is_some()) {
+                    self.done -= 1;
+                }
+                now
+            }
+        };
+        self.done += 1;
+        self.order.push_back((at, id));
+        self.evict(at);
     }
 
     pub(crate) fn release(&mut self, id: Uuid) {
-        self.in_progress.remove(&id);
+        if let std::collections::hash_map::Entry::Occupied(e) = self.entries.entry(id) {
+            if e.get().state.is_none() {
+                e.remove();
+            }
+        }
     }
 
     /// The value remembered with `id`, if it is within the window.
     pub(crate) fn get(&mut self, id: Uuid) -> Option<V> {
-        self.evict(Instant::now());
-        self.done.get(&id).map(|(_, v)| *v)
+        let now = Instant::now();
+        self.evict(now);
+        self.entries
+            .get(&id)
+            .and_then(|e| e.state.filter(|_| !self.expired(e.at, now)))
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.done.len()
+        self.done
     }
 }
 
@@ -282,7 +348,8 @@ impl<S: DedupStore> Drop for Claimed<'_, S> {
 /// or a redrive handles it).
 ///
 /// Keyed by (group, event id): an event fanned out to several groups is handled once per
-/// group. A skipped duplicate counts as handled (acknowledged) and is logged at `debug` level.
+/// group. A skipped duplicate is acknowledged: it counts as handled, and as a duplicate, in
+/// [`Bus::stats`](crate::Bus::stats), and is logged at `debug` level.
 ///
 /// ```
 /// use std::time::Duration;
@@ -326,6 +393,7 @@ impl<S: DedupStore> Middleware for Dedup<S> {
             Claim::New => {}
             claim => {
                 tracing::debug!(group, event_id = %id, ?claim, "duplicate skipped");
+                next.note_duplicate();
                 return Ok(());
             }
         }
@@ -338,11 +406,9 @@ impl<S: DedupStore> Middleware for Dedup<S> {
         };
         let result = next.run(env).await;
         if result.is_ok() {
+            // Disarmed only once marked: a failed or cancelled `complete` releases the claim.
+            self.store.complete(group, id).await?;
             claimed.armed = false;
-            if let Err(err) = self.store.complete(group, id).await {
-                self.store.release(group, id);
-                return Err(err);
-            }
         }
         result
     }

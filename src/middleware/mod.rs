@@ -177,6 +177,17 @@ impl<'a> Next<'a> {
     pub(crate) fn note_failure(&self) {
         self.track.note_failure();
     }
+
+    /// Notes that attempt `n` is about to start (for the dead-letter entry's attempt count,
+    /// even if no attempt reaches the handler).
+    pub(crate) fn note_attempt(&self, n: u32) {
+        self.track.attempts.fetch_max(n, Ordering::Relaxed);
+    }
+
+    /// Notes that the event was acknowledged as a duplicate (counted in the stats).
+    pub(crate) fn note_duplicate(&self) {
+        self.track.duplicate.store(true, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Next<'_> {
@@ -250,6 +261,8 @@ pub(crate) struct Track {
     first_failure: AtomicU64,
     last_failure: AtomicU64,
     pub(crate) attempts: AtomicU32,
+    /// A layer acknowledged the event as a duplicate without handling it.
+    pub(crate) duplicate: std::sync::atomic::AtomicBool,
 }
 
 fn micros(t: SystemTime) -> u64 {
@@ -266,6 +279,7 @@ impl Track {
         self.first_failure.store(0, Ordering::Relaxed);
         self.last_failure.store(0, Ordering::Relaxed);
         self.attempts.store(0, Ordering::Relaxed);
+        self.duplicate.store(false, Ordering::Relaxed);
     }
 
     pub(crate) fn note_failure(&self) {

@@ -29,8 +29,9 @@ use crate::handler::{HandlerError, HandlerResult};
 ///   key (and only it) until you redrive it.
 /// - **Shutdown**: when the bus begins to shut down while an event waits for its next attempt,
 ///   the wait ends and the event goes to the dead-letter queue with its last error (it is
-///   neither lost nor handled twice); the entries stay readable through
-///   [`Bus::dead_letters`](crate::Bus::dead_letters) after shutdown.
+///   neither lost nor handled twice); while the bus drains, a failed event is not retried after
+///   a delay but dead-lettered at once (immediate retries still happen). The entries stay
+///   readable through [`Bus::dead_letters`](crate::Bus::dead_letters) after shutdown.
 ///
 /// ```
 /// use std::time::Duration;
@@ -154,7 +155,7 @@ impl Middleware for Retry {
             }
             let delay = self.jittered(tries);
             let ctx = next.context();
-            if ctx.is_shutting_down() {
+            if ctx.is_shutting_down() && !delay.is_zero() {
                 return Err(interrupted(err, tries));
             }
             tracing::debug!(event_id = %env.id(), attempt = first + tries - 1, ?delay, error = %err, "retrying after backoff");
@@ -164,6 +165,7 @@ impl Middleware for Retry {
                 () = tokio::time::sleep(delay) => {}
             }
             tries += 1;
+            next.note_attempt(first + tries - 1);
             current = Some(AnyEnvelope {
                 inner: std::sync::Arc::clone(&env.inner),
                 attempt: first + tries - 1,
