@@ -14,6 +14,8 @@
 //!   handler in `Timeout` (5 s per attempt), `Retry` (3 attempts) and `Dedup` (in memory, the
 //!   default window of 100 000 ids): the reliability middleware on, no failures. Target: at least
 //!   half the throughput of `tidings_publish`.
+//! - `tidings_publish_timeout_retry`: the same without `Dedup`, to show what deduplication
+//!   costs apart from the chain.
 //!
 //! How to read it: divide the time of a `tidings_*` entry by the time of `tokio_mpsc` (or the
 //! baseline's throughput by ours). That ratio is the price of what the bus adds over a bare
@@ -76,10 +78,14 @@ fn build_bus(rt: &Runtime, handled: &Arc<Counter>, subscription: Subscription) -
 
 /// `Timeout`, `Retry`, `Dedup`, as a careful user would stack them.
 fn layered() -> Subscription {
+    timeout_retry().layer(Dedup::new(DedupWindow::new()))
+}
+
+/// `Timeout` and `Retry` only.
+fn timeout_retry() -> Subscription {
     Subscription::new("sink")
         .layer(Timeout::new(Duration::from_secs(5)))
         .layer(Retry::new(3))
-        .layer(Dedup::new(DedupWindow::new()))
 }
 
 /// `N` publishes on `bus`, then waits until they are handled.
@@ -110,6 +116,9 @@ fn p2p(c: &mut Criterion) {
     let layered_handled = Arc::new(Counter::default());
     let layered_bus = build_bus(&rt, &layered_handled, layered());
     let mut layered_published = 0u64;
+    let tr_handled = Arc::new(Counter::default());
+    let tr_bus = build_bus(&rt, &tr_handled, timeout_retry());
+    let mut tr_published = 0u64;
 
     let mut group = c.benchmark_group("p2p");
     group
@@ -126,6 +135,13 @@ fn p2p(c: &mut Criterion) {
         b.to_async(&rt).iter(|| {
             published += N;
             publish_batch(bus.clone(), Arc::clone(&handled))
+        });
+    });
+
+    group.bench_function("tidings_publish_timeout_retry", |b| {
+        b.to_async(&rt).iter(|| {
+            tr_published += N;
+            publish_batch(tr_bus.clone(), Arc::clone(&tr_handled))
         });
     });
 
@@ -167,7 +183,11 @@ fn p2p(c: &mut Criterion) {
 
     group.finish();
 
-    for (bus, published) in [(bus, published), (layered_bus, layered_published)] {
+    for (bus, published) in [
+        (bus, published),
+        (tr_bus, tr_published),
+        (layered_bus, layered_published),
+    ] {
         let report = rt.block_on(bus.shutdown());
         assert_eq!(report.handled, published, "shutdown report disagrees");
         assert_eq!(report.failed + report.dropped + report.abandoned, 0);

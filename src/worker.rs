@@ -284,7 +284,8 @@ impl<D: Dispatch> Supervised<D> {
                     let _enter = span.enter();
                     tracing::error!(topic = %self.topic.name, group = %self.group, partition = self.partition, offset = meta.offset, event_id = %meta.id, correlation_id = %meta.correlation_id, attempt, panic = %message, handler = self.handler_name, "handler panicked; restarting it");
                 }
-                self.restart().await;
+                // Boxed: the backoff timer's state stays out of the common path's future.
+                Box::pin(self.restart()).await;
                 Err(HandlerError::msg(format!("panic: {message}")))
             }
         }

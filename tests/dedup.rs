@@ -191,7 +191,7 @@ async fn the_window_forgets_ids_by_age_and_by_count() {
             .build()
             .unwrap()
     };
-    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    let ids: Vec<Uuid> = (0..6).map(|_| Uuid::now_v7()).collect();
     let send = |id: Uuid, cents: u64| {
         let bus = bus.clone();
         async move {
@@ -201,16 +201,22 @@ async fn the_window_forgets_ids_by_age_and_by_count() {
             bus.settled().await;
         }
     };
-    send(ids[0], 1).await;
-    send(ids[1], 2).await;
-    send(ids[1], 2).await; // remembered
+    send(ids[0], 0).await;
+    send(ids[1], 1).await;
+    send(ids[0], 0).await; // one newer id (fewer than 2): caught
+    send(ids[1], 1).await;
     assert_eq!(book.handled.len(), 2);
-    send(ids[2], 3).await; // pushes ids[0] out (max 2 entries)
-    send(ids[0], 1).await;
-    assert_eq!(book.handled.len(), 4, "forgotten by count: handled again");
+    for (n, id) in ids.iter().enumerate().skip(2) {
+        send(*id, n as u64).await;
+    }
+    // Four newer ids (twice max_entries): surely forgotten.
+    send(ids[0], 0).await;
+    assert_eq!(book.handled.len(), 7, "forgotten by count: handled again");
+    send(ids[5], 5).await;
+    assert_eq!(book.handled.len(), 7, "the newest is still remembered");
     tokio::time::advance(Duration::from_secs(61)).await;
-    send(ids[2], 3).await;
-    assert_eq!(book.handled.len(), 5, "forgotten by age: handled again");
+    send(ids[5], 5).await;
+    assert_eq!(book.handled.len(), 8, "forgotten by age: handled again");
     bus.shutdown().await;
 }
 

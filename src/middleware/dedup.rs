@@ -1,6 +1,5 @@
 //! Deduplication: an event id is handled once per consumer group within a window.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +15,10 @@ use crate::handler::{HandlerError, HandlerResult};
 
 /// How long, or for how many ids, a processed id is remembered.
 ///
-/// An id is forgotten when it is older than `max_age` or when more than `max_entries` newer ids
-/// were marked after it, whichever comes first; a duplicate that arrives later is handled again.
+/// A duplicate is caught while its id is younger than `max_age` and fewer than `max_entries`
+/// newer ids were marked after it. Past `max_age` an id is forgotten; past `max_entries` newer
+/// ids it may be: memory is reclaimed a generation of `max_entries` ids at a time, so up to
+/// twice that many are held, and a duplicate that arrives later may be handled again.
 /// Default: 10 minutes and 100 000 ids.
 ///
 /// ```
@@ -190,36 +191,42 @@ impl DedupStore for MemoryDedupStore {
     }
 }
 
-/// Ids within a window: those being handled, and those done with the time they were claimed
-/// (and a value remembered with them).
+/// Ids within a window: those being handled, and those done with the time they were done (and
+/// a value remembered with them).
 ///
-/// Built for a large window on the hot path: one hash map (Fx-hashed: ids are mostly random
-/// bits already) holds both states, so a claim and its completion touch one bucket, and the
-/// clock is read once per event, at the claim.
+/// Built for a large window on the hot path. Done ids are kept in two generations: new marks go
+/// to the current one; when it holds `max_entries` ids or began `max_age` ago, it becomes the
+/// previous one and the old previous one is dropped whole. So forgetting costs nothing per id
+/// (no per-id eviction, which in a large table means a cache miss per event), a lookup of a new
+/// id only reads the tables' control bytes, and an id is remembered for its full `max_age`
+/// (checked at lookup) and for at least the next `max_entries` marks — up to twice that many
+/// ids are held.
 #[derive(Debug)]
 pub(crate) struct Window<V = ()> {
     limits: DedupWindow,
-    entries: rustc_hash::FxHashMap<Uuid, Entry<V>>,
-    /// Done ids in the order they were marked, to forget the oldest first.
-    order: VecDeque<(Instant, Uuid)>,
-    /// Ids done (entries minus those in progress).
-    done: usize,
+    in_progress: rustc_hash::FxHashMap<Uuid, Instant>,
+    current: rustc_hash::FxHashMap<Uuid, (Instant, V)>,
+    previous: rustc_hash::FxHashMap<Uuid, (Instant, V)>,
+    /// When the current generation got its first mark.
+    current_since: Option<Instant>,
+    /// The latest marks, moved into `current` a batch at a time: inserting into a large table
+    /// misses the cache, and a batch of inserts lets those misses overlap instead of each
+    /// stalling the lock release that follows it.
+    staged: Vec<(Uuid, Instant, V)>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Entry<V> {
-    /// When it was claimed (in progress) or marked done.
-    at: Instant,
-    state: Option<V>,
-}
+/// Marks staged before they go into the table.
+const STAGED: usize = 32;
 
 impl<V: Copy> Window<V> {
     pub(crate) fn new(limits: DedupWindow) -> Self {
         Window {
             limits,
-            entries: rustc_hash::FxHashMap::default(),
-            order: VecDeque::new(),
-            done: 0,
+            in_progress: rustc_hash::FxHashMap::default(),
+            current: rustc_hash::FxHashMap::default(),
+            previous: rustc_hash::FxHashMap::default(),
+            current_since: None,
+            staged: Vec::with_capacity(STAGED),
         }
     }
 
@@ -229,96 +236,82 @@ impl<V: Copy> Window<V> {
             .is_some_and(|age| now.saturating_duration_since(at) >= age)
     }
 
-    fn evict(&mut self, now: Instant) {
-        while let Some(&(at, id)) = self.order.front() {
-            let too_many = self
-                .limits
-                .max_entries
-                .is_some_and(|n| self.order.len() > n);
-            if !(too_many || self.expired(at, now)) {
-                break;
-            }
-            self.order.pop_front();
-            // Forget it unless it was marked again since (or is being handled again).
-            if let std::collections::hash_map::Entry::Occupied(e) = self.entries.entry(id) {
-                if e.get().at == at && e.get().state.is_some() {
-                    e.remove();
-                    self.done -= 1;
-                }
-            }
+    /// The mark of `id`, if it is still within the window.
+    fn lookup(&self, id: &Uuid, now: Instant) -> Option<V> {
+        let (at, value) = match self.staged.iter().rev().find(|(staged, _, _)| staged == id) {
+            Some((_, at, value)) => (*at, *value),
+            None => *self.current.get(id).or_else(|| self.previous.get(id))?,
+        };
+        (!self.expired(at, now)).then_some(value)
+    }
+
+    /// Moves the staged marks into the current generation.
+    fn flush(&mut self) {
+        for (id, at, value) in std::mem::take(&mut self.staged) {
+            self.rotate(at);
+            self.current.insert(id, (at, value));
+        }
+        self.staged.reserve(STAGED);
+    }
+
+    /// Starts a new generation when the current one is full or old enough.
+    fn rotate(&mut self, now: Instant) {
+        let full = self
+            .limits
+            .max_entries
+            .is_some_and(|n| self.current.len() >= n);
+        let old = self
+            .current_since
+            .is_some_and(|since| self.expired(since, now));
+        if full || old {
+            let capacity = self.current.len();
+            self.previous = std::mem::replace(
+                &mut self.current,
+                rustc_hash::FxHashMap::with_capacity_and_hasher(capacity, Default::default()),
+            );
+            self.current_since = None;
+        }
+        if self.current_since.is_none() {
+            self.current_since = Some(now);
         }
     }
 
     pub(crate) fn claim(&mut self, id: Uuid) -> Claim {
         let now = Instant::now();
-        let claim = match self.entries.get(&id) {
-            Some(e) if e.state.is_some() && !self.expired(e.at, now) => Claim::Processed,
-            Some(e) if e.state.is_none() => Claim::InProgress,
-            _ => Claim::New,
-        };
-        if claim == Claim::New {
-            if let Some(old) = self.entries.insert(
-                id,
-                Entry {
-                    at: now,
-                    state: None,
-                },
-            ) {
-                // An expired mark: forgotten now.
-                if old.state.is_some() {
-                    self.done -= 1;
-                }
-            }
+        if self.lookup(&id, now).is_some() {
+            return Claim::Processed;
         }
-        claim
+        if self.in_progress.contains_key(&id) {
+            return Claim::InProgress;
+        }
+        self.in_progress.insert(id, now);
+        Claim::New
     }
 
     /// Marks a claimed `id` done (or an unclaimed one, for producer-side deduplication).
     pub(crate) fn complete_with(&mut self, id: Uuid, value: V) {
-        let at = match self.entries.get_mut(&id) {
-            Some(e) if e.state.is_none() => {
-                e.state = Some(value);
-                e.at
-            }
-            _ => {
-                let now = Instant::now();
-                let old = self.entries.insert(
-                    id,
-                    Entry {
-                        at: now,
-                        state: Some(value),
-                    },
-                );
-                if old.is_some_and(|e| e.state.is_some()) {
-                    self.done -= 1;
-                }
-                now
-            }
+        let at = match self.in_progress.remove(&id) {
+            Some(at) => at,
+            None => Instant::now(),
         };
-        self.done += 1;
-        self.order.push_back((at, id));
-        self.evict(at);
+        self.staged.push((id, at, value));
+        if self.staged.len() >= self.limits.max_entries.map_or(STAGED, |n| n.min(STAGED)) {
+            self.flush();
+        }
     }
 
     pub(crate) fn release(&mut self, id: Uuid) {
-        if let std::collections::hash_map::Entry::Occupied(e) = self.entries.entry(id) {
-            if e.get().state.is_none() {
-                e.remove();
-            }
-        }
+        self.in_progress.remove(&id);
     }
 
     /// The value remembered with `id`, if it is within the window.
     pub(crate) fn get(&mut self, id: Uuid) -> Option<V> {
-        let now = Instant::now();
-        self.evict(now);
-        self.entries
-            .get(&id)
-            .and_then(|e| e.state.filter(|_| !self.expired(e.at, now)))
+        self.lookup(&id, Instant::now())
     }
 
+    /// Ids held (some may be past their age and not reclaimed yet).
     pub(crate) fn len(&self) -> usize {
-        self.done
+        self.staged.len() + self.current.len() + self.previous.len()
     }
 }
 

@@ -160,9 +160,7 @@ impl<'a> Next<'a> {
                 },
             ),
             None => {
-                self.track
-                    .attempts
-                    .fetch_max(env.attempt(), Ordering::Relaxed);
+                self.track.note_attempt(env.attempt());
                 self.end.call(env, self.ctx)
             }
         }
@@ -181,7 +179,7 @@ impl<'a> Next<'a> {
     /// Notes that attempt `n` is about to start (for the dead-letter entry's attempt count,
     /// even if no attempt reaches the handler).
     pub(crate) fn note_attempt(&self, n: u32) {
-        self.track.attempts.fetch_max(n, Ordering::Relaxed);
+        self.track.note_attempt(n);
     }
 
     /// Notes that the event was acknowledged as a duplicate (counted in the stats).
@@ -275,6 +273,13 @@ fn from_micros(m: u64) -> SystemTime {
 }
 
 impl Track {
+    /// Only the worker's task writes: a load and a store, no locked instruction.
+    pub(crate) fn note_attempt(&self, n: u32) {
+        if self.attempts.load(Ordering::Relaxed) < n {
+            self.attempts.store(n, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn reset(&self) {
         self.first_failure.store(0, Ordering::Relaxed);
         self.last_failure.store(0, Ordering::Relaxed);

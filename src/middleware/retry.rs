@@ -138,17 +138,19 @@ impl Retry {
     }
 }
 
-impl Middleware for Retry {
-    async fn call(&mut self, env: &AnyEnvelope, mut next: Next<'_>) -> HandlerResult {
+impl Retry {
+    /// After the first attempt failed: backs off and tries again. Kept out of `call` and boxed
+    /// when needed, so that the common path (success at once) carries a small future.
+    async fn retry(
+        &mut self,
+        env: &AnyEnvelope,
+        mut next: Next<'_>,
+        err: HandlerError,
+    ) -> HandlerResult {
         let first = env.attempt();
-        let mut current: Option<AnyEnvelope> = None;
+        let mut err = err;
         let mut tries = 1u32;
         loop {
-            let this = current.as_ref().unwrap_or(env);
-            let err = match next.run(this).await {
-                Ok(()) => return Ok(()),
-                Err(err) => err,
-            };
             next.note_failure();
             if err.is_permanent() || tries >= self.max_attempts {
                 return Err(err);
@@ -166,10 +168,23 @@ impl Middleware for Retry {
             }
             tries += 1;
             next.note_attempt(first + tries - 1);
-            current = Some(AnyEnvelope {
+            let current = AnyEnvelope {
                 inner: std::sync::Arc::clone(&env.inner),
                 attempt: first + tries - 1,
-            });
+            };
+            err = match next.run(&current).await {
+                Ok(()) => return Ok(()),
+                Err(err) => err,
+            };
+        }
+    }
+}
+
+impl Middleware for Retry {
+    async fn call(&mut self, env: &AnyEnvelope, mut next: Next<'_>) -> HandlerResult {
+        match next.run(env).await {
+            Ok(()) => Ok(()),
+            Err(err) => Box::pin(self.retry(env, next, err)).await,
         }
     }
 
