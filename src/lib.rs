@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 extern crate self as tidings;
 
@@ -33,6 +34,9 @@ pub use middleware::{
     CircuitBreaker, Dedup, DedupStore, DedupWindow, MemoryDedupStore, Middleware, Next, Retry,
     Throttle, Timeout,
 };
+#[cfg(feature = "tower")]
+#[doc(inline)]
+pub use middleware::{TowerLayer, TowerRequest};
 pub use stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
 pub use topic::{Overflow, TopicConfig, DEFAULT_CAPACITY};
 

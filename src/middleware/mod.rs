@@ -76,6 +76,8 @@ mod dedup;
 mod retry;
 mod throttle;
 mod timeout;
+#[cfg(feature = "tower")]
+mod tower;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -94,11 +96,13 @@ pub use dedup::{Claim, Dedup, DedupStore, DedupWindow, MemoryDedupStore};
 pub use retry::Retry;
 pub use throttle::Throttle;
 pub use timeout::Timeout;
+#[cfg(feature = "tower")]
+pub use tower::{Gate, TowerLayer, TowerRequest};
 
 /// A step around a subscription's handler: sees every delivery of an event and its result.
 ///
 /// See the [module docs](crate::middleware) for the order of layers and an example.
-pub trait Middleware: Clone + Send + Sync + 'static {
+pub trait Middleware: Clone + Send + 'static {
     /// Handles one delivery of `env`: usually does something, calls `next.run(env)`, and looks
     /// at the result. Returning `Ok` without calling `next` acknowledges the event without
     /// handling it (as deduplication does).
@@ -237,11 +241,14 @@ pub(crate) struct LayerSpec {
 impl LayerSpec {
     pub(crate) fn new<M: Middleware>(layer: M) -> Self {
         let check = layer.check();
+        let kind = layer.kind();
+        // Behind a lock so that a layer need not be `Sync`: each worker takes a clone once.
+        let prototype = parking_lot::Mutex::new(layer);
         LayerSpec {
             name: std::any::type_name::<M>(),
-            kind: layer.kind(),
+            kind,
             check,
-            make: Arc::new(move || Box::new(layer.clone())),
+            make: Arc::new(move || Box::new(prototype.lock().clone())),
         }
     }
 }
