@@ -343,3 +343,36 @@ async fn without_a_retry_layer_max_deliveries_redelivers_at_once_around_the_chai
     assert_eq!(gw.handled.take(), vec![(1, 1)]);
     bus.shutdown().await;
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+#[event(topic = "receipts", key = key)]
+struct Receipt {
+    key: u64,
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retried_attempt_keeps_the_events_correlation_for_what_it_publishes() {
+    #[derive(Clone)]
+    struct Publishing;
+    impl Handler<Charge> for Publishing {
+        async fn handle(&mut self, e: &Envelope<Charge>, ctx: &Context) -> HandlerResult {
+            if e.attempt() == 1 {
+                return Err(HandlerError::msg("gateway busy"));
+            }
+            ctx.publish(Receipt { key: e.event().key }).await?;
+            Ok(())
+        }
+    }
+    let bus = Bus::builder()
+        .record(true)
+        .subscribe::<Charge, _>(Subscription::new("billing").layer(exact(3)), || Publishing)
+        .build()
+        .unwrap();
+    let charge_id = bus.publish(charge(1, 1, "ok")).await.unwrap().id;
+    bus.settled().await;
+    let receipts = tidings::testing::events_of::<Receipt>(&bus.published());
+    assert_eq!(receipts.len(), 1);
+    assert_eq!(receipts[0].correlation_id(), charge_id);
+    assert_eq!(receipts[0].causation_id(), Some(charge_id));
+    bus.shutdown().await;
+}
