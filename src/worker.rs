@@ -463,6 +463,9 @@ impl<D: Dispatch> Worker<D> {
                     let stats =
                         &self.end.topic.worker_stats[self.end.slot][self.end.partition as usize];
                     bump(&stats.handled);
+                    if self.track.duplicate.load(Relaxed) {
+                        bump(&stats.duplicates);
+                    }
                 }
                 Outcome::Failed { error, attempts } => {
                     // Counted failed when it was parked; it goes back to the head.

@@ -408,8 +408,8 @@ impl BusBuilder {
     }
 
     /// Producer-side deduplication: a publish that gives an event id
-    /// ([`PublishOptions::id`](crate::PublishOptions::id)) already published within `window`
-    /// is accepted once; the repeat returns the first one's receipt, marked
+    /// ([`PublishOptions::id`](crate::PublishOptions::id)) already published on the same topic
+    /// within `window` is accepted once; the repeat returns the first one's receipt, marked
     /// [`duplicate`](crate::Published::duplicate), and publishes nothing. Publishes without an
     /// explicit id are never duplicates (the bus makes a fresh id).
     ///

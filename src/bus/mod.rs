@@ -265,7 +265,7 @@ pub(crate) struct BusInner {
     /// Every subscription's dead-letter queue, by group.
     pub(crate) dead_letters: HashMap<String, Arc<DeadLetterQueue>>,
     /// Producer-side deduplication: ids published with an explicit id, and their receipts.
-    pub(crate) publish_dedup: Option<parking_lot::Mutex<Window<Published>>>,
+    pub(crate) publish_dedup: Option<parking_lot::Mutex<Window<Published, (&'static str, Uuid)>>>,
     /// The shutdown in progress or done, shared by every caller.
     pub(crate) shutdown: Mutex<Option<Shared<BoxFuture<'static, ShutdownReport>>>>,
 }
@@ -873,7 +873,7 @@ impl BusInner {
         let mut dedup = None;
         if let (Some(window), Some(_)) = (&self.publish_dedup, origin.id) {
             let mut window = window.lock();
-            if let Some(first) = window.get(id) {
+            if let Some(first) = window.get((E::TOPIC, id)) {
                 return Ok(Published {
                     duplicate: true,
                     ..first
@@ -905,7 +905,7 @@ impl BusInner {
         state.next_offset += 1;
         if let Some(mut window) = dedup {
             window.complete_with(
-                id,
+                (E::TOPIC, id),
                 Published {
                     id,
                     partition,

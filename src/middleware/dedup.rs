@@ -202,27 +202,27 @@ impl DedupStore for MemoryDedupStore {
 /// (checked at lookup) and for at least the next `max_entries` marks — up to twice that many
 /// ids are held.
 #[derive(Debug)]
-pub(crate) struct Window<V = ()> {
+pub(crate) struct Window<V = (), K = Uuid> {
     limits: DedupWindow,
-    in_progress: rustc_hash::FxHashMap<Uuid, Instant>,
-    current: rustc_hash::FxHashMap<Uuid, (Instant, V)>,
-    previous: rustc_hash::FxHashMap<Uuid, (Instant, V)>,
+    in_progress: rustc_hash::FxHashSet<K>,
+    current: rustc_hash::FxHashMap<K, (Instant, V)>,
+    previous: rustc_hash::FxHashMap<K, (Instant, V)>,
     /// When the current generation got its first mark.
     current_since: Option<Instant>,
     /// The latest marks, moved into `current` a batch at a time: inserting into a large table
     /// misses the cache, and a batch of inserts lets those misses overlap instead of each
     /// stalling the lock release that follows it.
-    staged: Vec<(Uuid, Instant, V)>,
+    staged: Vec<(K, Instant, V)>,
 }
 
 /// Marks staged before they go into the table.
 const STAGED: usize = 32;
 
-impl<V: Copy> Window<V> {
+impl<V: Copy, K: std::hash::Hash + Eq + Copy> Window<V, K> {
     pub(crate) fn new(limits: DedupWindow) -> Self {
         Window {
             limits,
-            in_progress: rustc_hash::FxHashMap::default(),
+            in_progress: rustc_hash::FxHashSet::default(),
             current: rustc_hash::FxHashMap::default(),
             previous: rustc_hash::FxHashMap::default(),
             current_since: None,
@@ -237,7 +237,7 @@ impl<V: Copy> Window<V> {
     }
 
     /// The mark of `id`, if it is still within the window.
-    fn lookup(&self, id: &Uuid, now: Instant) -> Option<V> {
+    fn lookup(&self, id: &K, now: Instant) -> Option<V> {
         let (at, value) = match self.staged.iter().rev().find(|(staged, _, _)| staged == id) {
             Some((_, at, value)) => (*at, *value),
             None => *self.current.get(id).or_else(|| self.previous.get(id))?,
@@ -276,36 +276,34 @@ impl<V: Copy> Window<V> {
         }
     }
 
-    pub(crate) fn claim(&mut self, id: Uuid) -> Claim {
-        let now = Instant::now();
-        if self.lookup(&id, now).is_some() {
+    pub(crate) fn claim(&mut self, id: K) -> Claim {
+        if self.lookup(&id, Instant::now()).is_some() {
             return Claim::Processed;
         }
-        if self.in_progress.contains_key(&id) {
+        if !self.in_progress.insert(id) {
             return Claim::InProgress;
         }
-        self.in_progress.insert(id, now);
         Claim::New
     }
 
     /// Marks a claimed `id` done (or an unclaimed one, for producer-side deduplication).
-    pub(crate) fn complete_with(&mut self, id: Uuid, value: V) {
-        let at = match self.in_progress.remove(&id) {
-            Some(at) => at,
-            None => Instant::now(),
-        };
+    pub(crate) fn complete_with(&mut self, id: K, value: V) {
+        // Stamped now, under the lock: a mark lives `max_age` from when it was made, and the
+        // stamps grow in the order the marks are staged, which generations rely on.
+        self.in_progress.remove(&id);
+        let at = Instant::now();
         self.staged.push((id, at, value));
         if self.staged.len() >= self.limits.max_entries.map_or(STAGED, |n| n.min(STAGED)) {
             self.flush();
         }
     }
 
-    pub(crate) fn release(&mut self, id: Uuid) {
+    pub(crate) fn release(&mut self, id: K) {
         self.in_progress.remove(&id);
     }
 
     /// The value remembered with `id`, if it is within the window.
-    pub(crate) fn get(&mut self, id: Uuid) -> Option<V> {
+    pub(crate) fn get(&mut self, id: K) -> Option<V> {
         self.lookup(&id, Instant::now())
     }
 

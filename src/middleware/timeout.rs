@@ -33,7 +33,7 @@ pub struct Timeout {
 }
 
 impl Timeout {
-    /// A deadline `limit` after the call starts.
+    /// A deadline `limit` after the call first waits.
     pub fn new(limit: Duration) -> Self {
         Timeout { limit }
     }

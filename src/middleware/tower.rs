@@ -6,6 +6,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio::sync::oneshot;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -30,8 +32,11 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// Each partition worker builds its own service from the layer on its first event, so state
 /// that lives in the service (tower's `RateLimit`, `ConcurrencyLimit`) is per partition; layers
 /// that share state between services (`GlobalConcurrencyLimitLayer`) share it across
-/// partitions. Errors of the tower service become transient handler errors; a handler's own
-/// error comes back as it was (permanent stays permanent).
+/// partitions (a per-partition `ConcurrencyLimit` limits nothing: a partition handles one event
+/// at a time anyway). Errors of the tower service become transient handler errors; a handler's
+/// own error comes back as it was (permanent stays permanent, if the layer passes it through).
+/// An `Ok` answer acknowledges the event only if the handler ran and succeeded: a service that
+/// answers `Ok` after dropping or detaching its inner call fails the attempt.
 ///
 /// ```
 /// # #[cfg(feature = "tower")] {
@@ -162,18 +167,28 @@ where
             go,
             done,
         });
+        // Whether the handler ran to a success: a service that answers `Ok` without that (it
+        // dropped or detached its inner call) has not handled the event.
+        let succeeded = AtomicBool::new(false);
         let drive = async {
             if go_rx.await.is_ok() {
                 let result = next.run(env).await;
+                succeeded.store(result.is_ok(), Ordering::Relaxed);
                 let _ = done_tx.send(result);
             }
             // The answer comes from `response`.
             std::future::pending::<()>().await;
         };
-        tokio::select! {
+        let answer = tokio::select! {
             biased;
             answer = response => answer.map_err(|e| from_tower(e.into())),
             () = drive => unreachable!("`drive` never completes"),
+        };
+        match answer {
+            Ok(()) if !succeeded.load(Ordering::Relaxed) => Err(HandlerError::msg(
+                "the tower service answered Ok without the handler succeeding",
+            )),
+            answer => answer,
         }
     }
 }
