@@ -43,6 +43,20 @@ fn ship() -> Ship {
     }
 }
 
+/// `Ship`, but events numbered 100 and up wait for a permit of the gate first (to hold the
+/// worker while a test fills the queue).
+#[derive(Clone)]
+struct Slow(Ship, Arc<tokio::sync::Semaphore>);
+
+impl Handler<Order> for Slow {
+    async fn handle(&mut self, e: &Envelope<Order>, ctx: &Context) -> HandlerResult {
+        if e.event().seq >= 100 {
+            self.1.acquire().await.unwrap().forget();
+        }
+        self.0.handle(e, ctx).await
+    }
+}
+
 fn sequenced_bus(s: &Ship) -> Bus {
     let s = s.clone();
     Bus::builder()
@@ -109,16 +123,6 @@ async fn a_middleware_panicking_before_its_future_is_supervised() {
 async fn a_cancelled_redrive_does_not_lose_the_event() {
     let s = ship();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    #[derive(Clone)]
-    struct Slow(Ship, Arc<tokio::sync::Semaphore>);
-    impl Handler<Order> for Slow {
-        async fn handle(&mut self, e: &Envelope<Order>, ctx: &Context) -> HandlerResult {
-            if e.event().seq >= 100 {
-                self.1.acquire().await.unwrap().forget();
-            }
-            self.0.handle(e, ctx).await
-        }
-    }
     let bus = {
         let h = Slow(s.clone(), gate.clone());
         Bus::builder()
@@ -210,16 +214,6 @@ async fn sequenced_discard_then_redrive_all_while_releasing_keeps_key_order() {
 async fn sequenced_released_followers_keep_the_lag_right() {
     let s = ship();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    #[derive(Clone)]
-    struct Slow(Ship, Arc<tokio::sync::Semaphore>);
-    impl Handler<Order> for Slow {
-        async fn handle(&mut self, e: &Envelope<Order>, ctx: &Context) -> HandlerResult {
-            if e.event().seq >= 100 {
-                self.1.acquire().await.unwrap().forget();
-            }
-            self.0.handle(e, ctx).await
-        }
-    }
     let bus = {
         let h = Slow(s.clone(), gate.clone());
         Bus::builder()
@@ -322,16 +316,6 @@ async fn a_panicked_handler_is_restarted_even_when_a_timeout_fires_in_the_backof
 async fn sequenced_a_cancelled_redrive_does_not_park_the_key_forever() {
     let s = ship();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    #[derive(Clone)]
-    struct Slow(Ship, Arc<tokio::sync::Semaphore>);
-    impl Handler<Order> for Slow {
-        async fn handle(&mut self, e: &Envelope<Order>, ctx: &Context) -> HandlerResult {
-            if e.event().seq >= 100 {
-                self.1.acquire().await.unwrap().forget();
-            }
-            self.0.handle(e, ctx).await
-        }
-    }
     let bus = {
         let h = Slow(s.clone(), gate.clone());
         Bus::builder()
