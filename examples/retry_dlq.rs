@@ -34,7 +34,7 @@ const FLAKY: [u64; 2] = [2, 5];
 /// A stand-in for a remote payment gateway, shared by every partition's handler.
 #[derive(Default)]
 struct Gateway {
-    /// While false the gateway does not answer at all.
+    /// While true the gateway does not answer at all.
     down: AtomicBool,
     /// Calls per order, for the flaky ones.
     calls: Mutex<HashMap<u64, u32>>,
