@@ -520,7 +520,7 @@ impl BusBuilder {
             dead_letters: HashMap::new(),
             publish_dedup: self
                 .publish_dedup
-                .map(|w| parking_lot::Mutex::new(Window::new(w))),
+                .map(|w| parking_lot::Mutex::new(Window::unbatched(w))),
             shutdown: Mutex::new(None),
         };
         // Routes of the subscribed event types, resolved once.

@@ -16,9 +16,9 @@ use crate::handler::{HandlerError, HandlerResult};
 /// How long, or for how many ids, a processed id is remembered.
 ///
 /// A duplicate is caught while its id is younger than `max_age` and fewer than `max_entries`
-/// newer ids were marked after it. Past `max_age` an id is forgotten; past `max_entries` newer
-/// ids it may be: memory is reclaimed a generation of `max_entries` ids at a time, so up to
-/// twice that many are held, and a duplicate that arrives later may be handled again.
+/// newer ids were marked after it. Past that it may be forgotten, and a duplicate that arrives
+/// later handled again: memory is reclaimed a generation at a time, so an id may be remembered
+/// up to about twice as long, and up to about twice `max_entries` ids are held.
 /// Default: 10 minutes and 100 000 ids.
 ///
 /// ```
@@ -191,42 +191,72 @@ impl DedupStore for MemoryDedupStore {
     }
 }
 
-/// Ids within a window: those being handled, and those done with the time they were done (and
-/// a value remembered with them).
+/// Ids within a window: those being handled, and those done (with a value remembered with
+/// them).
 ///
-/// Built for a large window on the hot path. Done ids are kept in two generations: new marks go
-/// to the current one; when it holds `max_entries` ids or began `max_age` ago, it becomes the
-/// previous one and the old previous one is dropped whole. So forgetting costs nothing per id
+/// Built for a large window on the hot path. Done ids are kept in two generations: marks go to
+/// the current one; when it holds `max_entries` ids or began `max_age` ago, it becomes the
+/// previous one and the old previous one is dropped whole. Times are kept per generation (its
+/// first and last mark), not per id, so an entry is just the id: forgetting costs nothing per id
 /// (no per-id eviction, which in a large table means a cache miss per event), a lookup of a new
-/// id only reads the tables' control bytes, and an id is remembered for its full `max_age`
-/// (checked at lookup) and for at least the next `max_entries` marks — up to twice that many
-/// ids are held.
+/// id reads only the tables' control bytes, and the clock is read once per batch of marks, not
+/// per event. Marks are staged and moved into the table a batch at a time, so the inserts'
+/// cache misses overlap. A generation is forgotten once its last mark is `max_age` old; so an
+/// id is caught for at least `max_age` and at least the next `max_entries` marks, and may be
+/// remembered up to about twice as long.
 #[derive(Debug)]
 pub(crate) struct Window<V = (), K = Uuid> {
     limits: DedupWindow,
     in_progress: rustc_hash::FxHashSet<K>,
-    current: rustc_hash::FxHashMap<K, (Instant, V)>,
-    previous: rustc_hash::FxHashMap<K, (Instant, V)>,
-    /// When the current generation got its first mark.
-    current_since: Option<Instant>,
-    /// The latest marks, moved into `current` a batch at a time: inserting into a large table
-    /// misses the cache, and a batch of inserts lets those misses overlap instead of each
-    /// stalling the lock release that follows it.
-    staged: Vec<(K, Instant, V)>,
+    current: Generation<K, V>,
+    previous: Generation<K, V>,
+    /// The latest marks, not yet in `current`.
+    staged: Vec<(K, V)>,
+    /// How many marks are staged before they go into the table.
+    batch: usize,
+}
+
+#[derive(Debug)]
+struct Generation<K, V> {
+    ids: rustc_hash::FxHashMap<K, V>,
+    /// When its first and its last batch of marks went in.
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl<K, V> Default for Generation<K, V> {
+    fn default() -> Self {
+        Generation {
+            ids: rustc_hash::FxHashMap::default(),
+            first: None,
+            last: None,
+        }
+    }
 }
 
 /// Marks staged before they go into the table.
 const STAGED: usize = 32;
 
 impl<V: Copy, K: std::hash::Hash + Eq + Copy> Window<V, K> {
+    /// A window for a consumer group: marks are staged in batches.
     pub(crate) fn new(limits: DedupWindow) -> Self {
+        Window::with_batch(limits, limits.max_entries.map_or(STAGED, |n| n.min(STAGED)))
+    }
+
+    /// A window whose marks go into the table at once (and are timed one by one): for rare
+    /// marks whose age matters to the second, as producer-side deduplication.
+    pub(crate) fn unbatched(limits: DedupWindow) -> Self {
+        Window::with_batch(limits, 1)
+    }
+
+    fn with_batch(limits: DedupWindow, batch: usize) -> Self {
         Window {
             limits,
             in_progress: rustc_hash::FxHashSet::default(),
-            current: rustc_hash::FxHashMap::default(),
-            previous: rustc_hash::FxHashMap::default(),
-            current_since: None,
-            staged: Vec::with_capacity(STAGED),
+            current: Generation::default(),
+            previous: Generation::default(),
+            staged: Vec::with_capacity(batch),
+            batch: batch.max(1),
         }
     }
 
@@ -236,48 +266,53 @@ impl<V: Copy, K: std::hash::Hash + Eq + Copy> Window<V, K> {
             .is_some_and(|age| now.saturating_duration_since(at) >= age)
     }
 
-    /// The mark of `id`, if it is still within the window.
-    fn lookup(&self, id: &K, now: Instant) -> Option<V> {
-        let (at, value) = match self.staged.iter().rev().find(|(staged, _, _)| staged == id) {
-            Some((_, at, value)) => (*at, *value),
-            None => *self.current.get(id).or_else(|| self.previous.get(id))?,
-        };
-        (!self.expired(at, now)).then_some(value)
-    }
-
-    /// Moves the staged marks into the current generation.
-    fn flush(&mut self) {
-        for (id, at, value) in std::mem::take(&mut self.staged) {
-            self.rotate(at);
-            self.current.insert(id, (at, value));
+    /// The mark of `id`, if it is still within the window. Reads the clock only when the id
+    /// is found in a generation.
+    fn lookup(&self, id: &K) -> Option<V> {
+        if let Some((_, value)) = self.staged.iter().rev().find(|(staged, _)| staged == id) {
+            return Some(*value);
         }
-        self.staged.reserve(STAGED);
+        for generation in [&self.current, &self.previous] {
+            if let Some(value) = generation.ids.get(id) {
+                let forgotten = generation
+                    .last
+                    .is_some_and(|last| self.expired(last, Instant::now()));
+                return (!forgotten).then_some(*value);
+            }
+        }
+        None
     }
 
-    /// Starts a new generation when the current one is full or old enough.
-    fn rotate(&mut self, now: Instant) {
+    /// Moves the staged marks into the current generation, starting a new generation first if
+    /// the current one is full or old enough.
+    fn flush(&mut self) {
+        let now = Instant::now();
         let full = self
             .limits
             .max_entries
-            .is_some_and(|n| self.current.len() >= n);
+            .is_some_and(|n| self.current.ids.len() + self.staged.len() > n);
         let old = self
-            .current_since
-            .is_some_and(|since| self.expired(since, now));
+            .current
+            .first
+            .is_some_and(|first| self.expired(first, now));
         if full || old {
-            let capacity = self.current.len();
-            self.previous = std::mem::replace(
-                &mut self.current,
-                rustc_hash::FxHashMap::with_capacity_and_hasher(capacity, Default::default()),
-            );
-            self.current_since = None;
+            let capacity = self.current.ids.len();
+            let fresh = Generation {
+                ids: rustc_hash::FxHashMap::with_capacity_and_hasher(capacity, Default::default()),
+                first: None,
+                last: None,
+            };
+            self.previous = std::mem::replace(&mut self.current, fresh);
         }
-        if self.current_since.is_none() {
-            self.current_since = Some(now);
+        self.current.first.get_or_insert(now);
+        self.current.last = Some(now);
+        for (id, value) in self.staged.drain(..) {
+            self.current.ids.insert(id, value);
         }
     }
 
     pub(crate) fn claim(&mut self, id: K) -> Claim {
-        if self.lookup(&id, Instant::now()).is_some() {
+        if self.lookup(&id).is_some() {
             return Claim::Processed;
         }
         if !self.in_progress.insert(id) {
@@ -288,12 +323,9 @@ impl<V: Copy, K: std::hash::Hash + Eq + Copy> Window<V, K> {
 
     /// Marks a claimed `id` done (or an unclaimed one, for producer-side deduplication).
     pub(crate) fn complete_with(&mut self, id: K, value: V) {
-        // Stamped now, under the lock: a mark lives `max_age` from when it was made, and the
-        // stamps grow in the order the marks are staged, which generations rely on.
         self.in_progress.remove(&id);
-        let at = Instant::now();
-        self.staged.push((id, at, value));
-        if self.staged.len() >= self.limits.max_entries.map_or(STAGED, |n| n.min(STAGED)) {
+        self.staged.push((id, value));
+        if self.staged.len() >= self.batch {
             self.flush();
         }
     }
@@ -304,12 +336,12 @@ impl<V: Copy, K: std::hash::Hash + Eq + Copy> Window<V, K> {
 
     /// The value remembered with `id`, if it is within the window.
     pub(crate) fn get(&mut self, id: K) -> Option<V> {
-        self.lookup(&id, Instant::now())
+        self.lookup(&id)
     }
 
     /// Ids held (some may be past their age and not reclaimed yet).
     pub(crate) fn len(&self) -> usize {
-        self.staged.len() + self.current.len() + self.previous.len()
+        self.staged.len() + self.current.ids.len() + self.previous.ids.len()
     }
 }
 
