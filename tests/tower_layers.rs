@@ -136,3 +136,82 @@ async fn a_handlers_own_error_comes_back_through_the_tower_service_unchanged() {
     );
     bus.shutdown().await;
 }
+
+/// A layer whose first service fails its readiness check once and must then be discarded
+/// (calling it again panics, as a service may after a readiness error).
+#[derive(Clone, Default)]
+struct FlakyReadiness {
+    built: Arc<AtomicU32>,
+}
+
+struct FlakyService<S> {
+    inner: S,
+    first: bool,
+    failed: bool,
+}
+
+impl<S> tower::Layer<S> for FlakyReadiness {
+    type Service = FlakyService<S>;
+    fn layer(&self, inner: S) -> FlakyService<S> {
+        let first = self.built.fetch_add(1, Ordering::SeqCst) == 0;
+        FlakyService {
+            inner,
+            first,
+            failed: false,
+        }
+    }
+}
+
+impl<S> tower::Service<tidings::TowerRequest> for FlakyService<S>
+where
+    S: tower::Service<tidings::TowerRequest, Response = ()>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + 'static,
+{
+    type Response = ();
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        assert!(
+            !self.failed,
+            "a service whose readiness failed was used again"
+        );
+        if self.first {
+            self.failed = true;
+            return std::task::Poll::Ready(Err("backend unavailable".into()));
+        }
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: tidings::TowerRequest) -> Self::Future {
+        let future = self.inner.call(request);
+        Box::pin(async move { future.await.map_err(Into::into) })
+    }
+}
+
+#[tokio::test]
+async fn a_service_whose_readiness_failed_is_discarded_and_rebuilt() {
+    let m = mailer(Duration::ZERO);
+    let layer = FlakyReadiness::default();
+    let bus = bus(
+        Subscription::new("mailer").layer(TowerLayer::new(layer.clone())),
+        &m,
+    );
+    bus.publish(Mail { n: 1 }).await.unwrap();
+    bus.settled().await;
+    let sent: Vec<u32> = m.sent.take().iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        sent,
+        vec![1],
+        "handled on its second delivery, by a fresh service"
+    );
+    assert_eq!(layer.built.load(Ordering::SeqCst), 2);
+    assert!(bus.dead_letters("mailer").unwrap().is_empty());
+    bus.shutdown().await;
+}

@@ -29,7 +29,8 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// timeout, a shed load), the handler's call is dropped. The tower service sees a
 /// [`TowerRequest`], which carries the envelope.
 ///
-/// Each partition worker builds its own service from the layer on its first event, so state
+/// Each partition worker builds its own service from the layer on its first event (and again
+/// after the service's readiness failed, as tower's contract asks), so state
 /// that lives in the service (tower's `RateLimit`, `ConcurrencyLimit`) is per partition; layers
 /// that share state between services (`GlobalConcurrencyLimitLayer`) share it across
 /// partitions (a per-partition `ConcurrencyLimit` limits nothing: a partition handles one event
@@ -157,9 +158,13 @@ where
     async fn call(&mut self, env: &AnyEnvelope, mut next: Next<'_>) -> HandlerResult {
         let layer = &self.layer;
         let service = self.service.get_or_insert_with(|| layer.layer(Gate));
-        std::future::poll_fn(|cx| service.poll_ready(cx))
-            .await
-            .map_err(|e| from_tower(e.into()))?;
+        if let Err(err) = std::future::poll_fn(|cx| service.poll_ready(cx)).await {
+            // Tower's contract: a service whose readiness failed is discarded; the next event
+            // gets a fresh one from the layer.
+            self.service = None;
+            return Err(from_tower(err.into()));
+        }
+        let service = self.service.as_mut().expect("built above");
         let (go, go_rx) = oneshot::channel();
         let (done_tx, done) = oneshot::channel();
         let response = service.call(TowerRequest {
