@@ -4,12 +4,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::{OnceLock, Weak};
+use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use uuid::Uuid;
 
-use crate::bus::Bus;
+use crate::bus::{Bus, BusInner};
 use crate::envelope::{AnyEnvelope, Erased};
 use crate::handler::ErrorKind;
 use crate::topic::Topic;
@@ -40,6 +41,47 @@ pub enum DeadLetterPolicy {
     Sequenced,
 }
 
+/// Delayed redelivery ("second-level retry"): an event that failed its last attempt is parked in
+/// the dead-letter queue and redriven automatically after a delay, then after the next one, and
+/// so on; after the last delay it stays in the queue for a person to look at.
+///
+/// Unlike [`Retry`](crate::Retry), which retries in place while later events of the partition
+/// wait, the partition goes on meanwhile: with the default [`DeadLetterPolicy::Park`] later
+/// events of the same key are handled before the redelivery; with
+/// [`DeadLetterPolicy::Sequenced`] they are parked behind the failed event, so the key's order
+/// holds and only that key waits. Permanent errors are not redelivered. A manual
+/// [`redrive`](DeadLetters::redrive) also works meanwhile.
+///
+/// Scheduled redeliveries are not counted by [`Bus::settled`](crate::Bus::settled) (the bus is
+/// idle while they wait); shutdown cancels them and the entries stay in the queue.
+///
+/// ```
+/// use std::time::Duration;
+/// use tidings::{DeadLetterPolicy, Redelivery, Retry, Subscription};
+///
+/// let payments = Subscription::new("payments")
+///     .layer(Retry::new(3))
+///     .dead_letter(DeadLetterPolicy::Sequenced)
+///     .redelivery(Redelivery::after([
+///         Duration::from_secs(10),
+///         Duration::from_secs(60),
+///         Duration::from_secs(600),
+///     ]));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Redelivery {
+    pub(crate) delays: Arc<[Duration]>,
+}
+
+impl Redelivery {
+    /// Redeliver after each of these delays in turn (no delays: never).
+    pub fn after(delays: impl IntoIterator<Item = Duration>) -> Self {
+        Redelivery {
+            delays: delays.into_iter().collect(),
+        }
+    }
+}
+
 /// An event a consumer group gave up on, with why.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -66,6 +108,8 @@ pub struct DeadLetter {
     /// its key; it may have left the queue for a redrive and be on its way), or `None` if this
     /// one is the head.
     pub parked_behind: Option<u64>,
+    /// How many times it was redelivered automatically (see [`Redelivery`]).
+    pub redeliveries: u32,
 }
 
 /// Why a dead-letter operation was refused.
@@ -118,6 +162,12 @@ pub(crate) struct DeadLetterQueue {
     state: Mutex<State>,
     /// Keys parked (sequenced policy): read by workers on every event without the lock.
     parked_keys: AtomicUsize,
+    redelivery: Option<Redelivery>,
+    /// Events out on a redrive whose redelivery count is kept in `State::carried`: read by
+    /// workers on every success without the lock.
+    carried: AtomicUsize,
+    /// The bus, to schedule redeliveries (set once the bus exists).
+    pub(crate) bus: OnceLock<Weak<BusInner>>,
 }
 
 #[derive(Default)]
@@ -129,6 +179,8 @@ struct State {
     discarded: u64,
     /// Sequenced: each parked key's entries, head first; and the event being released.
     keys: HashMap<SeqKey, KeyState>,
+    /// Redelivery counts of events out on a redrive, back if they fail again.
+    carried: HashMap<Uuid, u32>,
 }
 
 #[derive(Default)]
@@ -179,6 +231,7 @@ impl DeadLetterQueue {
     pub(crate) fn new(
         group: String,
         policy: DeadLetterPolicy,
+        redelivery: Option<Redelivery>,
         topic: Arc<Topic>,
         slot: usize,
     ) -> Self {
@@ -189,7 +242,47 @@ impl DeadLetterQueue {
             slot,
             state: Mutex::new(State::default()),
             parked_keys: AtomicUsize::new(0),
+            redelivery: redelivery.filter(|r| !r.delays.is_empty()),
+            carried: AtomicUsize::new(0),
+            bus: OnceLock::new(),
         }
+    }
+
+    /// A redriven event was handled: forget its redelivery count (cheap when none is kept).
+    pub(crate) fn handled(&self, id: Uuid) {
+        if self.carried.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        if self.state.lock().carried.remove(&id).is_some() {
+            self.carried.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Schedules the automatic redrive of entry `seq` after `delay`.
+    fn schedule(&self, seq: u64, delay: Duration, attempt: u32) {
+        let Some(inner) = self.bus.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let Some(queue) = inner.dead_letters.get(&self.group).map(Arc::clone) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        tracing::info!(group = %self.group, seq, ?delay, redelivery = attempt, "dead letter to be redelivered");
+        let cancel = inner.cancel.clone();
+        runtime.spawn(async move {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => {}
+                () = tokio::time::sleep(delay) => {
+                    let letters = DeadLetters::new(queue, Bus::unguarded(inner));
+                    // Gone already (redriven or discarded by hand), or the bus closed: nothing
+                    // to do; the entry, if any, stays.
+                    let _ = letters.redrive_as(seq, true).await;
+                }
+            }
+        });
     }
 
     pub(crate) fn counts(&self) -> DeadLetterCounts {
@@ -236,6 +329,13 @@ impl DeadLetterQueue {
         let seq = state.next_seq;
         state.next_seq += 1;
         state.total += 1;
+        let redeliveries = match state.carried.remove(&envelope.id()) {
+            Some(n) => {
+                self.carried.fetch_sub(1, Ordering::Relaxed);
+                n
+            }
+            None => 0,
+        };
         let mut parked_behind = None;
         if self.policy == DeadLetterPolicy::Sequenced {
             let key = seq_key(&envelope);
@@ -259,6 +359,14 @@ impl DeadLetterQueue {
             }
         }
         tracing::error!(group = %self.group, event_id = %envelope.id(), correlation_id = %envelope.correlation_id(), seq, attempts, error = %error, "event dead-lettered");
+        // A failed event (not one parked behind another) with delays left is redelivered later.
+        if let Some(redelivery) = &self.redelivery {
+            if kind == ErrorKind::Transient && parked_behind.is_none() && attempts > 0 {
+                if let Some(&delay) = redelivery.delays.get(redeliveries as usize) {
+                    self.schedule(seq, delay, redeliveries + 1);
+                }
+            }
+        }
         state.entries.insert(
             seq,
             DeadLetter {
@@ -272,6 +380,7 @@ impl DeadLetterQueue {
                 last_failure,
                 handler,
                 parked_behind,
+                redeliveries,
             },
         );
         seq
@@ -357,7 +466,7 @@ impl DeadLetterQueue {
 
     /// Takes entry `seq` out for a redrive (sequenced: only a head, which stays the head of a
     /// parked key until it is handled).
-    fn take_for_redrive(&self, seq: u64) -> Result<DeadLetter, DeadLetterError> {
+    fn take_for_redrive(&self, seq: u64, automatic: bool) -> Result<DeadLetter, DeadLetterError> {
         let mut state = self.state.lock();
         let state = &mut *state;
         let letter = state.entries.get(&seq).ok_or_else(|| self.not_found(seq))?;
@@ -376,7 +485,13 @@ impl DeadLetterQueue {
             entry.releasing = Some(Releasing { id, offset, seq });
         }
         state.redriven += 1;
-        Ok(state.entries.remove(&seq).expect("checked above"))
+        let letter = state.entries.remove(&seq).expect("checked above");
+        // Its redelivery count travels with it, back if it fails again.
+        let count = letter.redeliveries + u32::from(automatic);
+        if count > 0 && state.carried.insert(letter.envelope.id(), count).is_none() {
+            self.carried.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(letter)
     }
 
     /// Puts back an entry whose redrive did not happen (the bus closed, or the redrive was
@@ -384,6 +499,9 @@ impl DeadLetterQueue {
     fn put_back(&self, letter: DeadLetter) {
         let mut state = self.state.lock();
         state.redriven -= 1;
+        if state.carried.remove(&letter.envelope.id()).is_some() {
+            self.carried.fetch_sub(1, Ordering::Relaxed);
+        }
         if self.policy == DeadLetterPolicy::Sequenced {
             let key = seq_key(&letter.envelope);
             if !state.keys.contains_key(&key) {
@@ -547,10 +665,19 @@ impl DeadLetters {
     /// [`DeadLetterError::NotFound`], [`DeadLetterError::ParkedBehind`] (sequenced: redrive
     /// the head), or [`DeadLetterError::Closed`] once shutdown has begun (the entry stays).
     pub async fn redrive(&self, seq: u64) -> Result<(), DeadLetterError> {
+        self.redrive_as(seq, false).await
+    }
+
+    /// A redrive, by hand or by a scheduled [`Redelivery`].
+    pub(crate) async fn redrive_as(
+        &self,
+        seq: u64,
+        automatic: bool,
+    ) -> Result<(), DeadLetterError> {
         if !self.bus.inner.is_open() {
             return Err(DeadLetterError::Closed);
         }
-        let letter = self.queue.take_for_redrive(seq)?;
+        let letter = self.queue.take_for_redrive(seq, automatic)?;
         let item: Erased = Arc::clone(&letter.envelope.inner);
         tracing::info!(group = %self.queue.group, event_id = %letter.envelope.id(), seq, "redriving dead letter");
         // Cancel safe: dropped before the event is in the queue, the entry goes back.

@@ -23,7 +23,7 @@ mod worker;
 pub use bus::{Bus, BusBuilder, Failure, PublishOptions, Published, RestartBackoff, Subscription};
 pub use command::{Command, CommandHandler};
 pub use context::Context;
-pub use dead_letter::{DeadLetter, DeadLetterError, DeadLetterPolicy, DeadLetters};
+pub use dead_letter::{DeadLetter, DeadLetterError, DeadLetterPolicy, DeadLetters, Redelivery};
 pub use delivery::DeliveryMode;
 pub use envelope::{AnyEnvelope, Envelope, Headers, Metadata};
 pub use error::{BuildError, PublishError, RequestError, TryPublishError};

@@ -463,6 +463,7 @@ impl<D: Dispatch> Worker<D> {
                     let stats =
                         &self.end.topic.worker_stats[self.end.slot][self.end.partition as usize];
                     bump(&stats.handled);
+                    self.dead_letters.handled(next.id());
                     if self.track.duplicate.load(Relaxed) {
                         bump(&stats.duplicates);
                     }
@@ -577,7 +578,10 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                     continue;
                 };
                 match worker.deliver_typed(&mut typed, &ctx).await {
-                    Outcome::Handled => bump(&stats.handled),
+                    Outcome::Handled => {
+                        bump(&stats.handled);
+                        worker.dead_letters.handled(id);
+                    }
                     Outcome::Failed { error, attempts } => {
                         worker.give_up(&D::erase(&typed), error, attempts, false);
                     }
@@ -606,6 +610,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
             match worker.deliver(&env, &ctx).await {
                 Outcome::Handled => {
                     bump(&stats.handled);
+                    worker.dead_letters.handled(id);
                     if worker.track.duplicate.load(Relaxed) {
                         bump(&stats.duplicates);
                     }

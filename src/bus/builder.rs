@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Bus, BusInner, CommandEntry, CommandMessage, HandleGuard, Recorder, Route};
 use crate::command::{Command, CommandHandler};
-use crate::dead_letter::{DeadLetterPolicy, DeadLetterQueue};
+use crate::dead_letter::{DeadLetterPolicy, DeadLetterQueue, Redelivery};
 use crate::delivery::DeliveryMode;
 use crate::error::BuildError;
 use crate::event::{validate_topic_name, Event};
@@ -65,6 +65,7 @@ pub struct Subscription {
     pub(crate) layers: Vec<LayerSpec>,
     pub(crate) delivery: DeliveryMode,
     pub(crate) dead_letter: DeadLetterPolicy,
+    pub(crate) redelivery: Option<Redelivery>,
 }
 
 impl Subscription {
@@ -78,6 +79,7 @@ impl Subscription {
             layers: Vec::new(),
             delivery: DeliveryMode::default(),
             dead_letter: DeadLetterPolicy::default(),
+            redelivery: None,
         }
     }
 
@@ -120,6 +122,13 @@ impl Subscription {
         self
     }
 
+    /// Redelivers dead-lettered events automatically after delays, while the partition goes on:
+    /// see [`Redelivery`]. With [`DeadLetterPolicy::Sequenced`], only the failed key waits.
+    pub fn redelivery(mut self, redelivery: Redelivery) -> Self {
+        self.redelivery = Some(redelivery);
+        self
+    }
+
     pub(crate) fn effective_max_deliveries(&self) -> u32 {
         self.max_deliveries.unwrap_or(3)
     }
@@ -157,6 +166,12 @@ impl Subscription {
             if self.dead_letter == DeadLetterPolicy::Sequenced {
                 return Err(invalid(
                     "at-most-once delivery drops failed events; a sequenced dead-letter queue needs at-least-once".into(),
+                ));
+            }
+            if self.redelivery.is_some() {
+                return Err(invalid(
+                    "at-most-once delivery drops failed events; redelivery needs at-least-once"
+                        .into(),
                 ));
             }
         }
@@ -539,6 +554,7 @@ impl BusBuilder {
                 Arc::new(DeadLetterQueue::new(
                     options.group.clone(),
                     options.dead_letter,
+                    options.redelivery.clone(),
                     Arc::clone(&inner.topics[topic_index]),
                     slot,
                 )),
@@ -547,6 +563,9 @@ impl BusBuilder {
         inner.dead_letters = dead_letters;
 
         let inner = Arc::new(inner);
+        for queue in inner.dead_letters.values() {
+            let _ = queue.bus.set(Arc::downgrade(&inner));
+        }
         let bus = Bus {
             inner: Arc::clone(&inner),
             _guard: None,

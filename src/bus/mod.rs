@@ -306,6 +306,14 @@ pub(crate) struct CommandRequest<C: Command> {
 }
 
 impl Bus {
+    /// A handle that does not keep the bus open (for the bus's own tasks).
+    pub(crate) fn unguarded(inner: Arc<BusInner>) -> Bus {
+        Bus {
+            inner,
+            _guard: None,
+        }
+    }
+
     /// Starts building a bus.
     ///
     /// ```

@@ -24,9 +24,9 @@ use crate::handler::{HandlerError, HandlerResult};
 ///   the same key) wait for it in this group; other partitions and other groups go on. The wait
 ///   is bounded by the attempts and delays; what still fails goes to the
 ///   [dead-letter queue](crate::DeadLetters) and the partition moves on. To keep other keys of
-///   the partition moving instead, use few attempts with short delays and a
+///   the partition moving instead ("park and continue"), use few attempts with short delays, a
 ///   [sequenced](crate::DeadLetterPolicy::Sequenced) dead-letter queue, which parks the failed
-///   key (and only it) until you redrive it.
+///   key (and only it), and [`Redelivery`](crate::Redelivery), which redrives it after delays.
 /// - **Shutdown**: when the bus begins to shut down while an event waits for its next attempt,
 ///   the wait ends and the event goes to the dead-letter queue with its last error (it is
 ///   neither lost nor handled twice); while the bus drains, a failed event is not retried after
