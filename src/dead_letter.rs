@@ -49,8 +49,10 @@ pub enum DeadLetterPolicy {
 /// wait, the partition goes on meanwhile: with the default [`DeadLetterPolicy::Park`] later
 /// events of the same key are handled before the redelivery; with
 /// [`DeadLetterPolicy::Sequenced`] they are parked behind the failed event, so the key's order
-/// holds and only that key waits. Permanent errors are not redelivered. A manual
-/// [`redrive`](DeadLetters::redrive) also works meanwhile.
+/// holds and only that key waits (should the failed head be discarded, the next event of the
+/// key is released at once). Permanent errors are not redelivered. A manual
+/// [`redrive`](DeadLetters::redrive) also works meanwhile. Not available on a topic with
+/// [`Overflow::DropOldest`](crate::Overflow::DropOldest), which could drop a redelivered event.
 ///
 /// Scheduled redeliveries are not counted by [`Bus::settled`](crate::Bus::settled) (the bus is
 /// idle while they wait); shutdown cancels them and the entries stay in the queue.
@@ -180,7 +182,8 @@ struct State {
     /// Sequenced: each parked key's entries, head first; and the event being released.
     keys: HashMap<SeqKey, KeyState>,
     /// Redelivery counts of events out on a redrive, back if they fail again.
-    carried: HashMap<Uuid, u32>,
+    /// Keyed by (event id, offset): copies published with one id each keep their own count.
+    carried: HashMap<(Uuid, u64), u32>,
 }
 
 #[derive(Default)]
@@ -249,17 +252,19 @@ impl DeadLetterQueue {
     }
 
     /// A redriven event was handled: forget its redelivery count (cheap when none is kept).
-    pub(crate) fn handled(&self, id: Uuid) {
+    pub(crate) fn handled(&self, id: Uuid, offset: u64) {
         if self.carried.load(Ordering::Relaxed) == 0 {
             return;
         }
-        if self.state.lock().carried.remove(&id).is_some() {
+        if self.state.lock().carried.remove(&(id, offset)).is_some() {
             self.carried.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
     /// Schedules the automatic redrive of entry `seq` after `delay`.
-    fn schedule(&self, seq: u64, delay: Duration, attempt: u32) {
+    /// Schedules a redrive of entry `seq` after `delay`: an automatic redelivery (counted), or
+    /// the release of a key's new head (not counted).
+    fn schedule(&self, seq: u64, delay: Duration, attempt: u32, automatic: bool) {
         let Some(inner) = self.bus.get().and_then(Weak::upgrade) else {
             return;
         };
@@ -279,7 +284,7 @@ impl DeadLetterQueue {
                     let letters = DeadLetters::new(queue, Bus::unguarded(inner));
                     // Gone already (redriven or discarded by hand), or the bus closed: nothing
                     // to do; the entry, if any, stays.
-                    let _ = letters.redrive_as(seq, true).await;
+                    let _ = letters.redrive_as(seq, automatic).await;
                 }
             }
         });
@@ -329,7 +334,7 @@ impl DeadLetterQueue {
         let seq = state.next_seq;
         state.next_seq += 1;
         state.total += 1;
-        let redeliveries = match state.carried.remove(&envelope.id()) {
+        let redeliveries = match state.carried.remove(&(envelope.id(), envelope.offset())) {
             Some(n) => {
                 self.carried.fetch_sub(1, Ordering::Relaxed);
                 n
@@ -363,7 +368,7 @@ impl DeadLetterQueue {
         if let Some(redelivery) = &self.redelivery {
             if kind == ErrorKind::Transient && parked_behind.is_none() && attempts > 0 {
                 if let Some(&delay) = redelivery.delays.get(redeliveries as usize) {
-                    self.schedule(seq, delay, redeliveries + 1);
+                    self.schedule(seq, delay, redeliveries + 1, true);
                 }
             }
         }
@@ -488,7 +493,8 @@ impl DeadLetterQueue {
         let letter = state.entries.remove(&seq).expect("checked above");
         // Its redelivery count travels with it, back if it fails again.
         let count = letter.redeliveries + u32::from(automatic);
-        if count > 0 && state.carried.insert(letter.envelope.id(), count).is_none() {
+        let carried = (letter.envelope.id(), letter.envelope.offset());
+        if count > 0 && state.carried.insert(carried, count).is_none() {
             self.carried.fetch_add(1, Ordering::Relaxed);
         }
         Ok(letter)
@@ -499,7 +505,11 @@ impl DeadLetterQueue {
     fn put_back(&self, letter: DeadLetter) {
         let mut state = self.state.lock();
         state.redriven -= 1;
-        if state.carried.remove(&letter.envelope.id()).is_some() {
+        if state
+            .carried
+            .remove(&(letter.envelope.id(), letter.envelope.offset()))
+            .is_some()
+        {
             self.carried.fetch_sub(1, Ordering::Relaxed);
         }
         if self.policy == DeadLetterPolicy::Sequenced {
@@ -510,6 +520,18 @@ impl DeadLetterQueue {
             let entry = state.keys.entry(key).or_default();
             entry.releasing = None;
             entry.seqs.push_front(letter.seq);
+        }
+        // Its scheduled redelivery may have fired while it was out: schedule it again (a timer
+        // that finds it gone does nothing, so two are harmless).
+        if let Some(redelivery) = &self.redelivery {
+            if letter.kind == ErrorKind::Transient
+                && letter.parked_behind.is_none()
+                && letter.attempts > 0
+            {
+                if let Some(&delay) = redelivery.delays.get(letter.redeliveries as usize) {
+                    self.schedule(letter.seq, delay, letter.redeliveries + 1, true);
+                }
+            }
         }
         state.entries.insert(letter.seq, letter);
     }
@@ -538,6 +560,11 @@ impl DeadLetterQueue {
                             if let Some(e) = state.entries.get_mut(&s) {
                                 e.parked_behind = (i > 0 || !first_is_head).then_some(head);
                             }
+                        }
+                        // With redelivery on, nobody is expected to come back for the key: the
+                        // new head (never attempted) is released at once.
+                        if first_is_head && self.redelivery.is_some() {
+                            self.schedule(head, Duration::ZERO, 0, false);
                         }
                     }
                 }
@@ -582,8 +609,9 @@ impl Drop for Redriving<'_> {
 ///
 /// A redrive sends the event back to the same group only, with its original id, metadata and
 /// correlation id, as delivery attempt 1; it waits for room in the group's queue like a publish
-/// (even on a [`DropOldest`](crate::Overflow::DropOldest) topic: a redrive never drops an event).
-/// A redrive cancelled while it waits leaves the entry in the queue.
+/// (even on a [`DropOldest`](crate::Overflow::DropOldest) topic, where it drops nothing to make
+/// room — but once queued there, a later publish may drop it like any other event). A redrive
+/// cancelled while it waits leaves the entry in the queue.
 /// Do not redrive from a handler of the same group into its own full queue: it would wait for
 /// itself.
 ///

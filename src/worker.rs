@@ -463,7 +463,7 @@ impl<D: Dispatch> Worker<D> {
                     let stats =
                         &self.end.topic.worker_stats[self.end.slot][self.end.partition as usize];
                     bump(&stats.handled);
-                    self.dead_letters.handled(next.id());
+                    self.dead_letters.handled(next.id(), next.offset());
                     if self.track.duplicate.load(Relaxed) {
                         bump(&stats.duplicates);
                     }
@@ -580,7 +580,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                 match worker.deliver_typed(&mut typed, &ctx).await {
                     Outcome::Handled => {
                         bump(&stats.handled);
-                        worker.dead_letters.handled(id);
+                        worker.dead_letters.handled(id, offset);
                     }
                     Outcome::Failed { error, attempts } => {
                         worker.give_up(&D::erase(&typed), error, attempts, false);
@@ -610,7 +610,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
             match worker.deliver(&env, &ctx).await {
                 Outcome::Handled => {
                     bump(&stats.handled);
-                    worker.dead_letters.handled(id);
+                    worker.dead_letters.handled(id, offset);
                     if worker.track.duplicate.load(Relaxed) {
                         bump(&stats.duplicates);
                     }

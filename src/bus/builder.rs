@@ -21,7 +21,7 @@ use crate::error::BuildError;
 use crate::event::{validate_topic_name, Event};
 use crate::handler::{AnyHandler, Handler};
 use crate::middleware::{Dedup, DedupWindow, LayerKind, LayerSpec, Middleware, Window};
-use crate::topic::{default_partitions, Topic, TopicConfig};
+use crate::topic::{default_partitions, Overflow, Topic, TopicConfig};
 use crate::worker::{self, Factory, Typed, Untyped, WorkerArgs};
 
 /// Settings of one subscription, that is of one consumer group.
@@ -492,6 +492,12 @@ impl BusBuilder {
             for (sub_index, sub) in self.subs.iter().enumerate() {
                 if sub.topic != config.name {
                     continue;
+                }
+                if sub.options.redelivery.is_some() && config.overflow == Overflow::DropOldest {
+                    return Err(BuildError::InvalidSetting(format!(
+                        "subscription {:?}: redelivery on topic {:?}, whose Overflow::DropOldest could drop a redelivered event",
+                        sub.options.group, config.name
+                    )));
                 }
                 let slot = groups.len();
                 groups.push(sub.options.group.clone());
