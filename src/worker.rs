@@ -14,6 +14,7 @@ use futures::FutureExt;
 use tracing::Instrument;
 
 use futures::future::BoxFuture;
+use uuid::Uuid;
 
 use crate::bus::{
     Bus, CommandMessage, CommandRequest, Failure, QueueId, RestartBackoff, Subscription,
@@ -417,6 +418,16 @@ impl<D: Dispatch> Worker<D> {
         }
     }
 
+    /// Counts an event handled (and whether a layer acknowledged it as a duplicate).
+    fn handled(&self, id: Uuid, offset: u64) {
+        let stats = &self.end.topic.worker_stats[self.end.slot][self.end.partition as usize];
+        bump(&stats.handled);
+        if self.track.duplicate.load(Relaxed) {
+            bump(&stats.duplicates);
+        }
+        self.dead_letters.handled(id, offset);
+    }
+
     /// Reports an event this group gave up on: counted, logged, recorded, and dead-lettered
     /// (at-most-once: dropped).
     fn give_up(&self, env: &AnyEnvelope, error: HandlerError, attempts: u32, released: bool) {
@@ -459,46 +470,15 @@ impl<D: Dispatch> Worker<D> {
                 correlation: meta.correlation_id,
             });
             match self.deliver(&next, ctx).await {
-                Outcome::Handled => {
-                    let stats =
-                        &self.end.topic.worker_stats[self.end.slot][self.end.partition as usize];
-                    bump(&stats.handled);
-                    self.dead_letters.handled(next.id(), next.offset());
-                    if self.track.duplicate.load(Relaxed) {
-                        bump(&stats.duplicates);
-                    }
-                }
+                Outcome::Handled => self.handled(next.id(), next.offset()),
                 Outcome::Failed { error, attempts } => {
-                    // Counted failed when it was parked; it goes back to the head.
-                    self.give_up_again(&next, error, attempts);
+                    // Delivered again, failed again: it goes back to the head of its key.
+                    self.give_up(&next, error, attempts, true);
                     return;
                 }
             }
             env = next;
         }
-    }
-
-    fn give_up_again(&self, env: &AnyEnvelope, error: HandlerError, attempts: u32) {
-        let end = &self.end;
-        let stats = &end.topic.worker_stats[end.slot][end.partition as usize];
-        bump(&stats.failed);
-        let meta = env.metadata();
-        tracing::error!(topic = %end.topic.name, group = %end.group, partition = end.partition, offset = meta.offset, event_id = %meta.id, correlation_id = %meta.correlation_id, attempts, error = %error, handler = end.handler_name, "released event failed again; parked at the head of its key");
-        self.bus.inner.record_failure(|| Failure {
-            group: end.group.to_string(),
-            envelope: env.clone(),
-            error: error.to_string(),
-            attempts,
-        });
-        self.dead_letters.push(
-            env.clone(),
-            error.to_string(),
-            error.kind(),
-            attempts,
-            self.track.failure_times(),
-            self.end.handler_name,
-            true,
-        );
     }
 }
 
@@ -578,10 +558,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                     continue;
                 };
                 match worker.deliver_typed(&mut typed, &ctx).await {
-                    Outcome::Handled => {
-                        bump(&stats.handled);
-                        worker.dead_letters.handled(id, offset);
-                    }
+                    Outcome::Handled => worker.handled(id, offset),
                     Outcome::Failed { error, attempts } => {
                         worker.give_up(&D::erase(&typed), error, attempts, false);
                     }
@@ -609,11 +586,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
             }
             match worker.deliver(&env, &ctx).await {
                 Outcome::Handled => {
-                    bump(&stats.handled);
-                    worker.dead_letters.handled(id, offset);
-                    if worker.track.duplicate.load(Relaxed) {
-                        bump(&stats.duplicates);
-                    }
+                    worker.handled(id, offset);
                     if released {
                         worker.release_followers(env.clone(), &mut ctx).await;
                     }
