@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tidings::prelude::*;
 use tidings::testing::Recorder;
-use tidings::{MemoryDedupStore, Uuid};
+use tidings::{MemoryDedupStore, Published, Uuid};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 #[event(topic = "ledger", key = account)]
@@ -48,6 +48,22 @@ fn with_id(id: Uuid) -> PublishOptions {
     PublishOptions::new().id(id)
 }
 
+/// A bus with one group, "book", handled by `book`.
+fn book_bus(book: &Book, subscription: Subscription) -> Bus {
+    let book = book.clone();
+    Bus::builder()
+        .subscribe::<Credited, _>(subscription, move || book.clone())
+        .build()
+        .unwrap()
+}
+
+/// Publishes a credit of `cents` to account 1 with the event id `id`.
+async fn credit(bus: &Bus, id: Uuid, cents: u64) -> Published {
+    bus.publish_with(Credited { account: 1, cents }, with_id(id))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_duplicate_id_is_handled_once_per_group_with_dedup_and_twice_without() {
     let (a, b, plain) = (Book::default(), Book::default(), Book::default());
@@ -68,15 +84,7 @@ async fn a_duplicate_id_is_handled_once_per_group_with_dedup_and_twice_without()
     };
     let id = Uuid::now_v7();
     for _ in 0..3 {
-        bus.publish_with(
-            Credited {
-                account: 1,
-                cents: 5,
-            },
-            with_id(id),
-        )
-        .await
-        .unwrap();
+        credit(&bus, id, 5).await;
     }
     bus.settled().await;
     assert_eq!(a.handled.take(), vec![(id, 5)], "once in group a");
@@ -97,41 +105,19 @@ async fn a_duplicate_id_is_handled_once_per_group_with_dedup_and_twice_without()
 async fn a_failed_event_is_not_marked_so_its_redelivery_is_handled() {
     let book = Book::default();
     book.fail_first.store(1, Ordering::SeqCst);
-    let bus = {
-        let book = book.clone();
-        Bus::builder()
-            .subscribe::<Credited, _>(
-                Subscription::new("book")
-                    .max_deliveries(1)
-                    .layer(Dedup::new(DedupWindow::new())),
-                move || book.clone(),
-            )
-            .build()
-            .unwrap()
-    };
+    let bus = book_bus(
+        &book,
+        Subscription::new("book")
+            .max_deliveries(1)
+            .layer(Dedup::new(DedupWindow::new())),
+    );
     let id = Uuid::now_v7();
-    bus.publish_with(
-        Credited {
-            account: 1,
-            cents: 5,
-        },
-        with_id(id),
-    )
-    .await
-    .unwrap();
+    credit(&bus, id, 5).await;
     bus.settled().await;
     assert!(book.handled.is_empty());
     assert_eq!(bus.dead_letters("book").unwrap().len(), 1);
     // The same event again (a redelivery from upstream): not skipped.
-    bus.publish_with(
-        Credited {
-            account: 1,
-            cents: 5,
-        },
-        with_id(id),
-    )
-    .await
-    .unwrap();
+    credit(&bus, id, 5).await;
     bus.settled().await;
     assert_eq!(book.handled.take(), vec![(id, 5)]);
     // And the redrive of the dead letter is now a duplicate: skipped.
@@ -147,28 +133,14 @@ async fn retries_inside_dedup_mark_the_id_once_after_the_successful_attempt() {
     let book = Book::default();
     book.fail_first.store(2, Ordering::SeqCst);
     let store = MemoryDedupStore::new(DedupWindow::new());
-    let bus = {
-        let book = book.clone();
-        Bus::builder()
-            .subscribe::<Credited, _>(
-                Subscription::new("book")
-                    .layer(Retry::immediate(3))
-                    .layer(Dedup::with_store(store.clone())),
-                move || book.clone(),
-            )
-            .build()
-            .unwrap()
-    };
+    let bus = book_bus(
+        &book,
+        Subscription::new("book")
+            .layer(Retry::immediate(3))
+            .layer(Dedup::with_store(store.clone())),
+    );
     let id = Uuid::now_v7();
-    bus.publish_with(
-        Credited {
-            account: 1,
-            cents: 5,
-        },
-        with_id(id),
-    )
-    .await
-    .unwrap();
+    credit(&bus, id, 5).await;
     bus.settled().await;
     assert_eq!(book.handled.take(), vec![(id, 5)]);
     assert_eq!(store.len("book"), 1);
@@ -181,23 +153,12 @@ async fn the_window_forgets_ids_by_age_and_by_count() {
     let window = DedupWindow::new()
         .max_age(Duration::from_secs(60))
         .max_entries(2);
-    let bus = {
-        let book = book.clone();
-        Bus::builder()
-            .subscribe::<Credited, _>(
-                Subscription::new("book").layer(Dedup::new(window)),
-                move || book.clone(),
-            )
-            .build()
-            .unwrap()
-    };
+    let bus = book_bus(&book, Subscription::new("book").layer(Dedup::new(window)));
     let ids: Vec<Uuid> = (0..6).map(|_| Uuid::now_v7()).collect();
     let send = |id: Uuid, cents: u64| {
         let bus = bus.clone();
         async move {
-            bus.publish_with(Credited { account: 1, cents }, with_id(id))
-                .await
-                .unwrap();
+            credit(&bus, id, cents).await;
             bus.settled().await;
         }
     };
@@ -288,26 +249,8 @@ async fn producer_side_dedup_accepts_an_id_once_within_the_window() {
             .unwrap()
     };
     let id = Uuid::now_v7();
-    let first = bus
-        .publish_with(
-            Credited {
-                account: 1,
-                cents: 5,
-            },
-            with_id(id),
-        )
-        .await
-        .unwrap();
-    let again = bus
-        .publish_with(
-            Credited {
-                account: 1,
-                cents: 5,
-            },
-            with_id(id),
-        )
-        .await
-        .unwrap();
+    let first = credit(&bus, id, 5).await;
+    let again = credit(&bus, id, 5).await;
     assert!(!first.duplicate);
     assert!(again.duplicate);
     assert_eq!(
@@ -328,16 +271,7 @@ async fn producer_side_dedup_accepts_an_id_once_within_the_window() {
     assert_eq!(bus.stats().topic("ledger").unwrap().published, 2);
 
     tokio::time::advance(Duration::from_secs(61)).await;
-    let later = bus
-        .publish_with(
-            Credited {
-                account: 1,
-                cents: 5,
-            },
-            with_id(id),
-        )
-        .await
-        .unwrap();
+    let later = credit(&bus, id, 5).await;
     assert!(!later.duplicate, "outside the window: accepted again");
     bus.shutdown().await;
 }
@@ -345,27 +279,13 @@ async fn producer_side_dedup_accepts_an_id_once_within_the_window() {
 #[tokio::test]
 async fn effectively_once_delivery_adds_deduplication() {
     let book = Book::default();
-    let bus = {
-        let book = book.clone();
-        Bus::builder()
-            .subscribe::<Credited, _>(
-                Subscription::new("book").delivery(DeliveryMode::EffectivelyOnce),
-                move || book.clone(),
-            )
-            .build()
-            .unwrap()
-    };
+    let bus = book_bus(
+        &book,
+        Subscription::new("book").delivery(DeliveryMode::EffectivelyOnce),
+    );
     let id = Uuid::now_v7();
     for _ in 0..3 {
-        bus.publish_with(
-            Credited {
-                account: 1,
-                cents: 5,
-            },
-            with_id(id),
-        )
-        .await
-        .unwrap();
+        credit(&bus, id, 5).await;
     }
     bus.settled().await;
     assert_eq!(book.handled.take(), vec![(id, 5)]);
