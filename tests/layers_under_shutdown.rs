@@ -40,32 +40,18 @@ impl Handler<Job> for Worker {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn shutdown_drains_through_every_layer_and_loses_nothing() {
-    let worker = Worker {
-        done: Recorder::new(),
-    };
-    let bus = {
-        let worker = worker.clone();
-        Bus::builder()
-            .topic(TopicConfig::new("jobs").partitions(3).capacity(8))
-            .subscribe::<Job, _>(
-                Subscription::new("jobs")
-                    .layer(Timeout::new(Duration::from_secs(1)))
-                    .layer(CircuitBreaker::new(1000, Duration::from_secs(1)))
-                    .layer(
-                        Retry::new(3)
-                            .backoff(Duration::from_millis(100), Duration::from_millis(100))
-                            .jitter(0.0),
-                    )
-                    .layer(Dedup::new(DedupWindow::new()))
-                    .layer(Throttle::per_second(100_000)),
-                move || worker.clone(),
-            )
-            .build()
-            .unwrap()
-    };
-    let mut total = 0;
+/// A bus with one group, "jobs", over 3 partitions of 8 events each.
+fn jobs_bus(worker: &Worker, subscription: Subscription) -> Bus {
+    let worker = worker.clone();
+    Bus::builder()
+        .topic(TopicConfig::new("jobs").partitions(3).capacity(8))
+        .subscribe::<Job, _>(subscription, move || worker.clone())
+        .build()
+        .unwrap()
+}
+
+/// 60 jobs over 6 keys.
+async fn publish_load(bus: &Bus) {
     for seq in 0..60u32 {
         bus.publish(Job {
             key: u64::from(seq % 6),
@@ -73,8 +59,29 @@ async fn shutdown_drains_through_every_layer_and_loses_nothing() {
         })
         .await
         .unwrap();
-        total += 1;
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_drains_through_every_layer_and_loses_nothing() {
+    let worker = Worker {
+        done: Recorder::new(),
+    };
+    let bus = jobs_bus(
+        &worker,
+        Subscription::new("jobs")
+            .layer(Timeout::new(Duration::from_secs(1)))
+            .layer(CircuitBreaker::new(1000, Duration::from_secs(1)))
+            .layer(
+                Retry::new(3)
+                    .backoff(Duration::from_millis(100), Duration::from_millis(100))
+                    .jitter(0.0),
+            )
+            .layer(Dedup::new(DedupWindow::new()))
+            .layer(Throttle::per_second(100_000)),
+    );
+    publish_load(&bus).await;
+    let total = 60;
     let report = bus.shutdown().await;
     assert_eq!(report.abandoned, 0);
     let done = worker.done.take();
@@ -114,32 +121,18 @@ async fn without_a_shutdown_the_same_load_retries_what_fails_once() {
     let worker = Worker {
         done: Recorder::new(),
     };
-    let bus = {
-        let worker = worker.clone();
-        Bus::builder()
-            .topic(TopicConfig::new("jobs").partitions(3).capacity(8))
-            .subscribe::<Job, _>(
-                Subscription::new("jobs")
-                    .layer(Timeout::new(Duration::from_secs(1)))
-                    .layer(
-                        Retry::new(3)
-                            .backoff(Duration::from_millis(100), Duration::from_millis(100))
-                            .jitter(0.0),
-                    )
-                    .layer(Dedup::new(DedupWindow::new())),
-                move || worker.clone(),
+    let bus = jobs_bus(
+        &worker,
+        Subscription::new("jobs")
+            .layer(Timeout::new(Duration::from_secs(1)))
+            .layer(
+                Retry::new(3)
+                    .backoff(Duration::from_millis(100), Duration::from_millis(100))
+                    .jitter(0.0),
             )
-            .build()
-            .unwrap()
-    };
-    for seq in 0..60u32 {
-        bus.publish(Job {
-            key: u64::from(seq % 6),
-            seq,
-        })
-        .await
-        .unwrap();
-    }
+            .layer(Dedup::new(DedupWindow::new())),
+    );
+    publish_load(&bus).await;
     bus.settled().await;
     assert_eq!(worker.done.len(), 54);
     let dead = bus.dead_letters("jobs").unwrap().list();
