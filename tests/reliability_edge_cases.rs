@@ -57,16 +57,24 @@ impl Handler<Order> for Slow {
     }
 }
 
-fn sequenced_bus(s: &Ship) -> Bus {
-    let s = s.clone();
+/// A bus with one group, "shipping", on the "orders" topic.
+fn orders_bus<H>(handler: H, topic: TopicConfig, subscription: Subscription) -> Bus
+where
+    H: Handler<Order> + Clone + Sync,
+{
     Bus::builder()
-        .topic(TopicConfig::new("orders").partitions(1))
-        .subscribe::<Order, _>(
-            Subscription::new("shipping").dead_letter(DeadLetterPolicy::Sequenced),
-            move || s.clone(),
-        )
+        .topic(topic)
+        .subscribe::<Order, _>(subscription, move || handler.clone())
         .build()
         .unwrap()
+}
+
+fn sequenced_bus(s: &Ship) -> Bus {
+    orders_bus(
+        s.clone(),
+        TopicConfig::new("orders").partitions(1),
+        Subscription::new("shipping").dead_letter(DeadLetterPolicy::Sequenced),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -123,16 +131,11 @@ async fn a_middleware_panicking_before_its_future_is_supervised() {
 async fn a_cancelled_redrive_does_not_lose_the_event() {
     let s = ship();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let bus = {
-        let h = Slow(s.clone(), gate.clone());
-        Bus::builder()
-            .topic(TopicConfig::new("orders").partitions(1).capacity(1))
-            .subscribe::<Order, _>(Subscription::new("shipping").batch_size(1), move || {
-                h.clone()
-            })
-            .build()
-            .unwrap()
-    };
+    let bus = orders_bus(
+        Slow(s.clone(), gate.clone()),
+        TopicConfig::new("orders").partitions(1).capacity(1),
+        Subscription::new("shipping").batch_size(1),
+    );
     bus.publish(Order { key: 1, seq: 1 }).await.unwrap();
     bus.settled().await;
     s.healthy.store(true, Ordering::SeqCst);
@@ -214,17 +217,11 @@ async fn sequenced_discard_then_redrive_all_while_releasing_keeps_key_order() {
 async fn sequenced_released_followers_keep_the_lag_right() {
     let s = ship();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let bus = {
-        let h = Slow(s.clone(), gate.clone());
-        Bus::builder()
-            .topic(TopicConfig::new("orders").partitions(1))
-            .subscribe::<Order, _>(
-                Subscription::new("shipping").dead_letter(DeadLetterPolicy::Sequenced),
-                move || h.clone(),
-            )
-            .build()
-            .unwrap()
-    };
+    let bus = orders_bus(
+        Slow(s.clone(), gate.clone()),
+        TopicConfig::new("orders").partitions(1),
+        Subscription::new("shipping").dead_letter(DeadLetterPolicy::Sequenced),
+    );
     for seq in 1..=3 {
         bus.publish(Order { key: 1, seq }).await.unwrap();
     }
@@ -316,19 +313,13 @@ async fn a_panicked_handler_is_restarted_even_when_a_timeout_fires_in_the_backof
 async fn sequenced_a_cancelled_redrive_does_not_park_the_key_forever() {
     let s = ship();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let bus = {
-        let h = Slow(s.clone(), gate.clone());
-        Bus::builder()
-            .topic(TopicConfig::new("orders").partitions(1).capacity(1))
-            .subscribe::<Order, _>(
-                Subscription::new("shipping")
-                    .batch_size(1)
-                    .dead_letter(DeadLetterPolicy::Sequenced),
-                move || h.clone(),
-            )
-            .build()
-            .unwrap()
-    };
+    let bus = orders_bus(
+        Slow(s.clone(), gate.clone()),
+        TopicConfig::new("orders").partitions(1).capacity(1),
+        Subscription::new("shipping")
+            .batch_size(1)
+            .dead_letter(DeadLetterPolicy::Sequenced),
+    );
     bus.publish(Order { key: 1, seq: 1 }).await.unwrap();
     bus.settled().await;
     s.healthy.store(true, Ordering::SeqCst);
