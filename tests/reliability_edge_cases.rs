@@ -102,17 +102,11 @@ impl Middleware for PanicsEagerly {
 async fn a_middleware_panicking_before_its_future_is_supervised() {
     let s = ship();
     s.healthy.store(true, Ordering::SeqCst);
-    let bus = {
-        let s = s.clone();
-        Bus::builder()
-            .topic(TopicConfig::new("orders").partitions(1))
-            .subscribe::<Order, _>(
-                Subscription::new("shipping").layer(PanicsEagerly),
-                move || s.clone(),
-            )
-            .build()
-            .unwrap()
-    };
+    let bus = orders_bus(
+        s.clone(),
+        TopicConfig::new("orders").partitions(1),
+        Subscription::new("shipping").layer(PanicsEagerly),
+    );
     bus.publish(Order { key: 1, seq: 1 }).await.unwrap();
     // Expected: the panic fails the event (dead-lettered) and the bus settles.
     let settled = tokio::time::timeout(Duration::from_secs(60), bus.settled()).await;
