@@ -302,6 +302,13 @@ pub struct AnyEnvelope {
 }
 
 impl AnyEnvelope {
+    pub(crate) fn from_parts<E: Event>(meta: Metadata, event: E) -> Self {
+        AnyEnvelope {
+            inner: Arc::new(Inner { meta, event }),
+            attempt: 1,
+        }
+    }
+
     /// The event, type-erased.
     pub fn event(&self) -> &dyn DynEvent {
         self.inner.event()

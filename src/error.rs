@@ -74,13 +74,44 @@ pub enum PublishError<E> {
     /// The bus is shutting down or shut down.
     #[error("the bus is shut down")]
     Closed(E),
+    /// With a store: the serialized event is larger than the bus's
+    /// [limit](crate::BusBuilder::max_payload). Nothing was published.
+    #[error("the event is {size} bytes serialized, over the limit of {limit} bytes")]
+    TooLarge {
+        /// The event.
+        event: E,
+        /// Its serialized size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// With a store: the event could not be serialized. Nothing was published.
+    #[error("the event could not be serialized: {message}")]
+    Serialize {
+        /// The event.
+        event: E,
+        /// serde's error.
+        message: String,
+    },
+    /// With a store: the append failed; the event is not published (the transaction rolled
+    /// back). Publishing again is safe.
+    #[error("the store failed: {error}")]
+    Store {
+        /// The event.
+        event: E,
+        /// The store's error.
+        error: crate::StoreError,
+    },
 }
 
 impl<E> PublishError<E> {
     /// The event that was not published.
     pub fn into_event(self) -> E {
         match self {
-            PublishError::Closed(e) => e,
+            PublishError::Closed(e)
+            | PublishError::TooLarge { event: e, .. }
+            | PublishError::Serialize { event: e, .. }
+            | PublishError::Store { event: e, .. } => e,
         }
     }
 }
@@ -89,6 +120,19 @@ impl<E> fmt::Debug for PublishError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PublishError::Closed(_) => f.write_str("Closed(..)"),
+            PublishError::TooLarge { size, limit, .. } => f
+                .debug_struct("TooLarge")
+                .field("size", size)
+                .field("limit", limit)
+                .finish_non_exhaustive(),
+            PublishError::Serialize { message, .. } => f
+                .debug_struct("Serialize")
+                .field("message", message)
+                .finish_non_exhaustive(),
+            PublishError::Store { error, .. } => f
+                .debug_struct("Store")
+                .field("error", error)
+                .finish_non_exhaustive(),
         }
     }
 }
@@ -105,13 +149,19 @@ pub enum TryPublishError<E> {
     /// The bus is shutting down or shut down.
     #[error("the bus is shut down")]
     Closed(E),
+    /// The bus has a store: an event is published once committed, which `try_publish` cannot
+    /// wait for. Use `publish`.
+    #[error("the bus has a store: publishing waits for the commit; use publish")]
+    Durable(E),
 }
 
 impl<E> TryPublishError<E> {
     /// The event that was not published.
     pub fn into_event(self) -> E {
         match self {
-            TryPublishError::Full(e) | TryPublishError::Closed(e) => e,
+            TryPublishError::Full(e) | TryPublishError::Closed(e) | TryPublishError::Durable(e) => {
+                e
+            }
         }
     }
 
@@ -126,6 +176,7 @@ impl<E> fmt::Debug for TryPublishError<E> {
         match self {
             TryPublishError::Full(_) => f.write_str("Full(..)"),
             TryPublishError::Closed(_) => f.write_str("Closed(..)"),
+            TryPublishError::Durable(_) => f.write_str("Durable(..)"),
         }
     }
 }

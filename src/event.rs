@@ -74,6 +74,10 @@ pub trait DynEvent: Any + Send + Sync {
     fn event_info(&self) -> EventInfo<'_>;
     /// This event as `&dyn Any`, to downcast.
     fn as_any(&self) -> &dyn Any;
+    /// This event in an envelope with `meta` (how a row read back from a store becomes an event
+    /// of its own Rust type).
+    #[doc(hidden)]
+    fn __into_envelope(self: Box<Self>, meta: crate::Metadata) -> crate::AnyEnvelope;
 }
 
 impl dyn DynEvent {
@@ -350,6 +354,12 @@ macro_rules! register_event {
                 }
                 fn as_any(&self) -> &dyn ::std::any::Any {
                     self
+                }
+                fn __into_envelope(
+                    self: ::std::boxed::Box<Self>,
+                    meta: $crate::Metadata,
+                ) -> $crate::AnyEnvelope {
+                    $crate::__private::into_envelope(*self, meta)
                 }
             }
         };

@@ -15,6 +15,7 @@ mod event;
 mod handler;
 pub mod middleware;
 mod stats;
+mod store;
 pub mod testing;
 mod topic;
 mod worker;
@@ -38,6 +39,14 @@ pub use middleware::{
 #[doc(inline)]
 pub use middleware::{TowerLayer, TowerRequest};
 pub use stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
+#[cfg(feature = "postgres")]
+pub use store::PostgresStore;
+#[cfg(feature = "sqlite")]
+pub use store::SqliteStore;
+pub use store::{
+    GroupOffset, MemoryStore, Retention, StartFrom, Store, StoreError, StoredEvent, Undecodable,
+    UpcastError, Upcaster, DEFAULT_MAX_PAYLOAD,
+};
 pub use topic::{Overflow, TopicConfig, DEFAULT_CAPACITY};
 
 /// Event, correlation and causation ids are UUIDs (v7 for ids the bus makes).
@@ -59,4 +68,9 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use typetag;
+
+    /// `event` in an envelope with `meta`, at attempt 1.
+    pub fn into_envelope<E: crate::Event>(event: E, meta: crate::Metadata) -> crate::AnyEnvelope {
+        crate::envelope::AnyEnvelope::from_parts(meta, event)
+    }
 }

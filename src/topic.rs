@@ -54,6 +54,7 @@ pub struct TopicConfig {
     pub(crate) partitions: Option<u32>,
     pub(crate) capacity: usize,
     pub(crate) overflow: Overflow,
+    pub(crate) retention: crate::store::Retention,
 }
 
 impl TopicConfig {
@@ -64,7 +65,16 @@ impl TopicConfig {
             partitions: None,
             capacity: DEFAULT_CAPACITY,
             overflow: Overflow::Block,
+            retention: crate::store::Retention::KeepAll,
         }
+    }
+
+    /// With a store: how long the topic's log keeps events. Default
+    /// [`Retention::KeepAll`](crate::Retention::KeepAll). Without a store, anything else is a
+    /// build error.
+    pub fn retention(mut self, retention: crate::store::Retention) -> Self {
+        self.retention = retention;
+        self
     }
 
     /// Number of partitions (at least 1). Default: the number of CPU cores.
@@ -120,8 +130,11 @@ pub(crate) struct WorkerStats {
     pub(crate) failed: AtomicU64,
     pub(crate) panics: AtomicU64,
     pub(crate) restarts: AtomicU64,
-    /// Offset after the last finished (handled or failed) event; 0 before the first.
+    /// Offset after the last finished (handled or failed) event; 0 before the first. With a
+    /// store: where the group resumes, the offset the committer commits.
     pub(crate) next_offset: AtomicU64,
+    /// With a store: `next_offset` holds the group's real position (read from the store).
+    pub(crate) ready: std::sync::atomic::AtomicBool,
 }
 
 impl Topic {
@@ -185,6 +198,25 @@ pub(crate) struct GroupQueue {
     pub(crate) delivered: u64,
     /// Events dropped by [`Overflow::DropOldest`].
     pub(crate) dropped: u64,
+    /// With a store: the group reads from the log (after a start, or when its queue was full);
+    /// committed events are not queued for it meanwhile.
+    pub(crate) lagging: bool,
+    /// With a store: one pending count is held for this lagging group, so that `settled` waits
+    /// until it caught up.
+    pub(crate) marker: bool,
+    /// With a store: events up to this offset that were not for this group (other types) were
+    /// committed; the worker passes them by without reading them.
+    pub(crate) skipped_to: u64,
+}
+
+/// What [`Partition::next_durable`] found.
+pub(crate) enum NextDurable {
+    /// Events in the batch.
+    Batch,
+    /// The queue is empty and the log holds events up to this offset the group has not had.
+    CatchUp(u64),
+    /// Closed and drained.
+    Closed,
 }
 
 impl Partition {
@@ -275,6 +307,101 @@ impl Partition {
                 return true;
             }
             self.wakers[slot].notified().await;
+        }
+    }
+
+    /// With a store: moves up to `max` queued events of `slot` into `out`, or says the group
+    /// must catch up from the log, waiting while there is nothing to do.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn next_durable(
+        &self,
+        slot: usize,
+        out: &mut VecDeque<Erased>,
+        done: &mut Vec<Erased>,
+        max: usize,
+        stats: &WorkerStats,
+        may_catch_up: bool,
+        bus: &crate::bus::BusInner,
+    ) -> NextDurable {
+        loop {
+            // Finished envelopes are freed here, outside the lock.
+            done.clear();
+            let mut release = false;
+            {
+                let mut state = self.lock();
+                let state = &mut *state;
+                let head = state.next_offset;
+                let q = &mut state.queues[slot];
+                if !q.items.is_empty() {
+                    let n = q.items.len().min(max);
+                    out.extend(q.items.drain(..n));
+                    return NextDurable::Batch;
+                }
+                let expected = stats.next_offset.load(Ordering::Relaxed);
+                if q.skipped_to > expected && !q.lagging {
+                    stats.next_offset.store(q.skipped_to, Ordering::Relaxed);
+                }
+                let expected = stats.next_offset.load(Ordering::Relaxed);
+                if expected < head && may_catch_up {
+                    q.lagging = true;
+                    return NextDurable::CatchUp(head);
+                }
+                if q.lagging && expected >= head {
+                    // Caught up: committed events are queued for the group again.
+                    q.lagging = false;
+                    q.skipped_to = head;
+                }
+                if q.marker && (!q.lagging || !may_catch_up) {
+                    q.marker = false;
+                    release = true;
+                }
+                if state.closed {
+                    if release {
+                        bus.finish(1);
+                    }
+                    return NextDurable::Closed;
+                }
+                q.parked = true;
+            }
+            if release {
+                bus.finish(1);
+            }
+            self.wakers[slot].notified().await;
+        }
+    }
+
+    /// With a store, when the bus shuts down before the group caught up: it stops reading the
+    /// log (what is left waits for the next start) and no longer holds `settled` up.
+    pub(crate) fn give_up_catch_up(&self, slot: usize, bus: &crate::bus::BusInner) {
+        let mut state = self.lock();
+        let q = &mut state.queues[slot];
+        q.lagging = true;
+        let release = std::mem::take(&mut q.marker);
+        drop(state);
+        if release {
+            bus.finish(1);
+        }
+    }
+
+    /// Waits until the partition is closed (a worker that could not start).
+    pub(crate) async fn wait_closed(&self, slot: usize) {
+        loop {
+            {
+                let mut state = self.lock();
+                if state.closed {
+                    return;
+                }
+                state.queues[slot].parked = true;
+            }
+            self.wakers[slot].notified().await;
+        }
+    }
+
+    /// With a store: the log's head is at least `head`.
+    pub(crate) fn raise_head(&self, head: u64) {
+        let mut state = self.lock();
+        if state.next_offset < head {
+            state.next_offset = head;
         }
     }
 

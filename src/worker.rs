@@ -16,6 +16,7 @@ use tracing::Instrument;
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
+use crate::bus::durable::{Caught, Feed};
 use crate::bus::{
     Bus, CommandMessage, CommandRequest, Failure, QueueId, RestartBackoff, Subscription,
 };
@@ -30,7 +31,7 @@ use crate::event::Event;
 use crate::handler::HandlerResult;
 use crate::handler::{AnyHandler, Handler, HandlerError};
 use crate::middleware::{DynMiddleware, Endpoint, LayerKind, Next, Track};
-use crate::topic::Topic;
+use crate::topic::{NextDurable, Topic};
 
 pub(crate) type Factory<H> = Arc<dyn Fn() -> H + Send + Sync>;
 
@@ -54,6 +55,8 @@ pub(crate) trait Dispatch: Send + 'static {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a;
     /// Replaces the handler with a fresh one from the factory.
     fn restart(&mut self) -> bool;
+    /// Whether a stored event of this type name is for this subscription.
+    fn accepts(name: &str) -> bool;
 }
 
 pub(crate) struct Typed<E, H> {
@@ -124,6 +127,10 @@ impl<E: Event, H: Handler<E>> Dispatch for Typed<E, H> {
         self.handler.handle(env, ctx)
     }
 
+    fn accepts(name: &str) -> bool {
+        name == E::NAME
+    }
+
     fn restart(&mut self) -> bool {
         fresh(&self.factory)
             .map(|h| replace_handler(&mut self.handler, h))
@@ -185,6 +192,10 @@ impl<H: AnyHandler> Dispatch for Untyped<H> {
         ctx: &'a Context,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a {
         self.handler.handle(env, ctx)
+    }
+
+    fn accepts(_: &str) -> bool {
+        true
     }
 
     fn restart(&mut self) -> bool {
@@ -529,76 +540,225 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
     let mut batch: VecDeque<Erased> = VecDeque::with_capacity(options.batch_size);
     let mut done: Vec<Erased> = Vec::new();
 
-    while part
-        .next_batch(
-            slot,
-            &mut batch,
-            &mut done,
-            options.batch_size,
-            topic.capacity,
+    let Some(durable) = bus.inner.durable.as_ref() else {
+        while part
+            .next_batch(
+                slot,
+                &mut batch,
+                &mut done,
+                options.batch_size,
+                topic.capacity,
+            )
+            .await
+        {
+            let n = batch.len();
+            done.reserve(n);
+            while let Some(item) = batch.pop_front() {
+                worker
+                    .process(item, &mut ctx, fast, sequenced, &mut done)
+                    .await;
+            }
+            bus.inner.finish(n);
+        }
+        return;
+    };
+
+    // With a store: start from the committed offset, catch up from the log, then take events
+    // from the queue as they commit; read the log again whenever the queue missed some.
+    let store = Arc::clone(&durable.store);
+    let mut backoff = StoreBackoff::default();
+    let (from, head) = loop {
+        match crate::bus::durable::start_offset(
+            &*store,
+            &group,
+            &topic.name,
+            partition,
+            options.start,
+            options.reset,
         )
         .await
-    {
-        let n = batch.len();
-        done.reserve(n);
-        while let Some(item) = batch.pop_front() {
-            let meta = item.meta();
-            let (id, offset, correlation) = (meta.id, meta.offset, meta.correlation_id);
-            ctx.cause = Some(Cause { id, correlation });
-            if worker.delivery == DeliveryMode::AtMostOnce {
-                // Acknowledged on receipt.
-                advance(stats, offset);
-            }
-            if fast {
-                // No middleware, no parking: the typed envelope goes straight to the handler.
-                let Some(mut typed) = D::wrap(item) else {
-                    // Routing guarantees the type; reaching this is a bug in tidings.
-                    tracing::error!(group = %group, %id, "event of an unexpected type reached a worker");
-                    bump(&stats.failed);
-                    continue;
-                };
-                match worker.deliver_typed(&mut typed, &ctx).await {
-                    Outcome::Handled => worker.handled(id, offset),
-                    Outcome::Failed { error, attempts } => {
-                        worker.give_up(&D::erase(&typed), error, attempts, false);
-                    }
-                }
-                advance(stats, offset);
-                done.push(D::into_item(typed));
-                continue;
-            }
-            let env = AnyEnvelope {
-                inner: item,
-                attempt: 1,
-            };
-            let mut released = false;
-            if sequenced {
-                match worker.dead_letters.gate(&env, handler_name) {
-                    Gate::Open => {}
-                    Gate::Release => released = true,
-                    Gate::Parked => {
-                        bump(&stats.failed);
-                        advance(stats, offset);
-                        done.push(env.inner);
-                        continue;
-                    }
+        {
+            Ok(found) => break found,
+            Err(error) => {
+                tracing::error!(topic = %topic.name, group = %group, partition, %error, "tidings: reading the group's offset from the store failed; retrying");
+                if !backoff.wait(&bus.inner.cancel).await {
+                    // Shutting down before the group could start: it starts next time.
+                    durable.worker_started();
+                    part.give_up_catch_up(slot, &bus.inner);
+                    part.wait_closed(slot).await;
+                    return;
                 }
             }
-            match worker.deliver(&env, &ctx).await {
-                Outcome::Handled => {
-                    worker.handled(id, offset);
-                    if released {
-                        worker.release_followers(env.clone(), &mut ctx).await;
-                    }
-                }
-                Outcome::Failed { error, attempts } => {
-                    worker.give_up(&env, error, attempts, released);
-                }
-            }
-            advance(stats, offset);
-            done.push(env.inner);
         }
-        bus.inner.finish(n);
+    };
+    stats.next_offset.store(from, Relaxed);
+    stats
+        .ready
+        .store(true, std::sync::atomic::Ordering::Release);
+    part.raise_head(head);
+    durable.worker_started();
+    let mut feed = Feed {
+        store,
+        until: 0,
+        rows: VecDeque::new(),
+    };
+    let mut may_catch_up = true;
+    loop {
+        match part
+            .next_durable(
+                slot,
+                &mut batch,
+                &mut done,
+                options.batch_size,
+                stats,
+                may_catch_up,
+                &bus.inner,
+            )
+            .await
+        {
+            NextDurable::Closed => break,
+            NextDurable::Batch => {
+                let n = batch.len();
+                done.reserve(n);
+                while let Some(item) = batch.pop_front() {
+                    worker
+                        .process(item, &mut ctx, fast, sequenced, &mut done)
+                        .await;
+                }
+                bus.inner.finish(n);
+            }
+            NextDurable::CatchUp(until) => {
+                feed.until = until;
+                loop {
+                    if bus.inner.cancel.is_cancelled() {
+                        // Shutting down: what is left in the log waits for the next start.
+                        may_catch_up = false;
+                        part.give_up_catch_up(slot, &bus.inner);
+                        break;
+                    }
+                    let next = stats.next_offset.load(Relaxed);
+                    let caught = feed
+                        .next(&topic.name, partition, next, D::accepts, &durable.decoder)
+                        .await;
+                    match caught {
+                        Ok(None) => break,
+                        Ok(Some(Caught::Skip(offset))) => advance(stats, offset),
+                        Ok(Some(Caught::Event(item))) => {
+                            worker
+                                .process(item, &mut ctx, fast, sequenced, &mut done)
+                                .await;
+                            done.clear();
+                        }
+                        Ok(Some(Caught::Bad(env, error))) => {
+                            worker.unreadable(&env, error);
+                            advance(stats, env.offset());
+                        }
+                        Err(error) => {
+                            tracing::error!(topic = %topic.name, group = %group, partition, %error, "tidings: reading the log failed; retrying");
+                            backoff.wait(&bus.inner.cancel).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Waits between attempts at a store that failed: 100 ms doubling to 5 s.
+#[derive(Default)]
+struct StoreBackoff(u32);
+
+impl StoreBackoff {
+    /// Waits; `false` if the bus began shutting down instead.
+    async fn wait(&mut self, cancel: &tokio_util::sync::CancellationToken) -> bool {
+        let delay =
+            Duration::from_millis(100 * (1u64 << self.0.min(6))).min(Duration::from_secs(5));
+        self.0 += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = cancel.cancelled() => false,
+        }
+    }
+}
+
+impl<D: Dispatch> Worker<D> {
+    /// Hands one event to the chain and finishes it: counted, dead-lettered if it failed, its
+    /// offset passed.
+    async fn process(
+        &mut self,
+        item: Erased,
+        ctx: &mut Context,
+        fast: bool,
+        sequenced: bool,
+        done: &mut Vec<Erased>,
+    ) {
+        let meta = item.meta();
+        let (id, offset, correlation) = (meta.id, meta.offset, meta.correlation_id);
+        ctx.cause = Some(Cause { id, correlation });
+        if self.delivery == DeliveryMode::AtMostOnce {
+            // Acknowledged on receipt.
+            advance(self.stats(), offset);
+        }
+        if fast {
+            // No middleware, no parking: the typed envelope goes straight to the handler.
+            let Some(mut typed) = D::wrap(item) else {
+                // Routing guarantees the type; reaching this is a bug in tidings.
+                tracing::error!(group = %self.end.group, %id, "event of an unexpected type reached a worker");
+                bump(&self.stats().failed);
+                return;
+            };
+            match self.deliver_typed(&mut typed, ctx).await {
+                Outcome::Handled => self.handled(id, offset),
+                Outcome::Failed { error, attempts } => {
+                    self.give_up(&D::erase(&typed), error, attempts, false);
+                }
+            }
+            advance(self.stats(), offset);
+            done.push(D::into_item(typed));
+            return;
+        }
+        let env = AnyEnvelope {
+            inner: item,
+            attempt: 1,
+        };
+        let mut released = false;
+        if sequenced {
+            match self.dead_letters.gate(&env, self.end.handler_name) {
+                Gate::Open => {}
+                Gate::Release => released = true,
+                Gate::Parked => {
+                    bump(&self.stats().failed);
+                    advance(self.stats(), offset);
+                    done.push(env.inner);
+                    return;
+                }
+            }
+        }
+        match self.deliver(&env, ctx).await {
+            Outcome::Handled => {
+                self.handled(id, offset);
+                if released {
+                    self.release_followers(env.clone(), ctx).await;
+                }
+            }
+            Outcome::Failed { error, attempts } => {
+                self.give_up(&env, error, attempts, released);
+            }
+        }
+        advance(self.stats(), offset);
+        done.push(env.inner);
+    }
+
+    fn stats(&self) -> &crate::topic::WorkerStats {
+        &self.end.topic.worker_stats[self.end.slot][self.end.partition as usize]
+    }
+
+    /// A row of the log that could not be read back: to the dead-letter queue with the error,
+    /// never to the handler.
+    fn unreadable(&self, env: &AnyEnvelope, error: String) {
+        self.track.reset();
+        self.track.note_failure();
+        self.give_up(env, HandlerError::permanent(error), 0, false);
     }
 }
 

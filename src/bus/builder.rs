@@ -21,6 +21,7 @@ use crate::error::BuildError;
 use crate::event::{validate_topic_name, Event};
 use crate::handler::{AnyHandler, Handler};
 use crate::middleware::{Dedup, DedupWindow, LayerKind, LayerSpec, Middleware, Window};
+use crate::store::{Decoder, Retention, StartFrom, Store, Upcaster, DEFAULT_MAX_PAYLOAD};
 use crate::topic::{default_partitions, Overflow, Topic, TopicConfig};
 use crate::worker::{self, Factory, Typed, Untyped, WorkerArgs};
 
@@ -66,6 +67,8 @@ pub struct Subscription {
     pub(crate) delivery: DeliveryMode,
     pub(crate) dead_letter: DeadLetterPolicy,
     pub(crate) redelivery: Option<Redelivery>,
+    pub(crate) start: StartFrom,
+    pub(crate) reset: bool,
 }
 
 impl Subscription {
@@ -80,6 +83,8 @@ impl Subscription {
             delivery: DeliveryMode::default(),
             dead_letter: DeadLetterPolicy::default(),
             redelivery: None,
+            start: StartFrom::Latest,
+            reset: false,
         }
     }
 
@@ -127,6 +132,40 @@ impl Subscription {
     pub fn redelivery(mut self, redelivery: Redelivery) -> Self {
         self.redelivery = Some(redelivery);
         self
+    }
+
+    /// With a store: where this group starts reading when it has no committed offset yet (a new
+    /// group). Default [`StartFrom::Latest`]: only events published from now on. A projection
+    /// rebuilt from scratch uses [`StartFrom::Earliest`] under a new group name (or
+    /// [`reset_to`](Subscription::reset_to)). Without a store, anything but `Latest` is a build
+    /// error: there is no log to read.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tidings::{StartFrom, Subscription};
+    ///
+    /// let audit = Subscription::new("audit").start_from(StartFrom::Earliest);
+    /// let recent = Subscription::new("recent")
+    ///     .start_from(StartFrom::Timestamp(SystemTime::now() - Duration::from_secs(3600)));
+    /// ```
+    pub fn start_from(mut self, start: StartFrom) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// With a store: moves this group's offsets to `start` when the bus starts, whatever it
+    /// had committed (replay from the beginning, or skip a backlog). The new position is
+    /// committed at once. Remove the call after the restart that needed it, or every restart
+    /// resets the group again.
+    pub fn reset_to(mut self, start: StartFrom) -> Self {
+        self.start = start;
+        self.reset = true;
+        self
+    }
+
+    /// The consumer group's name.
+    pub fn group(&self) -> &str {
+        &self.group
     }
 
     pub(crate) fn effective_max_deliveries(&self) -> u32 {
@@ -284,6 +323,11 @@ pub struct BusBuilder {
     command_capacity: usize,
     record: bool,
     publish_dedup: Option<DedupWindow>,
+    store: Option<Arc<dyn Store>>,
+    upcasters: Vec<Upcaster>,
+    max_payload: usize,
+    commit_interval: Duration,
+    retention_interval: Duration,
 }
 
 impl Default for BusBuilder {
@@ -303,7 +347,58 @@ impl BusBuilder {
             command_capacity: 1024,
             record: false,
             publish_dedup: None,
+            store: None,
+            upcasters: Vec::new(),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            commit_interval: Duration::from_millis(100),
+            retention_interval: Duration::from_secs(60),
         }
+    }
+
+    /// Keeps the topics' logs and the groups' offsets in `store`: the bus becomes durable.
+    /// Everything else (handlers, subscriptions, middleware) stays as it is. See the
+    /// [`Store`] docs for what changes.
+    ///
+    /// ```
+    /// use tidings::{Bus, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tidings::BuildError> {
+    /// let bus = Bus::builder()
+    ///     .store(MemoryStore::new()) // or SqliteStore::open("events.db").await?, PostgresStore::connect(url).await?
+    ///     .build()?;
+    /// # bus.shutdown().await; Ok(()) }
+    /// ```
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Registers an [`Upcaster`] for rows read back from the store. Two for the same type and
+    /// version are a build error.
+    pub fn upcaster(mut self, upcaster: Upcaster) -> Self {
+        self.upcasters.push(upcaster);
+        self
+    }
+
+    /// With a store: the largest serialized event `publish` accepts, in bytes; larger ones are
+    /// refused with [`PublishError::TooLarge`](crate::PublishError::TooLarge). Default
+    /// [`DEFAULT_MAX_PAYLOAD`] (1 MiB).
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// With a store: how often the groups' offsets are committed (and at shutdown). After a
+    /// crash a group handles again what it handled since its last commit. Default 100 ms.
+    pub fn commit_interval(mut self, interval: Duration) -> Self {
+        self.commit_interval = interval;
+        self
+    }
+
+    /// With a store: how often topics' [retention](crate::Retention) is applied. Default 60 s.
+    pub fn retention_interval(mut self, interval: Duration) -> Self {
+        self.retention_interval = interval;
+        self
     }
 
     /// Configures a topic. Topics that are only subscribed to get the defaults of
@@ -473,6 +568,9 @@ impl BusBuilder {
         if let Some(window) = &self.publish_dedup {
             window.validate().map_err(BuildError::InvalidSetting)?;
         }
+        self.validate_store()?;
+        let decoder = Decoder::new(std::mem::take(&mut self.upcasters))
+            .map_err(BuildError::InvalidSetting)?;
 
         // Topics: configured ones first, then those only subscribed to, in declaration order.
         let mut configs: Vec<TopicConfig> = self.topics.clone();
@@ -543,7 +641,38 @@ impl BusBuilder {
                 .publish_dedup
                 .map(|w| parking_lot::Mutex::new(Window::unbatched(w))),
             shutdown: Mutex::new(None),
+            durable: None,
         };
+        if let Some(store) = self.store.take() {
+            let retention = configs
+                .iter()
+                .map(|c| (c.name.clone(), c.retention))
+                .collect();
+            inner.durable = Some(super::durable::Durable::new(
+                store,
+                decoder,
+                self.max_payload,
+                self.commit_interval,
+                self.retention_interval,
+                retention,
+            ));
+            // Every group starts by reading the log from its committed offset; `settled` waits
+            // for it to catch up.
+            let mut markers = 0;
+            for topic in &inner.topics {
+                for part in topic.partitions.iter() {
+                    let mut state = part.lock();
+                    for q in state.queues.iter_mut() {
+                        q.lagging = true;
+                        q.marker = true;
+                        markers += 1;
+                    }
+                }
+            }
+            inner
+                .pending
+                .store(markers, std::sync::atomic::Ordering::SeqCst);
+        }
         // Routes of the subscribed event types, resolved once.
         let mut routes: FxHashMap<TypeId, Route> = FxHashMap::default();
         for sub in &self.subs {
@@ -610,12 +739,64 @@ impl BusBuilder {
                 message: worker::panic_message(&*panic),
             });
         }
+        if let Some(durable) = &inner.durable {
+            let n = inner
+                .topics
+                .iter()
+                .map(|t| t.groups.len() * t.partitions.len())
+                .sum();
+            durable.expect_workers(n);
+        }
         let tasks = workers.into_iter().map(|w| runtime.spawn(w)).collect();
         *super::lock(&inner.tasks) = tasks;
+        if inner.durable.is_some() {
+            super::durable::Durable::start(&inner, &runtime);
+        }
         Ok(Bus {
             _guard: Some(Arc::new(HandleGuard(Arc::downgrade(&inner)))),
             inner,
         })
+    }
+
+    /// Settings that need a store, and settings a store rules out.
+    fn validate_store(&self) -> Result<(), BuildError> {
+        let durable = self.store.is_some();
+        for sub in &self.subs {
+            let o = &sub.options;
+            if !durable && (o.start != StartFrom::Latest || o.reset) {
+                return Err(BuildError::InvalidSetting(format!(
+                    "subscription {:?}: start_from / reset_to need a store (BusBuilder::store): without one there is no log to read",
+                    o.group
+                )));
+            }
+        }
+        for config in &self.topics {
+            if !durable && config.retention != Retention::KeepAll {
+                return Err(BuildError::InvalidSetting(format!(
+                    "topic {:?}: retention needs a store (BusBuilder::store)",
+                    config.name
+                )));
+            }
+            if durable && config.overflow == Overflow::DropOldest {
+                return Err(BuildError::InvalidSetting(format!(
+                    "topic {:?}: Overflow::DropOldest has no use with a store: a group whose queue is full reads what it missed from the log, nothing is dropped",
+                    config.name
+                )));
+            }
+        }
+        if durable {
+            if self.max_payload == 0 {
+                return Err(BuildError::InvalidSetting(
+                    "max_payload must be at least 1 byte".into(),
+                ));
+            }
+            if self.commit_interval.is_zero() || self.retention_interval.is_zero() {
+                return Err(BuildError::InvalidSetting(
+                    "commit_interval and retention_interval must be above zero".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), BuildError> {

@@ -1,6 +1,7 @@
 //! The bus: publishing, request/reply, settling, stats and shutdown.
 
 mod builder;
+pub(crate) mod durable;
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -268,6 +269,8 @@ pub(crate) struct BusInner {
     pub(crate) publish_dedup: Option<parking_lot::Mutex<Window<Published, (&'static str, Uuid)>>>,
     /// The shutdown in progress or done, shared by every caller.
     pub(crate) shutdown: Mutex<Option<Shared<BoxFuture<'static, ShutdownReport>>>>,
+    /// The store and its tasks, if the bus has one.
+    pub(crate) durable: Option<durable::Durable>,
 }
 
 /// Uncounts one pending request when dropped, unless disarmed.
@@ -415,6 +418,20 @@ impl Bus {
             return Err(PublishError::Closed(event));
         }
         let mut place = inner.place(&event);
+        if inner.durable.is_some() {
+            let route = (Arc::clone(&place.route.topic), place.route.slots.clone());
+            let id = origin.id.unwrap_or(place.id);
+            return inner
+                .publish_durable(
+                    event,
+                    route,
+                    place.partition,
+                    id,
+                    place.timestamp,
+                    &mut origin,
+                )
+                .await;
+        }
         let mut event = event;
         let mut garbage = Vec::new();
         // When a queue is full, first yield to the scheduler a few times (the worker is likely
@@ -471,6 +488,9 @@ impl Bus {
         let inner = &*self.inner;
         if !origin.from_handler && !inner.intake_open.load(Ordering::Acquire) {
             return Err(TryPublishError::Closed(event));
+        }
+        if inner.durable.is_some() {
+            return Err(TryPublishError::Durable(event));
         }
         let place = inner.place(&event);
         let mut garbage = Vec::new();
@@ -765,6 +785,10 @@ impl BusInner {
                 task.abort();
             }
             let _ = task.await;
+        }
+        if self.durable.is_some() {
+            // Publishing is over: stop the appender and commit the groups' offsets.
+            durable::Durable::stop(self).await;
         }
         // After a full drain nothing was abandoned (a request refused at this moment may be
         // counted for an instant, so do not read the counter). Otherwise what is still counted
@@ -1103,7 +1127,16 @@ impl BusInner {
                     let w = &topic.worker_stats[slot][p];
                     let handled = w.handled.load(Relaxed);
                     let failed = w.failed.load(Relaxed);
-                    let next = w.next_offset.load(Relaxed);
+                    let mut next = w.next_offset.load(Relaxed);
+                    let durable = self.durable.is_some();
+                    if durable && q.items.is_empty() && !q.lagging {
+                        next = next.max(q.skipped_to);
+                    }
+                    let lag = if durable {
+                        state.next_offset.saturating_sub(next)
+                    } else {
+                        q.delivered.saturating_sub(handled + failed + q.dropped)
+                    };
                     let ps = PartitionStats {
                         partition: p as u32,
                         published: state.next_offset,
@@ -1115,7 +1148,7 @@ impl BusInner {
                         panics: w.panics.load(Relaxed),
                         restarts: w.restarts.load(Relaxed),
                         depth: q.items.len() as u64,
-                        lag: q.delivered.saturating_sub(handled + failed + q.dropped),
+                        lag,
                         committed: next.checked_sub(1),
                     };
                     group.add(ps);

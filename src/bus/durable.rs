@@ -1,0 +1,553 @@
+//! The bus with a store: group-committed appends, feeding the groups after the commit, catching
+//! up from the log, committing offsets, retention.
+
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::{BusInner, Published};
+use crate::envelope::{Erased, Inner, Metadata};
+use crate::event::Event;
+use crate::store::{
+    Decoded, Decoder, GroupOffset, Retention, StartFrom, Store, StoreError, StoredEvent,
+};
+use crate::topic::{Partition, Topic};
+
+/// Most events in one append transaction (the measured sweet spot of SQLite and PostgreSQL).
+const MAX_BATCH: usize = 1000;
+/// Room in the appender's queue; publishers wait beyond it.
+const APPEND_QUEUE: usize = 8192;
+/// Rows read from the log per query when catching up.
+pub(crate) const READ_PAGE: usize = 500;
+
+pub(crate) struct Durable {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) decoder: Decoder,
+    pub(crate) max_payload: usize,
+    appends: mpsc::Sender<Append>,
+    receiver: Mutex<Option<mpsc::Receiver<Append>>>,
+    /// Stops the appender, the committer and retention (after the drain).
+    pub(crate) stop: CancellationToken,
+    pub(crate) commit_interval: Duration,
+    pub(crate) retention_interval: Duration,
+    /// Retention by topic name.
+    pub(crate) retention: HashMap<String, Retention>,
+    /// Next offsets last committed, by (topic, group slot, partition).
+    committed: Mutex<HashMap<(String, usize, u32), u64>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Workers that have not yet found where they start.
+    starting: std::sync::atomic::AtomicUsize,
+    /// Cancelled once every worker knows where it starts: appends wait for it, so that a group
+    /// starting at the latest offset starts before this bus's first event.
+    pub(crate) started: CancellationToken,
+}
+
+/// An event waiting for its append: the row, the event itself (to hand to the groups once
+/// committed, or back to the publisher) and where to send the receipt.
+pub(crate) struct Append {
+    row: StoredEvent,
+    event: Box<dyn PendingEvent>,
+    topic: Arc<Topic>,
+    slots: Box<[usize]>,
+    dedup_key: Option<(&'static str, uuid::Uuid)>,
+    reply: oneshot::Sender<AppendResult>,
+}
+
+/// The receipt, or why not and the event back.
+type AppendResult = Result<Published, (AppendError, Box<dyn Any + Send>)>;
+
+pub(crate) enum AppendError {
+    Store(StoreError),
+    Closed,
+}
+
+/// A typed event in a box, before it has an offset.
+pub(crate) trait PendingEvent: Send {
+    fn into_erased(self: Box<Self>, meta: Metadata) -> Erased;
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+}
+
+struct Pending<E>(E);
+
+impl<E: Event> PendingEvent for Pending<E> {
+    fn into_erased(self: Box<Self>, meta: Metadata) -> Erased {
+        Arc::new(Inner {
+            meta,
+            event: self.0,
+        })
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        Box::new(self.0)
+    }
+}
+
+impl Durable {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        decoder: Decoder,
+        max_payload: usize,
+        commit_interval: Duration,
+        retention_interval: Duration,
+        retention: HashMap<String, Retention>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(APPEND_QUEUE);
+        Durable {
+            store,
+            decoder,
+            max_payload,
+            appends: tx,
+            receiver: Mutex::new(Some(rx)),
+            stop: CancellationToken::new(),
+            commit_interval,
+            retention_interval,
+            retention,
+            committed: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+            starting: std::sync::atomic::AtomicUsize::new(0),
+            started: CancellationToken::new(),
+        }
+    }
+
+    /// `n` workers will report where they start.
+    pub(crate) fn expect_workers(&self, n: usize) {
+        self.starting.store(n, Ordering::SeqCst);
+        if n == 0 {
+            self.started.cancel();
+        }
+    }
+
+    /// A worker found where it starts (or gave up starting).
+    pub(crate) fn worker_started(&self) {
+        if self.starting.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.started.cancel();
+        }
+    }
+
+    /// Starts the appender, the committer and (if a topic has a retention) the retention task.
+    pub(crate) fn start(inner: &Arc<BusInner>, runtime: &tokio::runtime::Handle) {
+        let d = inner.durable.as_ref().expect("a durable bus");
+        let rx = d.receiver.lock().take().expect("started once");
+        let mut tasks = d.tasks.lock();
+        tasks.push(runtime.spawn(run_appender(Arc::clone(inner), rx)));
+        tasks.push(runtime.spawn(run_committer(Arc::clone(inner))));
+        if d.retention.values().any(|r| *r != Retention::KeepAll) {
+            tasks.push(runtime.spawn(run_retention(Arc::clone(inner))));
+        }
+    }
+
+    /// After the drain: stops the background tasks and commits the groups' offsets one last
+    /// time.
+    pub(crate) async fn stop(inner: &BusInner) {
+        let d = inner.durable.as_ref().expect("a durable bus");
+        d.stop.cancel();
+        let tasks = std::mem::take(&mut *d.tasks.lock());
+        for task in tasks {
+            let _ = task.await;
+        }
+        if let Err(error) = commit_offsets(inner).await {
+            tracing::error!(%error, "tidings: the last offset commit failed; the groups will handle again what they handled since the previous one");
+        }
+    }
+}
+
+impl BusInner {
+    /// Publishes durably: the event is appended (group-committed with concurrent publishers),
+    /// then handed to the groups, then the receipt returns.
+    pub(crate) async fn publish_durable<E: Event>(
+        &self,
+        event: E,
+        route: (Arc<Topic>, Box<[usize]>),
+        partition: u32,
+        id: uuid::Uuid,
+        timestamp: SystemTime,
+        origin: &mut super::Origin,
+    ) -> Result<Published, crate::PublishError<E>> {
+        let d = self.durable.as_ref().expect("a durable bus");
+        // Producer-side deduplication: a repeat within the window publishes nothing.
+        let dedup_key = match (&self.publish_dedup, origin.id) {
+            (Some(window), Some(_)) => {
+                if let Some(first) = window.lock().get((E::TOPIC, id)) {
+                    return Ok(Published {
+                        duplicate: true,
+                        ..first
+                    });
+                }
+                Some((E::TOPIC, id))
+            }
+            _ => None,
+        };
+        let payload = match crate::store::encode(&event, d.max_payload) {
+            Ok(p) => p,
+            Err(crate::store::EncodeError::TooLarge { size }) => {
+                return Err(crate::PublishError::TooLarge {
+                    event,
+                    size,
+                    limit: d.max_payload,
+                })
+            }
+            Err(crate::store::EncodeError::Serialize(message)) => {
+                return Err(crate::PublishError::Serialize { event, message })
+            }
+        };
+        let row = StoredEvent {
+            topic: E::TOPIC.to_owned(),
+            partition,
+            offset: 0,
+            id,
+            name: E::NAME.to_owned(),
+            version: E::VERSION,
+            timestamp,
+            correlation_id: origin.cause.map_or(id, |c| c.correlation),
+            causation_id: origin.cause.map(|c| c.id),
+            headers: std::mem::take(&mut origin.headers),
+            payload,
+        };
+        let (tx, rx) = oneshot::channel();
+        let append = Append {
+            row,
+            event: Box::new(Pending(event)),
+            topic: route.0,
+            slots: route.1,
+            dedup_key,
+            reply: tx,
+        };
+        if let Err(refused) = d.appends.send(append).await {
+            let event = refused.0.event.into_any();
+            return Err(crate::PublishError::Closed(
+                *event.downcast::<E>().expect("its type"),
+            ));
+        }
+        match rx.await {
+            Ok(Ok(published)) => Ok(published),
+            Ok(Err((error, event))) => {
+                let event = *event.downcast::<E>().expect("its type");
+                Err(match error {
+                    AppendError::Store(error) => crate::PublishError::Store { event, error },
+                    AppendError::Closed => crate::PublishError::Closed(event),
+                })
+            }
+            // The appender never drops a request unanswered; reaching this is a bug.
+            Err(_) => panic!("tidings: the appender dropped a publish"),
+        }
+    }
+
+    /// Hands a committed event to the groups of its route: into each group's queue, unless
+    /// that group is catching up from the log or its queue is full (then it will read the event
+    /// from the log).
+    fn deliver_committed(&self, topic: &Topic, slots: &[usize], item: &Erased) {
+        let meta = item.meta();
+        let part: &Partition = &topic.partitions[meta.partition as usize];
+        let mut state = part.lock();
+        if state.next_offset <= meta.offset {
+            state.next_offset = meta.offset + 1;
+        }
+        let mut pushed = 0;
+        let mut markers = 0;
+        for slot in 0..state.queues.len() {
+            let q = &mut state.queues[slot];
+            if q.lagging {
+                continue;
+            }
+            if !slots.contains(&slot) {
+                // Not for this group: its worker passes the offset by.
+                q.skipped_to = meta.offset + 1;
+                continue;
+            }
+            if q.items.len() >= topic.capacity {
+                // The group reads this one and what follows from the log, then joins again.
+                q.lagging = true;
+                q.marker = true;
+                markers += 1;
+                continue;
+            }
+            q.items.push_back(Arc::clone(item));
+            q.delivered += 1;
+            pushed += 1;
+            part.wake(&mut state, slot);
+        }
+        if pushed + markers > 0 {
+            self.pending.fetch_add(pushed + markers, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn run_appender(inner: Arc<BusInner>, mut rx: mpsc::Receiver<Append>) {
+    let d = inner.durable.as_ref().expect("a durable bus");
+    let mut batch: Vec<Append> = Vec::with_capacity(MAX_BATCH);
+    tokio::select! {
+        _ = d.started.cancelled() => {}
+        _ = d.stop.cancelled() => {}
+    }
+    loop {
+        let first = tokio::select! {
+            biased;
+            r = rx.recv() => r,
+            _ = d.stop.cancelled() => None,
+        };
+        let Some(first) = first else { break };
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(a) => batch.push(a),
+                Err(_) => break,
+            }
+        }
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut rest = Vec::with_capacity(batch.len());
+        for a in batch.drain(..) {
+            rows.push(a.row);
+            rest.push((a.event, a.topic, a.slots, a.dedup_key, a.reply));
+        }
+        match d.store.append(&mut rows).await {
+            Ok(()) => {
+                for (row, (event, topic, slots, dedup_key, reply)) in rows.into_iter().zip(rest) {
+                    let published = Published {
+                        id: row.id,
+                        partition: row.partition,
+                        offset: row.offset,
+                        duplicate: false,
+                    };
+                    let meta = Metadata {
+                        id: row.id,
+                        topic: crate::store::intern(&row.topic),
+                        partition: row.partition,
+                        offset: row.offset,
+                        timestamp: row.timestamp,
+                        correlation_id: row.correlation_id,
+                        causation_id: row.causation_id,
+                        headers: row.headers,
+                    };
+                    let item = event.into_erased(meta);
+                    inner.deliver_committed(&topic, &slots, &item);
+                    if let (Some(window), Some(key)) = (&inner.publish_dedup, dedup_key) {
+                        window.lock().complete_with(key, published);
+                    }
+                    if let Some(recorder) = &inner.recorder {
+                        super::lock(&recorder.published).push(crate::AnyEnvelope {
+                            inner: item,
+                            attempt: 1,
+                        });
+                    }
+                    let _ = reply.send(Ok(published));
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, events = rest.len(), "tidings: appending to the store failed");
+                for (event, _, _, _, reply) in rest {
+                    let _ = reply.send(Err((AppendError::Store(error.clone()), event.into_any())));
+                }
+            }
+        }
+    }
+    // Stopped: what is still queued was never appended; give it back.
+    rx.close();
+    while let Some(a) = rx.recv().await {
+        let _ = a.reply.send(Err((AppendError::Closed, a.event.into_any())));
+    }
+}
+
+async fn run_committer(inner: Arc<BusInner>) {
+    let d = inner.durable.as_ref().expect("a durable bus");
+    let mut tick = tokio::time::interval(d.commit_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = d.stop.cancelled() => return,
+        }
+        if let Err(error) = commit_offsets(&inner).await {
+            tracing::warn!(%error, "tidings: committing offsets failed; will try again");
+        }
+    }
+}
+
+/// Commits the next offset of every group partition that moved since its last commit.
+pub(crate) async fn commit_offsets(inner: &BusInner) -> Result<(), StoreError> {
+    let d = inner.durable.as_ref().expect("a durable bus");
+    let mut offsets = Vec::new();
+    {
+        let committed = d.committed.lock();
+        for topic in &inner.topics {
+            for (slot, group) in topic.groups.iter().enumerate() {
+                for (p, w) in topic.worker_stats[slot].iter().enumerate() {
+                    if !w.ready.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    let next = w.next_offset.load(Ordering::Acquire);
+                    let key = (topic.name.clone(), slot, p as u32);
+                    if committed.get(&key).is_some_and(|&c| c >= next) {
+                        continue;
+                    }
+                    offsets.push(GroupOffset {
+                        group: group.clone(),
+                        topic: topic.name.clone(),
+                        partition: p as u32,
+                        next_offset: next,
+                    });
+                }
+            }
+        }
+    }
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    d.store.commit(&offsets).await?;
+    let mut committed = d.committed.lock();
+    for o in offsets {
+        let slot = inner.topics[inner.topic_index[&o.topic]]
+            .groups
+            .iter()
+            .position(|g| *g == o.group)
+            .expect("a group of the topic");
+        let c = committed.entry((o.topic, slot, o.partition)).or_insert(0);
+        *c = (*c).max(o.next_offset);
+    }
+    Ok(())
+}
+
+async fn run_retention(inner: Arc<BusInner>) {
+    let d = inner.durable.as_ref().expect("a durable bus");
+    let mut tick = tokio::time::interval(d.retention_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = d.stop.cancelled() => return,
+        }
+        if let Err(error) = apply_retention(&inner).await {
+            tracing::warn!(%error, "tidings: applying retention failed; will try again");
+        }
+    }
+}
+
+/// Deletes what each topic's retention no longer keeps.
+pub(crate) async fn apply_retention(inner: &BusInner) -> Result<u64, StoreError> {
+    let d = inner.durable.as_ref().expect("a durable bus");
+    let mut deleted = 0;
+    for topic in &inner.topics {
+        let retention = d.retention.get(&topic.name).copied().unwrap_or_default();
+        for p in 0..topic.partitions.len() as u32 {
+            let before = match retention {
+                Retention::KeepAll => continue,
+                Retention::MaxEvents(n) => d.store.head(&topic.name, p).await?.saturating_sub(n),
+                Retention::MaxAge(age) => {
+                    let cutoff = SystemTime::now()
+                        .checked_sub(age)
+                        .unwrap_or(SystemTime::UNIX_EPOCH);
+                    d.store.offset_at(&topic.name, p, cutoff).await?
+                }
+            };
+            if before > 0 {
+                let n = d.store.trim(&topic.name, p, before).await?;
+                if n > 0 {
+                    tracing::debug!(topic = %topic.name, partition = p, deleted = n, "tidings: retention");
+                }
+                deleted += n;
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// A worker's view of its partition with a store: which offset it handles next, and catching up
+/// from the log.
+pub(crate) struct Feed {
+    pub(crate) store: Arc<dyn Store>,
+    /// Reading stops here: the head when the catch-up began.
+    pub(crate) until: u64,
+    /// Rows read and not yet handed out.
+    pub(crate) rows: VecDeque<StoredEvent>,
+}
+
+/// Where a worker starts: its committed offset, or `start` without one (or when `reset`).
+pub(crate) async fn start_offset(
+    store: &dyn Store,
+    group: &str,
+    topic: &str,
+    partition: u32,
+    start: StartFrom,
+    reset: bool,
+) -> Result<(u64, u64), StoreError> {
+    let head = store.head(topic, partition).await?;
+    let committed = if reset {
+        None
+    } else {
+        store.committed(group, topic, partition).await?
+    };
+    let from = match committed {
+        Some(c) => c,
+        None => match start {
+            StartFrom::Earliest => 0,
+            StartFrom::Latest => head,
+            StartFrom::Offset(o) => o.min(head),
+            StartFrom::Timestamp(t) => store.offset_at(topic, partition, t).await?,
+        },
+    };
+    if committed.is_none() {
+        // Remember the start at once: a crash before the first commit must not move a group
+        // that started at "latest" past events published meanwhile.
+        store
+            .commit(&[GroupOffset {
+                group: group.to_owned(),
+                topic: topic.to_owned(),
+                partition,
+                next_offset: from,
+            }])
+            .await?;
+    }
+    Ok((from, head))
+}
+
+/// What a catch-up read gave, one row at a time.
+pub(crate) enum Caught {
+    /// Not for this worker's subscription (another event type).
+    Skip(u64),
+    Event(Erased),
+    Bad(crate::AnyEnvelope, String),
+}
+
+impl Feed {
+    /// The next row up to `until`, read from the log a page at a time; `None` once there.
+    pub(crate) async fn next(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        accepts: impl Fn(&str) -> bool,
+        decoder: &Decoder,
+    ) -> Result<Option<Caught>, StoreError> {
+        if self.rows.is_empty() {
+            if from >= self.until {
+                return Ok(None);
+            }
+            let limit = ((self.until - from) as usize).min(READ_PAGE);
+            let rows = self.store.read(topic, partition, from, limit).await?;
+            self.rows
+                .extend(rows.into_iter().filter(|r| r.offset < self.until));
+            if self.rows.is_empty() {
+                // Deleted by retention meanwhile (or never there): nothing more to read.
+                return Ok(None);
+            }
+            if let Some(first) = self.rows.front() {
+                if first.offset > from {
+                    tracing::warn!(topic, partition, from, resumed = first.offset, "tidings: events before this offset are no longer in the log (retention); the group skips them");
+                }
+            }
+        }
+        let row = self.rows.pop_front().expect("not empty");
+        if !accepts(&row.name) {
+            return Ok(Some(Caught::Skip(row.offset)));
+        }
+        Ok(Some(match decoder.decode(&row) {
+            Decoded::Event(env) => Caught::Event(env.inner),
+            Decoded::Failed(env, error) => Caught::Bad(env, error),
+        }))
+    }
+}

@@ -1,0 +1,328 @@
+//! Payloads at the store boundary: serializing events, reading rows back through upcasters.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{from_micros, StoredEvent};
+use crate::envelope::{AnyEnvelope, Headers, Metadata};
+use crate::event::{DynEvent, Event};
+
+/// Serializes `event` as JSON; `Err(size)` if it is larger than `limit` bytes.
+pub(crate) fn encode<E: Event>(event: &E, limit: usize) -> Result<Vec<u8>, EncodeError> {
+    let payload = serde_json::to_vec(event).map_err(|e| EncodeError::Serialize(e.to_string()))?;
+    if payload.len() > limit {
+        return Err(EncodeError::TooLarge {
+            size: payload.len(),
+        });
+    }
+    Ok(payload)
+}
+
+pub(crate) enum EncodeError {
+    TooLarge { size: usize },
+    Serialize(String),
+}
+
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+pub(crate) fn headers_to_json(headers: &Headers) -> String {
+    let pairs: Vec<(&str, &str)> = headers.iter().collect();
+    serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned())
+}
+
+pub(crate) fn headers_from_json(json: &str) -> Result<Headers, String> {
+    let pairs: Vec<(String, String)> =
+        serde_json::from_str(json).map_err(|e| format!("headers: {e}"))?;
+    let mut headers = Headers::new();
+    for (n, v) in pairs {
+        headers.insert(n, v);
+    }
+    Ok(headers)
+}
+
+/// A `&'static str` equal to `name`, allocated once per distinct name (topic names of rows read
+/// back: [`Metadata::topic`] is static).
+pub(crate) fn intern(name: &str) -> &'static str {
+    static NAMES: OnceLock<parking_lot::Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES.get_or_init(Default::default).lock();
+    match names.get(name) {
+        Some(s) => s,
+        None => {
+            let s: &'static str = Box::leak(name.to_owned().into_boxed_str());
+            names.insert(s);
+            s
+        }
+    }
+}
+
+/// Why an [`Upcaster`] could not convert a payload.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UpcastError(pub String);
+
+impl UpcastError {
+    /// An error with this message.
+    pub fn new(message: impl fmt::Display) -> Self {
+        UpcastError(message.to_string())
+    }
+}
+
+type UpcastFn = dyn Fn(Value) -> Result<Value, UpcastError> + Send + Sync;
+
+/// Turns a stored payload of one version of an event type into the next version, when a row is
+/// read back from a store. Register them with
+/// [`BusBuilder::upcaster`](crate::BusBuilder::upcaster): a row of version 1 read by a bus whose
+/// type is at version 3 goes through the upcasters from 1 and from 2.
+///
+/// The articles' example: `OrderCreated` v2 added a currency, and every order before it was in
+/// euros.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use tidings::{Bus, Event, Upcaster};
+///
+/// #[derive(Serialize, Deserialize, Event)]
+/// #[event(topic = "orders", key = order_id, version = 2)]
+/// struct OrderCreated { order_id: u64, total_cents: u64, currency: String }
+///
+/// // Version 1 as it was written.
+/// #[derive(Deserialize)]
+/// struct OrderCreatedV1 { order_id: u64, total_cents: u64 }
+///
+/// let v1_to_v2 = Upcaster::typed("OrderCreated", 1, |old: OrderCreatedV1| OrderCreated {
+///     order_id: old.order_id,
+///     total_cents: old.total_cents,
+///     currency: "EUR".into(),
+/// });
+/// // The same on the JSON value:
+/// let same = Upcaster::new("OrderCreated", 1, |mut v| {
+///     v["currency"] = "EUR".into();
+///     Ok(v)
+/// });
+/// # let _ = (same, Bus::builder().upcaster(v1_to_v2));
+/// ```
+#[derive(Clone)]
+pub struct Upcaster {
+    pub(crate) name: String,
+    pub(crate) from_version: u32,
+    pub(crate) f: Arc<UpcastFn>,
+}
+
+impl Upcaster {
+    /// Converts the JSON payload of version `from_version` of the event type `name` into version
+    /// `from_version + 1`.
+    pub fn new(
+        name: impl Into<String>,
+        from_version: u32,
+        f: impl Fn(Value) -> Result<Value, UpcastError> + Send + Sync + 'static,
+    ) -> Self {
+        Upcaster {
+            name: name.into(),
+            from_version,
+            f: Arc::new(f),
+        }
+    }
+
+    /// Converts version `from_version` of `name`, deserialized as `Old`, into version
+    /// `from_version + 1` (`New`, serialized again).
+    pub fn typed<Old, New>(
+        name: impl Into<String>,
+        from_version: u32,
+        f: impl Fn(Old) -> New + Send + Sync + 'static,
+    ) -> Self
+    where
+        Old: DeserializeOwned,
+        New: Serialize,
+    {
+        Self::new(name, from_version, move |v| {
+            let old: Old = serde_json::from_value(v).map_err(UpcastError::new)?;
+            serde_json::to_value(f(old)).map_err(UpcastError::new)
+        })
+    }
+}
+
+impl fmt::Debug for Upcaster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upcaster")
+            .field("name", &self.name)
+            .field("from_version", &self.from_version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A row that could not be turned back into an event: what a consumer group's dead-letter queue
+/// holds in its place, with the error as the entry's error.
+///
+/// ```no_run
+/// # async fn f(bus: tidings::Bus) -> Result<(), tidings::DeadLetterError> {
+/// for entry in bus.dead_letters("billing")?.list() {
+///     if let Some(raw) = entry.envelope.downcast_ref::<tidings::Undecodable>() {
+///         eprintln!("{} v{} could not be read: {}", raw.name, raw.version, entry.error);
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Undecodable {
+    /// The stored type name.
+    pub name: String,
+    /// The stored version.
+    pub version: u32,
+    /// The stored payload, as text (lossy if it is not UTF-8).
+    pub payload: String,
+}
+
+impl Event for Undecodable {
+    const TOPIC: &'static str = "tidings.undecodable";
+    const NAME: &'static str = "tidings.Undecodable";
+    const VERSION: u32 = 1;
+    fn key(&self) -> Option<crate::Key<'_>> {
+        None
+    }
+}
+crate::register_event!(Undecodable);
+
+/// What reading a row back gave.
+pub(crate) enum Decoded {
+    Event(AnyEnvelope),
+    /// The row in an [`Undecodable`] envelope, and why.
+    Failed(AnyEnvelope, String),
+}
+
+/// Reads rows back: upcasters by (type name, version), then typetag.
+#[derive(Default)]
+pub(crate) struct Decoder {
+    upcasters: HashMap<(String, u32), Arc<UpcastFn>>,
+}
+
+impl Decoder {
+    pub(crate) fn new(upcasters: Vec<Upcaster>) -> Result<Self, String> {
+        let mut map = HashMap::new();
+        for u in upcasters {
+            let key = (u.name.clone(), u.from_version);
+            if map.insert(key, u.f).is_some() {
+                return Err(format!(
+                    "two upcasters for {} from version {}",
+                    u.name, u.from_version
+                ));
+            }
+        }
+        Ok(Decoder { upcasters: map })
+    }
+
+    pub(crate) fn decode(&self, row: &StoredEvent) -> Decoded {
+        let headers = row.headers.clone();
+        let meta = Metadata {
+            id: row.id,
+            topic: intern(&row.topic),
+            partition: row.partition,
+            offset: row.offset,
+            timestamp: row.timestamp,
+            correlation_id: row.correlation_id,
+            causation_id: row.causation_id,
+            headers,
+        };
+        match self.decode_event(row) {
+            Ok(event) => Decoded::Event(event.__into_envelope(meta)),
+            Err(error) => {
+                let raw = Undecodable {
+                    name: row.name.clone(),
+                    version: row.version,
+                    payload: String::from_utf8_lossy(&row.payload).into_owned(),
+                };
+                let boxed: Box<dyn DynEvent> = Box::new(raw);
+                Decoded::Failed(boxed.__into_envelope(meta), error)
+            }
+        }
+    }
+
+    fn decode_event(&self, row: &StoredEvent) -> Result<Box<dyn DynEvent>, String> {
+        let (name, mut version) = (row.name.as_str(), row.version);
+        let mut upcast: Option<Value> = None;
+        while let Some(f) = (!self.upcasters.is_empty())
+            .then(|| self.upcasters.get(&(name.to_owned(), version)))
+            .flatten()
+        {
+            let value = match upcast.take() {
+                Some(v) => v,
+                None => serde_json::from_slice(&row.payload)
+                    .map_err(|e| format!("{name} v{version}: the payload is not JSON: {e}"))?,
+            };
+            upcast =
+                Some(f(value).map_err(|e| {
+                    format!("{name}: the upcaster from version {version} failed: {e}")
+                })?);
+            version += 1;
+        }
+        // typetag's externally tagged form: {"<name>": <payload>}.
+        let tagged = match &upcast {
+            Some(v) => {
+                let mut map = serde_json::Map::new();
+                map.insert(name.to_owned(), v.clone());
+                serde_json::to_vec(&map).map_err(|e| format!("{name}: {e}"))?
+            }
+            None => {
+                let key = serde_json::to_string(name).map_err(|e| format!("{name}: {e}"))?;
+                let mut buf = Vec::with_capacity(key.len() + row.payload.len() + 3);
+                buf.push(b'{');
+                buf.extend_from_slice(key.as_bytes());
+                buf.push(b':');
+                buf.extend_from_slice(&row.payload);
+                buf.push(b'}');
+                buf
+            }
+        };
+        let event: Box<dyn DynEvent> = serde_json::from_slice(&tagged).map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("unknown variant") {
+                format!("unknown event type {name:?} (v{version}): no such type is registered")
+            } else {
+                format!("{name} v{version}: the payload does not deserialize: {msg}")
+            }
+        })?;
+        let current = event.event_info().version;
+        if current != version {
+            return Err(format!(
+                "{name}: the stored version {} reads as version {version}, but the type is at version {current} and no upcaster goes from version {version}",
+                row.version
+            ));
+        }
+        Ok(event)
+    }
+}
+
+/// Converts a row's stored fields (as the SQL backends read them) into a [`StoredEvent`].
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn row(
+    topic: String,
+    partition: i64,
+    offset: i64,
+    id: uuid::Uuid,
+    name: String,
+    version: i64,
+    timestamp_us: i64,
+    correlation_id: uuid::Uuid,
+    causation_id: Option<uuid::Uuid>,
+    headers: &str,
+    payload: Vec<u8>,
+) -> Result<StoredEvent, super::StoreError> {
+    let headers = headers_from_json(headers).map_err(super::StoreError::Corrupt)?;
+    Ok(StoredEvent {
+        topic,
+        partition: partition as u32,
+        offset: offset as u64,
+        id,
+        name,
+        version: version as u32,
+        timestamp: from_micros(timestamp_us),
+        correlation_id,
+        causation_id,
+        headers,
+        payload,
+    })
+}

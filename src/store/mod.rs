@@ -1,0 +1,379 @@
+//! Persistence: the [`Store`] trait the bus keeps its partition logs and consumer offsets in, and
+//! its backends.
+//!
+//! Without a store the bus lives in memory: fast, and gone with the process. Give the builder a
+//! store and the same handlers and subscriptions run durably:
+//!
+//! - [`publish`](crate::Bus::publish) returns once the event is committed to the topic
+//!   partition's log. Concurrent publishers share one transaction (group commit), so throughput
+//!   does not collapse to one fsync per event.
+//! - Right after the commit the event is handed to the consumer groups from memory; the log is
+//!   read back only to catch up: after a restart, for a [replay](StartFrom), or when a group fell
+//!   more than its queue's capacity behind (a full queue no longer holds publishers up: the
+//!   group reads what it missed from the log).
+//! - Each group's offset per partition is committed after its events are handled
+//!   (at-least-once), in the background every [commit interval](crate::BusBuilder::commit_interval)
+//!   and at shutdown; a restarted bus resumes every group from its committed offsets.
+//!
+//! | backend | feature | for |
+//! |---|---|---|
+//! | [`MemoryStore`] | always | tests: behaves like the others, and survives a *simulated* restart (build a new bus on a clone) |
+//! | [`SqliteStore`](crate::SqliteStore) | `sqlite` (default) | one binary: one file, WAL, no server |
+//! | [`PostgresStore`](crate::PostgresStore) | `postgres` | services sharing a PostgreSQL server |
+//!
+//! Each backend is one file implementing [`Store`]; the SQL backends ship their migrations and
+//! run them when opened.
+//!
+//! # Payloads and schema evolution
+//!
+//! Events are serialized once, at the store boundary, as JSON, with their type
+//! [name](crate::Event::NAME) and [version](crate::Event::VERSION). Reading a row back, the bus
+//! runs the [`Upcaster`]s registered for its (name, version) until it reaches the current
+//! version, then turns the payload back into the Rust type through typetag's registry. A row
+//! that cannot be read back (unknown type, a version without an upcaster, a payload that fails
+//! to deserialize) goes to the reading group's dead-letter queue with the error, and the group
+//! goes on.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use uuid::Uuid;
+
+use crate::envelope::Headers;
+
+mod codec;
+mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+pub(crate) use codec::{encode, intern, Decoded, Decoder, EncodeError};
+pub use codec::{Undecodable, UpcastError, Upcaster};
+pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
+
+/// Default limit of a serialized payload: 1 MiB.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+
+/// One event as a store keeps it: its place in the log, its metadata and its serialized payload.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Topic.
+    pub topic: String,
+    /// Partition of the topic.
+    pub partition: u32,
+    /// Position in the partition's log, assigned by [`Store::append`].
+    pub offset: u64,
+    /// Event id.
+    pub id: Uuid,
+    /// Event type name ([`Event::NAME`](crate::Event::NAME)).
+    pub name: String,
+    /// Schema version of the payload ([`Event::VERSION`](crate::Event::VERSION) when written).
+    pub version: u32,
+    /// Publication time.
+    pub timestamp: SystemTime,
+    /// Correlation id.
+    pub correlation_id: Uuid,
+    /// Causation id.
+    pub causation_id: Option<Uuid>,
+    /// Headers.
+    pub headers: Headers,
+    /// The serialized event (JSON).
+    pub payload: Vec<u8>,
+}
+
+impl fmt::Debug for StoredEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoredEvent")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("offset", &self.offset)
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("payload", &String::from_utf8_lossy(&self.payload))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A consumer group's next offset in one partition: everything before it is handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupOffset {
+    /// Consumer group.
+    pub group: String,
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// The first offset not yet handled.
+    pub next_offset: u64,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database (or its driver) reported an error.
+    #[error("store error: {0}")]
+    Backend(Arc<dyn std::error::Error + Send + Sync>),
+    /// A configuration the store refuses (an invalid schema name, say).
+    #[error("invalid store configuration: {0}")]
+    Config(String),
+    /// Data in the store that breaks its own rules (a hole in a partition's offsets, say).
+    #[error("inconsistent store data: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+    pub(crate) fn backend(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Backend(Arc::new(error))
+    }
+}
+
+/// What the bus keeps durably: the partition logs of its topics and the committed offsets of its
+/// consumer groups.
+///
+/// Implemented by [`MemoryStore`], [`SqliteStore`](crate::SqliteStore) and
+/// [`PostgresStore`](crate::PostgresStore); give one to
+/// [`BusBuilder::store`](crate::BusBuilder::store). The trait is public so that a backend for
+/// another database is one file of straightforward code; the bus is its only caller.
+///
+/// # Contract
+///
+/// - Offsets of a partition are dense: 0, 1, 2, … in append order, never reused, even after
+///   [`trim`](Store::trim) deleted old events.
+/// - [`append`](Store::append) is atomic: every event of the call is durable when it returns
+///   `Ok`, or none is.
+/// - Appends to one partition become visible in offset order: a reader that sees offset `n`
+///   sees every offset below it (PostgreSQL holds the partition's head row locked until the
+///   append commits; SQLite and memory have one writer at a time).
+pub trait Store: Send + Sync + 'static {
+    /// Appends `events` to their partitions' logs in one transaction, writing the offset each got
+    /// into its `offset` field (in slice order within a partition).
+    fn append<'a>(&'a self, events: &'a mut [StoredEvent])
+        -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Up to `limit` events of a partition from offset `from` on, in offset order.
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+        from: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>>;
+
+    /// The offset the next event of the partition will get (0 for an empty log).
+    fn head<'a>(&'a self, topic: &'a str, partition: u32)
+        -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// The offset of the first event of the partition published at or after `at` (the
+    /// [head](Store::head) if there is none).
+    fn offset_at<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+        at: SystemTime,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// The committed next offset of `group` in a partition, if it ever committed one.
+    fn committed<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        partition: u32,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
+
+    /// Commits consumer offsets, all in one transaction.
+    fn commit<'a>(&'a self, offsets: &'a [GroupOffset]) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Deletes the events of a partition below offset `before` (retention). Returns how many
+    /// were deleted.
+    fn trim<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+        before: u64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
+}
+
+/// A shared store is a store: keep an `Arc` to read the log or offsets beside the bus.
+impl<S: Store + ?Sized> Store for Arc<S> {
+    fn append<'a>(
+        &'a self,
+        events: &'a mut [StoredEvent],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        (**self).append(events)
+    }
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+        from: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
+        (**self).read(topic, partition, from, limit)
+    }
+    fn head<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        (**self).head(topic, partition)
+    }
+    fn offset_at<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+        at: SystemTime,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        (**self).offset_at(topic, partition, at)
+    }
+    fn committed<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        partition: u32,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        (**self).committed(group, topic, partition)
+    }
+    fn commit<'a>(&'a self, offsets: &'a [GroupOffset]) -> BoxFuture<'a, Result<(), StoreError>> {
+        (**self).commit(offsets)
+    }
+    fn trim<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+        before: u64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        (**self).trim(topic, partition, before)
+    }
+}
+
+/// Where a consumer group starts reading a partition when it has no committed offset (or when
+/// it is [reset](crate::Subscription::reset_to)).
+///
+/// ```
+/// use tidings::{StartFrom, Subscription};
+///
+/// // A projection rebuilt from scratch reads the whole log.
+/// let projection = Subscription::new("order-totals").start_from(StartFrom::Earliest);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StartFrom {
+    /// The oldest event still in the log.
+    Earliest,
+    /// Only events published after the group started (the default, as without a store).
+    #[default]
+    Latest,
+    /// This offset, in every partition.
+    Offset(u64),
+    /// The first event published at or after this time, in every partition.
+    Timestamp(SystemTime),
+}
+
+/// How long a topic's log keeps events (with a store). Honoured by a background task every
+/// [retention interval](crate::BusBuilder::retention_interval).
+///
+/// Retention deletes events whatever the groups' offsets: a group that is further behind than
+/// the retention loses the deleted events (it resumes at the oldest one kept), as in Kafka.
+///
+/// ```
+/// use std::time::Duration;
+/// use tidings::{Retention, TopicConfig};
+///
+/// let telemetry = TopicConfig::new("telemetry").retention(Retention::MaxAge(Duration::from_secs(3600)));
+/// let orders = TopicConfig::new("orders").retention(Retention::MaxEvents(1_000_000));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Retention {
+    /// Keep every event (the default).
+    #[default]
+    KeepAll,
+    /// Delete events older than this.
+    MaxAge(Duration),
+    /// Keep at most this many of the newest events of each partition.
+    MaxEvents(u64),
+}
+
+/// Validates an SQL identifier taken from configuration (a schema name): ASCII letters, digits
+/// and `_`, not starting with a digit, at most 63 bytes.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub(crate) fn validate_identifier(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit();
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Config(format!(
+            "{name:?} is not a valid identifier: use 1 to 63 ASCII letters, digits or '_', not starting with a digit"
+        )))
+    }
+}
+
+/// The indices of `events` by partition, each list in slice order, the partitions sorted by
+/// (topic, partition): backends lock partition heads in that order, so two appenders never
+/// deadlock.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+pub(crate) fn by_partition(events: &[StoredEvent]) -> Vec<Vec<usize>> {
+    let mut runs: std::collections::BTreeMap<(&str, u32), Vec<usize>> = Default::default();
+    for (i, e) in events.iter().enumerate() {
+        runs.entry((e.topic.as_str(), e.partition))
+            .or_default()
+            .push(i);
+    }
+    runs.into_values().collect()
+}
+
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+pub(crate) fn micros(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_micros() as i64,
+        Err(e) => -(e.duration().as_micros() as i64),
+    }
+}
+
+pub(crate) fn from_micros(us: i64) -> SystemTime {
+    if us >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_micros(us as u64)
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::from_micros(us.unsigned_abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_from_configuration_are_validated() {
+        assert!(validate_identifier("tidings_test_1").is_ok());
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "a;drop table x",
+            "a b",
+            "\"x\"",
+            &"x".repeat(64),
+        ] {
+            assert!(validate_identifier(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn times_round_trip_through_micros() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        assert_eq!(from_micros(micros(t)), t);
+    }
+}

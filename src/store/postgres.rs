@@ -1,0 +1,381 @@
+//! `PostgresStore`: the PostgreSQL store, on sqlx.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures::future::{BoxFuture, FutureExt};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Row};
+use uuid::Uuid;
+
+use super::codec::{headers_to_json, row};
+use super::{
+    by_partition, micros, validate_identifier, GroupOffset, Store, StoreError, StoredEvent,
+};
+
+/// A [`Store`] in a PostgreSQL database, in a schema of its own choosing (`public` by default).
+/// Its tables (`tidings_*`) and migrations table (`_tidings_migrations`) are created on open.
+///
+/// Appends reserve their offsets by updating the partition's row in `tidings_heads`, which stays
+/// locked until the append commits: two appends to one partition commit in offset order, so a
+/// reader never sees offset `n` before `n - 1` is committed and never skips an event that
+/// committed late. Appends to other partitions do not wait for each other.
+///
+/// ```no_run
+/// use tidings::{Bus, PostgresStore};
+///
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = PostgresStore::connect("postgres://postgres@127.0.0.1:5432/app").await?;
+/// let bus = Bus::builder().store(store).build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PostgresStore {
+    pool: PgPool,
+    schema: Arc<str>,
+    sql: Arc<Sql>,
+}
+
+/// The statements, with the schema in their table names.
+#[derive(Debug)]
+struct Sql {
+    lock_head: Arc<str>,
+    insert: Arc<str>,
+    read: Arc<str>,
+    head: Arc<str>,
+    offset_at: Arc<str>,
+    committed: Arc<str>,
+    commit: Arc<str>,
+    trim: Arc<str>,
+}
+
+impl Sql {
+    fn new(schema: &str) -> Self {
+        let s = schema;
+        let q = |sql: String| Arc::<str>::from(sql);
+        Sql {
+            lock_head: q(format!(
+                "INSERT INTO {s}.tidings_heads AS h (topic, partition_no, next_offset) VALUES ($1, $2, $3) \
+                 ON CONFLICT (topic, partition_no) DO UPDATE SET next_offset = h.next_offset + EXCLUDED.next_offset \
+                 RETURNING next_offset"
+            )),
+            insert: q(format!(
+                "INSERT INTO {s}.tidings_events (topic, partition_no, log_offset, event_id, name, version, \
+                 timestamp_us, correlation_id, causation_id, headers, payload) \
+                 SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::uuid[], $5::text[], $6::int[], $7::bigint[], \
+                 $8::uuid[], $9::uuid[], $10::text[], $11::bytea[])"
+            )),
+            read: q(format!(
+                "SELECT topic, partition_no, log_offset, event_id, name, version, timestamp_us, \
+                 correlation_id, causation_id, headers, payload FROM {s}.tidings_events \
+                 WHERE topic = $1 AND partition_no = $2 AND log_offset >= $3 ORDER BY log_offset LIMIT $4"
+            )),
+            head: q(format!(
+                "SELECT next_offset FROM {s}.tidings_heads WHERE topic = $1 AND partition_no = $2"
+            )),
+            offset_at: q(format!(
+                "SELECT MIN(log_offset) FROM {s}.tidings_events \
+                 WHERE topic = $1 AND partition_no = $2 AND timestamp_us >= $3"
+            )),
+            committed: q(format!(
+                "SELECT next_offset FROM {s}.tidings_offsets \
+                 WHERE group_name = $1 AND topic = $2 AND partition_no = $3"
+            )),
+            commit: q(format!(
+                "INSERT INTO {s}.tidings_offsets (group_name, topic, partition_no, next_offset) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::bigint[]) \
+                 ON CONFLICT (group_name, topic, partition_no) DO UPDATE SET next_offset = EXCLUDED.next_offset"
+            )),
+            trim: q(format!(
+                "DELETE FROM {s}.tidings_events WHERE topic = $1 AND partition_no = $2 AND log_offset < $3"
+            )),
+        }
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` and migrates the `public` schema.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_in_schema(url, "public").await
+    }
+
+    /// Connects to `url` and keeps the tables in `schema` (created if missing, then migrated).
+    /// The name is validated: ASCII letters, digits and `_`.
+    pub async fn connect_in_schema(url: &str, schema: &str) -> Result<Self, StoreError> {
+        validate_identifier(schema)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(url)
+            .await
+            .map_err(StoreError::backend)?;
+        Self::from_pool(pool, schema).await
+    }
+
+    /// A store on the application's own pool, with its tables in `schema` (created if missing,
+    /// then migrated).
+    pub async fn from_pool(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
+        validate_identifier(schema)?;
+        let mut conn = pool.acquire().await.map_err(StoreError::backend)?;
+        migrate(&mut conn, schema).await?;
+        Ok(PostgresStore {
+            pool,
+            schema: Arc::from(schema),
+            sql: Arc::new(Sql::new(schema)),
+        })
+    }
+
+    /// The pool, to run the application's own queries on the same database.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The schema the tables are in.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// Appends `events` inside a transaction of the caller's (the transactional outbox: events
+    /// commit or roll back with the caller's own writes). Offsets are written into the events;
+    /// the partitions' heads stay locked until the caller's transaction ends, so keep it short.
+    ///
+    /// A bus on the same store hands events to its groups when its own appends commit; events
+    /// appended here reach them the next time they read the log (at the latest on restart).
+    pub async fn append_in(
+        &self,
+        conn: &mut PgConnection,
+        events: &mut [StoredEvent],
+    ) -> Result<(), StoreError> {
+        for run in by_partition(events) {
+            let (topic, partition) = (events[run[0]].topic.clone(), events[run[0]].partition);
+            let n = run.len() as i64;
+            let next: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.lock_head.clone()))
+                .bind(&topic)
+                .bind(partition as i32)
+                .bind(n)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(StoreError::backend)?;
+            let first = (next - n) as u64;
+            let mut offsets = Vec::with_capacity(run.len());
+            let mut ids = Vec::with_capacity(run.len());
+            let mut names = Vec::with_capacity(run.len());
+            let mut versions = Vec::with_capacity(run.len());
+            let mut times = Vec::with_capacity(run.len());
+            let mut correlations = Vec::with_capacity(run.len());
+            let mut causations: Vec<Option<Uuid>> = Vec::with_capacity(run.len());
+            let mut headers = Vec::with_capacity(run.len());
+            let mut payloads = Vec::with_capacity(run.len());
+            for (offset, &i) in (first..).zip(run.iter()) {
+                let e = &mut events[i];
+                e.offset = offset;
+                offsets.push(e.offset as i64);
+                ids.push(e.id);
+                names.push(e.name.clone());
+                versions.push(e.version as i32);
+                times.push(micros(e.timestamp));
+                correlations.push(e.correlation_id);
+                causations.push(e.causation_id);
+                headers.push(headers_to_json(&e.headers));
+                payloads.push(std::mem::take(&mut e.payload));
+            }
+            let done = sqlx::query(AssertSqlSafe(self.sql.insert.clone()))
+                .bind(&topic)
+                .bind(partition as i32)
+                .bind(&offsets)
+                .bind(&ids)
+                .bind(&names)
+                .bind(&versions)
+                .bind(&times)
+                .bind(&correlations)
+                .bind(&causations)
+                .bind(&headers)
+                .bind(&payloads)
+                .execute(&mut *conn)
+                .await;
+            // Payloads go back to their events, whatever happened.
+            for (&i, payload) in run.iter().zip(payloads) {
+                events[i].payload = payload;
+            }
+            done.map_err(StoreError::backend)?;
+        }
+        Ok(())
+    }
+
+    async fn append_inner(&self, events: &mut [StoredEvent]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(StoreError::backend)?;
+        self.append_in(&mut tx, events).await?;
+        tx.commit().await.map_err(StoreError::backend)
+    }
+}
+
+/// Creates the schema if needed and runs the migrations in it, under an advisory lock so that
+/// processes opening the store at once migrate it once.
+async fn migrate(conn: &mut PgConnection, schema: &str) -> Result<(), StoreError> {
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}"
+    )))
+    .execute(&mut *conn)
+    .await
+    .map_err(StoreError::backend)?;
+    sqlx::query(AssertSqlSafe(format!("SET search_path TO {schema}")))
+        .execute(&mut *conn)
+        .await
+        .map_err(StoreError::backend)?;
+    let mut migrator = sqlx::migrate!("src/store/migrations/postgres");
+    migrator.dangerous_set_table_name("_tidings_migrations");
+    let result = migrator.run(&mut *conn).await.map_err(StoreError::backend);
+    sqlx::query("RESET search_path")
+        .execute(&mut *conn)
+        .await
+        .map_err(StoreError::backend)?;
+    result
+}
+
+fn stored(r: &PgRow) -> Result<StoredEvent, StoreError> {
+    let get = |e: sqlx::Error| StoreError::backend(e);
+    row(
+        r.try_get("topic").map_err(get)?,
+        r.try_get::<i32, _>("partition_no").map_err(get)? as i64,
+        r.try_get("log_offset").map_err(get)?,
+        r.try_get("event_id").map_err(get)?,
+        r.try_get("name").map_err(get)?,
+        r.try_get::<i32, _>("version").map_err(get)? as i64,
+        r.try_get("timestamp_us").map_err(get)?,
+        r.try_get("correlation_id").map_err(get)?,
+        r.try_get("causation_id").map_err(get)?,
+        r.try_get::<&str, _>("headers").map_err(get)?,
+        r.try_get("payload").map_err(get)?,
+    )
+}
+
+impl Store for PostgresStore {
+    fn append<'a>(
+        &'a self,
+        events: &'a mut [StoredEvent],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.append_inner(events).boxed()
+    }
+
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+        from: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
+        async move {
+            let rows = sqlx::query(AssertSqlSafe(self.sql.read.clone()))
+                .bind(topic)
+                .bind(partition as i32)
+                .bind(from as i64)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            rows.iter().map(stored).collect()
+        }
+        .boxed()
+    }
+
+    fn head<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        async move {
+            let head: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.head.clone()))
+                .bind(topic)
+                .bind(partition as i32)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            Ok(head.unwrap_or(0) as u64)
+        }
+        .boxed()
+    }
+
+    fn offset_at<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+        at: SystemTime,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        async move {
+            let first: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.offset_at.clone()))
+                .bind(topic)
+                .bind(partition as i32)
+                .bind(micros(at))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            match first {
+                Some(offset) => Ok(offset as u64),
+                None => self.head(topic, partition).await,
+            }
+        }
+        .boxed()
+    }
+
+    fn committed<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        partition: u32,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        async move {
+            let offset: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.committed.clone()))
+                .bind(group)
+                .bind(topic)
+                .bind(partition as i32)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            Ok(offset.map(|o| o as u64))
+        }
+        .boxed()
+    }
+
+    fn commit<'a>(&'a self, offsets: &'a [GroupOffset]) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            if offsets.is_empty() {
+                return Ok(());
+            }
+            let groups: Vec<&str> = offsets.iter().map(|o| o.group.as_str()).collect();
+            let topics: Vec<&str> = offsets.iter().map(|o| o.topic.as_str()).collect();
+            let partitions: Vec<i32> = offsets.iter().map(|o| o.partition as i32).collect();
+            let nexts: Vec<i64> = offsets.iter().map(|o| o.next_offset as i64).collect();
+            sqlx::query(AssertSqlSafe(self.sql.commit.clone()))
+                .bind(&groups)
+                .bind(&topics)
+                .bind(&partitions)
+                .bind(&nexts)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn trim<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+        before: u64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        async move {
+            let done = sqlx::query(AssertSqlSafe(self.sql.trim.clone()))
+                .bind(topic)
+                .bind(partition as i32)
+                .bind(before as i64)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            Ok(done.rows_affected())
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,329 @@
+//! `SqliteStore`: the embedded durable store (one file, WAL, no server), on sqlx.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use futures::future::{BoxFuture, FutureExt};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use super::codec::{headers_to_json, row};
+use super::{by_partition, micros, GroupOffset, Store, StoreError, StoredEvent};
+
+/// Rows per INSERT statement: 11 parameters each stays well under SQLite's 32 766.
+const ROWS_PER_INSERT: usize = 500;
+
+const COLUMNS: &str = "topic, partition_no, log_offset, event_id, name, version, timestamp_us, \
+                       correlation_id, causation_id, headers, payload";
+
+/// A [`Store`] in an SQLite database file: the embedded durable default, for a single binary
+/// with no server. Write-ahead logging, `synchronous = FULL` (a committed event survives a power
+/// cut), one writer at a time. Its tables (`tidings_*`) are created on open.
+///
+/// Built on sqlx, so the file can be shared with the application's own sqlx code
+/// ([`from_pool`](SqliteStore::from_pool)).
+///
+/// ```no_run
+/// use tidings::{Bus, SqliteStore};
+///
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = SqliteStore::open("events.db").await?;
+/// let bus = Bus::builder().store(store).build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database file at `path` and migrates it.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true);
+        Self::open_with(options).await
+    }
+
+    /// Opens the database described by a URL such as `sqlite://events.db` or `sqlite::memory:`.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(StoreError::backend)?
+            .create_if_missing(true);
+        Self::open_with(options).await
+    }
+
+    /// Opens a database with these options (plus WAL, `synchronous = FULL` and a busy timeout)
+    /// and migrates it.
+    pub async fn open_with(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let in_memory = options.get_filename() == Path::new(":memory:");
+        let options = options
+            .journal_mode(if in_memory {
+                SqliteJournalMode::Memory
+            } else {
+                SqliteJournalMode::Wal
+            })
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10));
+        // An in-memory database exists once per connection: keep exactly one.
+        let max = if in_memory { 1 } else { 4 };
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max)
+            .min_connections(if in_memory { 1 } else { 0 })
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await
+            .map_err(StoreError::backend)?;
+        Self::from_pool(pool).await
+    }
+
+    /// A store on the application's own pool; runs the migrations. Its tables are named
+    /// `tidings_*`; the migrations are tracked in `_tidings_migrations`, apart from the
+    /// application's own.
+    pub async fn from_pool(pool: SqlitePool) -> Result<Self, StoreError> {
+        let mut migrator = sqlx::migrate!("src/store/migrations/sqlite");
+        migrator.dangerous_set_table_name("_tidings_migrations");
+        migrator.run(&pool).await.map_err(StoreError::backend)?;
+        Ok(SqliteStore { pool })
+    }
+
+    /// The pool, to run the application's own queries on the same database.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn append_inner(&self, events: &mut [StoredEvent]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        // BEGIN IMMEDIATE takes the write lock at once: a deferred transaction that reads the
+        // head and then writes could fail to upgrade instead of waiting.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::backend)?;
+        for run in by_partition(events) {
+            let (topic, partition) = (events[run[0]].topic.clone(), events[run[0]].partition);
+            let head: Option<i64> = sqlx::query_scalar(
+                "SELECT next_offset FROM tidings_heads WHERE topic = ? AND partition_no = ?",
+            )
+            .bind(&topic)
+            .bind(partition as i64)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::backend)?;
+            let mut next = head.unwrap_or(0) as u64;
+            for &i in &run {
+                events[i].offset = next;
+                next += 1;
+            }
+            let rows: Vec<&StoredEvent> = run.iter().map(|&i| &events[i]).collect();
+            for chunk in rows.chunks(ROWS_PER_INSERT) {
+                let mut q: QueryBuilder<Sqlite> =
+                    QueryBuilder::new(format!("INSERT INTO tidings_events ({COLUMNS}) "));
+                q.push_values(chunk, |mut b, e| {
+                    b.push_bind(&e.topic)
+                        .push_bind(e.partition as i64)
+                        .push_bind(e.offset as i64)
+                        .push_bind(e.id)
+                        .push_bind(&e.name)
+                        .push_bind(e.version as i64)
+                        .push_bind(micros(e.timestamp))
+                        .push_bind(e.correlation_id)
+                        .push_bind(e.causation_id)
+                        .push_bind(headers_to_json(&e.headers))
+                        .push_bind(&e.payload);
+                });
+                q.build()
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::backend)?;
+            }
+            sqlx::query(
+                "INSERT INTO tidings_heads (topic, partition_no, next_offset) VALUES (?, ?, ?) \
+                 ON CONFLICT (topic, partition_no) DO UPDATE SET next_offset = excluded.next_offset",
+            )
+            .bind(&topic)
+            .bind(partition as i64)
+            .bind(next as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::backend)?;
+        }
+        tx.commit().await.map_err(StoreError::backend)
+    }
+}
+
+fn stored(r: &SqliteRow) -> Result<StoredEvent, StoreError> {
+    let get = |e: sqlx::Error| StoreError::backend(e);
+    row(
+        r.try_get("topic").map_err(get)?,
+        r.try_get("partition_no").map_err(get)?,
+        r.try_get("log_offset").map_err(get)?,
+        r.try_get("event_id").map_err(get)?,
+        r.try_get("name").map_err(get)?,
+        r.try_get("version").map_err(get)?,
+        r.try_get("timestamp_us").map_err(get)?,
+        r.try_get("correlation_id").map_err(get)?,
+        r.try_get("causation_id").map_err(get)?,
+        r.try_get::<&str, _>("headers").map_err(get)?,
+        r.try_get("payload").map_err(get)?,
+    )
+}
+
+impl Store for SqliteStore {
+    fn append<'a>(
+        &'a self,
+        events: &'a mut [StoredEvent],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.append_inner(events).boxed()
+    }
+
+    fn read<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+        from: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
+        async move {
+            let rows = sqlx::query(
+                "SELECT topic, partition_no, log_offset, event_id, name, version, timestamp_us, \
+                 correlation_id, causation_id, headers, payload FROM tidings_events \
+                 WHERE topic = ? AND partition_no = ? AND log_offset >= ? \
+                 ORDER BY log_offset LIMIT ?",
+            )
+            .bind(topic)
+            .bind(partition as i64)
+            .bind(from as i64)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
+            rows.iter().map(stored).collect()
+        }
+        .boxed()
+    }
+
+    fn head<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        async move {
+            let head: Option<i64> = sqlx::query_scalar(
+                "SELECT next_offset FROM tidings_heads WHERE topic = ? AND partition_no = ?",
+            )
+            .bind(topic)
+            .bind(partition as i64)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
+            Ok(head.unwrap_or(0) as u64)
+        }
+        .boxed()
+    }
+
+    fn offset_at<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+        at: SystemTime,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        async move {
+            let first: Option<i64> = sqlx::query_scalar(
+                "SELECT MIN(log_offset) FROM tidings_events \
+                 WHERE topic = ? AND partition_no = ? AND timestamp_us >= ?",
+            )
+            .bind(topic)
+            .bind(partition as i64)
+            .bind(micros(at))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
+            match first {
+                Some(offset) => Ok(offset as u64),
+                None => self.head(topic, partition).await,
+            }
+        }
+        .boxed()
+    }
+
+    fn committed<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        partition: u32,
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
+        async move {
+            let offset: Option<i64> = sqlx::query_scalar(
+                "SELECT next_offset FROM tidings_offsets \
+                 WHERE group_name = ? AND topic = ? AND partition_no = ?",
+            )
+            .bind(group)
+            .bind(topic)
+            .bind(partition as i64)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
+            Ok(offset.map(|o| o as u64))
+        }
+        .boxed()
+    }
+
+    fn commit<'a>(&'a self, offsets: &'a [GroupOffset]) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            if offsets.is_empty() {
+                return Ok(());
+            }
+            let mut tx = self
+                .pool
+                .begin_with("BEGIN IMMEDIATE")
+                .await
+                .map_err(StoreError::backend)?;
+            for o in offsets {
+                sqlx::query(
+                    "INSERT INTO tidings_offsets (group_name, topic, partition_no, next_offset) \
+                     VALUES (?, ?, ?, ?) ON CONFLICT (group_name, topic, partition_no) \
+                     DO UPDATE SET next_offset = excluded.next_offset",
+                )
+                .bind(&o.group)
+                .bind(&o.topic)
+                .bind(o.partition as i64)
+                .bind(o.next_offset as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::backend)?;
+            }
+            tx.commit().await.map_err(StoreError::backend)
+        }
+        .boxed()
+    }
+
+    fn trim<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+        before: u64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        async move {
+            let done = sqlx::query(
+                "DELETE FROM tidings_events WHERE topic = ? AND partition_no = ? AND log_offset < ?",
+            )
+            .bind(topic)
+            .bind(partition as i64)
+            .bind(before as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
+            Ok(done.rows_affected())
+        }
+        .boxed()
+    }
+}

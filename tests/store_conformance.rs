@@ -1,0 +1,700 @@
+//! One suite, every store: memory, SQLite and PostgreSQL run the same tests.
+//!
+//! `TIDINGS_STRESS=N` runs every test N times over, in parallel (stress mode).
+
+mod stores;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use stores::{publish_orders, record, record_with, Backend, Cancelled, Log, Placed};
+use tidings::prelude::*;
+use tidings::{PublishError, StartFrom, Store, StoredEvent, Undecodable, Upcaster, Uuid};
+
+/// Runs a test body `TIDINGS_STRESS` times (default once), in parallel, each on a fresh backend.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::stress(|_| async { super::$name(super::Backend::memory()).await }).await;
+                }
+            )*
+        }
+        #[cfg(feature = "sqlite")]
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::stress(|_| async { super::$name(super::Backend::sqlite()).await }).await;
+                }
+            )*
+        }
+        #[cfg(feature = "postgres")]
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::stress(|i| async move {
+                        let b = super::Backend::postgres(&format!("{}_{}", stringify!($name), i)).await;
+                        super::$name(b).await
+                    })
+                    .await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    durable_publish_reaches_every_group_in_key_order,
+    competing_partitions_handle_each_event_once,
+    restart_resumes_from_committed_offsets,
+    unhandled_events_are_handled_after_a_restart,
+    replay_from_earliest_offset_and_timestamp,
+    reset_moves_a_group_back,
+    other_types_on_the_topic_are_passed_by,
+    a_group_that_falls_behind_catches_up_from_the_log,
+    failed_events_go_to_the_dead_letter_queue_and_the_partition_goes_on,
+    unreadable_rows_go_to_the_dead_letter_queue,
+    upcasters_read_old_versions,
+    oversized_payloads_are_refused,
+    retention_by_count_trims_the_log,
+    producer_dedup_publishes_a_repeated_id_once,
+    handler_follow_ups_are_durable_too,
+);
+
+async fn stress<F, Fut>(test: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let n: usize = std::env::var("TIDINGS_STRESS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    futures::future::join_all((0..n).map(&test)).await;
+}
+
+fn topic(partitions: u32) -> TopicConfig {
+    TopicConfig::new("orders").partitions(partitions)
+}
+
+async fn durable_publish_reaches_every_group_in_key_order(b: Backend) {
+    let log = Log::default();
+    let builder = b.builder().await.topic(topic(4));
+    let builder = record(record(record(builder, "a", &log), "b", &log), "c", &log);
+    let bus = builder.build().unwrap();
+    publish_orders(&bus, 20, 25).await;
+    bus.settled().await;
+    for g in ["a", "b", "c"] {
+        assert_eq!(log.len(g), 500, "group {g}");
+        log.assert_key_order(g);
+    }
+    let stats = bus.stats();
+    assert_eq!(stats.topics[0].published, 500);
+    for g in &stats.topics[0].groups {
+        assert_eq!(g.lag, 0, "{g:?}");
+    }
+    bus.shutdown().await;
+    // Every event is in the log, with dense offsets per partition.
+    let store = b.open().await;
+    let mut total = 0;
+    for p in 0..4 {
+        let rows = store.read("orders", p, 0, 10_000).await.unwrap();
+        for (i, row) in rows.iter().enumerate() {
+            assert_eq!(row.offset, i as u64);
+            assert_eq!(row.name, "Placed");
+        }
+        assert_eq!(store.head("orders", p).await.unwrap(), rows.len() as u64);
+        total += rows.len();
+    }
+    assert_eq!(total, 500);
+}
+
+async fn competing_partitions_handle_each_event_once(b: Backend) {
+    let log = Log::default();
+    let bus = record(b.builder().await.topic(topic(4)), "workers", &log)
+        .build()
+        .unwrap();
+    // Concurrent publishers: their appends share transactions.
+    let tasks: Vec<_> = (0..8u64)
+        .map(|t| {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                for seq in 0..50 {
+                    bus.publish(Placed { order: t, seq }).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    bus.settled().await;
+    let mut seen = log.of("workers");
+    assert_eq!(seen.len(), 400);
+    log.assert_key_order("workers");
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 400, "an event was handled twice");
+    bus.shutdown().await;
+}
+
+async fn restart_resumes_from_committed_offsets(b: Backend) {
+    let log = Log::default();
+    let bus = record(b.builder().await.topic(topic(2)), "g", &log)
+        .build()
+        .unwrap();
+    publish_orders(&bus, 5, 20).await;
+    bus.settled().await;
+    bus.shutdown().await;
+    assert_eq!(log.len("g"), 100);
+
+    // Restarted: nothing is handled again; new events are.
+    let log2 = Log::default();
+    let bus = record(b.builder().await.topic(topic(2)), "g", &log2)
+        .build()
+        .unwrap();
+    bus.settled().await;
+    assert_eq!(log2.len("g"), 0, "handled again after a clean restart");
+    for order in 0..5 {
+        bus.publish(Placed { order, seq: 100 }).await.unwrap();
+    }
+    bus.settled().await;
+    assert_eq!(log2.len("g"), 5);
+    bus.shutdown().await;
+}
+
+/// A handler that holds every event until released.
+struct Gate {
+    open: Arc<tokio::sync::Semaphore>,
+    handled: Arc<AtomicU32>,
+}
+
+impl Handler<Placed> for Gate {
+    async fn handle(&mut self, _: &Envelope<Placed>, _: &Context) -> Result<(), HandlerError> {
+        self.open.acquire().await.unwrap().forget();
+        self.handled.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+async fn unhandled_events_are_handled_after_a_restart(b: Backend) {
+    // The group handles 3 of 10 events, then the bus is stopped without draining (as a crash
+    // would stop it): the 7 others are handled after the restart, the 3 not again.
+    let open = Arc::new(tokio::sync::Semaphore::new(3));
+    let handled = Arc::new(AtomicU32::new(0));
+    let (o, h) = (open.clone(), handled.clone());
+    let bus = b
+        .builder()
+        .await
+        .topic(topic(1))
+        .subscribe::<Placed, _>("g", move || Gate {
+            open: o.clone(),
+            handled: h.clone(),
+        })
+        .build()
+        .unwrap();
+    publish_orders(&bus, 1, 10).await;
+    while handled.load(Ordering::SeqCst) < 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let report = bus.shutdown_timeout(Duration::from_millis(300)).await;
+    assert_eq!(report.handled, 3);
+
+    let log = Log::default();
+    let bus = record(b.builder().await.topic(topic(1)), "g", &log)
+        .build()
+        .unwrap();
+    bus.settled().await;
+    assert_eq!(log.of("g"), (3..10).map(|s| (0, s)).collect::<Vec<_>>());
+    bus.shutdown().await;
+}
+
+async fn replay_from_earliest_offset_and_timestamp(b: Backend) {
+    let bus = b.builder().await.topic(topic(1)).build().unwrap();
+    publish_orders(&bus, 1, 10).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let middle = SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for seq in 10..15 {
+        bus.publish(Placed { order: 0, seq }).await.unwrap();
+    }
+    bus.shutdown().await;
+
+    let log = Log::default();
+    let builder = b.builder().await.topic(topic(1));
+    let builder = record_with(
+        builder,
+        Subscription::new("earliest").start_from(StartFrom::Earliest),
+        &log,
+    );
+    let builder = record_with(
+        builder,
+        Subscription::new("latest").start_from(StartFrom::Latest),
+        &log,
+    );
+    let builder = record_with(
+        builder,
+        Subscription::new("offset").start_from(StartFrom::Offset(12)),
+        &log,
+    );
+    let builder = record_with(
+        builder,
+        Subscription::new("time").start_from(StartFrom::Timestamp(middle)),
+        &log,
+    );
+    let bus = builder.build().unwrap();
+    bus.settled().await;
+    let seqs = |g| log.of(g).into_iter().map(|(_, s)| s).collect::<Vec<_>>();
+    assert_eq!(seqs("earliest"), (0..15).collect::<Vec<_>>());
+    assert_eq!(seqs("latest"), Vec::<u64>::new());
+    assert_eq!(seqs("offset"), vec![12, 13, 14]);
+    assert_eq!(seqs("time"), (10..15).collect::<Vec<_>>());
+    // "Latest" was remembered: events published now reach it, and after a restart it does
+    // not jump past them.
+    bus.publish(Placed { order: 0, seq: 15 }).await.unwrap();
+    bus.settled().await;
+    assert_eq!(seqs("latest"), vec![15]);
+    bus.shutdown().await;
+}
+
+async fn reset_moves_a_group_back(b: Backend) {
+    let log = Log::default();
+    let bus = record(b.builder().await.topic(topic(2)), "proj", &log)
+        .build()
+        .unwrap();
+    publish_orders(&bus, 4, 5).await;
+    bus.settled().await;
+    bus.shutdown().await;
+    assert_eq!(log.len("proj"), 20);
+
+    // Rebuild the projection from scratch.
+    let log = Log::default();
+    let bus = record_with(
+        b.builder().await.topic(topic(2)),
+        Subscription::new("proj").reset_to(StartFrom::Earliest),
+        &log,
+    )
+    .build()
+    .unwrap();
+    bus.settled().await;
+    assert_eq!(log.len("proj"), 20);
+    log.assert_key_order("proj");
+    bus.shutdown().await;
+}
+
+async fn other_types_on_the_topic_are_passed_by(b: Backend) {
+    let log = Log::default();
+    let bus = record(b.builder().await.topic(topic(1)), "placed-only", &log)
+        .build()
+        .unwrap();
+    for order in 0..10 {
+        bus.publish(Placed { order, seq: 0 }).await.unwrap();
+        bus.publish(Cancelled { order }).await.unwrap();
+    }
+    bus.settled().await;
+    assert_eq!(log.len("placed-only"), 10);
+    let stats = bus.stats();
+    assert_eq!(stats.topics[0].published, 20);
+    assert_eq!(stats.topics[0].groups[0].lag, 0);
+    bus.shutdown().await;
+    // Its committed offset passed the other type's events too.
+    let store = b.open().await;
+    assert_eq!(
+        store.committed("placed-only", "orders", 0).await.unwrap(),
+        Some(20)
+    );
+}
+
+/// Slow enough that the queue fills.
+struct Slow(Log);
+impl Handler<Placed> for Slow {
+    async fn handle(&mut self, e: &Envelope<Placed>, _: &Context) -> Result<(), HandlerError> {
+        if e.event().seq.is_multiple_of(50) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let p = e.event();
+        self.0 .0.lock().push(("slow".into(), p.order, p.seq));
+        Ok(())
+    }
+}
+
+async fn a_group_that_falls_behind_catches_up_from_the_log(b: Backend) {
+    // Capacity 4: the slow group's queue is full at once; publishers do not wait for it, and it
+    // reads what it missed from the log, in order.
+    let log = Log::default();
+    let l = log.clone();
+    let bus = record(
+        b.builder()
+            .await
+            .topic(TopicConfig::new("orders").partitions(2).capacity(4)),
+        "fast",
+        &log,
+    )
+    .subscribe::<Placed, _>("slow", move || Slow(l.clone()))
+    .build()
+    .unwrap();
+    publish_orders(&bus, 3, 300).await;
+    bus.settled().await;
+    assert_eq!(log.len("slow"), 900);
+    assert_eq!(log.len("fast"), 900);
+    log.assert_key_order("slow");
+    log.assert_key_order("fast");
+    let mut seen = log.of("slow");
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 900, "an event was handled twice");
+    bus.shutdown().await;
+}
+
+struct FailSeven;
+impl Handler<Placed> for FailSeven {
+    async fn handle(&mut self, e: &Envelope<Placed>, _: &Context) -> Result<(), HandlerError> {
+        if e.event().seq == 7 {
+            return Err(HandlerError::permanent("seven is refused"));
+        }
+        Ok(())
+    }
+}
+
+async fn failed_events_go_to_the_dead_letter_queue_and_the_partition_goes_on(b: Backend) {
+    let bus = b
+        .builder()
+        .await
+        .topic(topic(1))
+        .subscribe::<Placed, _>("g", || FailSeven)
+        .build()
+        .unwrap();
+    publish_orders(&bus, 1, 10).await;
+    bus.settled().await;
+    let dlq = bus.dead_letters("g").unwrap();
+    assert_eq!(dlq.len(), 1);
+    let entry = &dlq.list()[0];
+    assert_eq!(entry.envelope.downcast_ref::<Placed>().unwrap().seq, 7);
+    assert!(entry.error.contains("seven"));
+    let g = &bus.stats().topics[0].groups[0];
+    assert_eq!((g.handled, g.failed, g.lag), (9, 1, 0));
+    bus.shutdown().await;
+}
+
+fn raw(name: &str, version: u32, payload: &str) -> StoredEvent {
+    let id = Uuid::now_v7();
+    StoredEvent {
+        topic: "orders".into(),
+        partition: 0,
+        offset: 0,
+        id,
+        name: name.into(),
+        version,
+        timestamp: SystemTime::now(),
+        correlation_id: id,
+        causation_id: None,
+        headers: Headers::new(),
+        payload: payload.as_bytes().to_vec(),
+    }
+}
+
+/// Takes every event of the topic.
+struct All(Log);
+impl AnyHandler for All {
+    async fn handle(&mut self, e: &AnyEnvelope, _: &Context) -> Result<(), HandlerError> {
+        if let Some(p) = e.downcast_ref::<Placed>() {
+            self.0 .0.lock().push(("all".into(), p.order, p.seq));
+        }
+        Ok(())
+    }
+}
+
+async fn unreadable_rows_go_to_the_dead_letter_queue(b: Backend) {
+    // Rows the bus would never write, written straight into the store.
+    let store = b.open().await;
+    let mut rows = vec![
+        raw("Placed", 1, r#"{"order":1,"seq":0}"#),
+        raw("NoSuchType", 1, r#"{"x":1}"#),
+        raw("Placed", 1, r#"{"order":"not a number","seq":1}"#),
+        raw("Placed", 1, "not json at all"),
+        raw("Placed", 9, r#"{"order":1,"seq":2}"#),
+        raw("Placed", 1, r#"{"order":1,"seq":3}"#),
+    ];
+    store.append(&mut rows).await.unwrap();
+
+    let log = Log::default();
+    let l = log.clone();
+    let builder = b.builder().await.topic(topic(1));
+    let builder = record_with(
+        builder,
+        Subscription::new("typed").start_from(StartFrom::Earliest),
+        &log,
+    );
+    let bus = builder
+        .subscribe_all(
+            "orders",
+            Subscription::new("all").start_from(StartFrom::Earliest),
+            move || All(l.clone()),
+        )
+        .build()
+        .unwrap();
+    bus.settled().await;
+    // Both groups went on past the bad rows.
+    assert_eq!(log.of("typed"), vec![(1, 0), (1, 3)]);
+    assert_eq!(log.of("all"), vec![(1, 0), (1, 3)]);
+    // The typed group never sees the unknown type (not its type); the others are dead letters.
+    let typed = bus.dead_letters("typed").unwrap().list();
+    assert_eq!(typed.len(), 3, "{typed:?}");
+    let all = bus.dead_letters("all").unwrap().list();
+    assert_eq!(all.len(), 4, "{all:?}");
+    let errors: Vec<&str> = all.iter().map(|d| d.error.as_str()).collect();
+    assert!(
+        errors[0].contains("unknown event type \"NoSuchType\""),
+        "{errors:?}"
+    );
+    assert!(errors[1].contains("does not deserialize"), "{errors:?}");
+    assert!(
+        errors[2].contains("not JSON") || errors[2].contains("does not deserialize"),
+        "{errors:?}"
+    );
+    assert!(errors[3].contains("no upcaster"), "{errors:?}");
+    let raw_entry = all[0].envelope.downcast_ref::<Undecodable>().unwrap();
+    assert_eq!(raw_entry.name, "NoSuchType");
+    assert_eq!(raw_entry.payload, r#"{"x":1}"#);
+    assert_eq!(all[0].envelope.offset(), 1);
+    let g = &bus.stats().topics[0].groups;
+    assert!(g.iter().all(|g| g.lag == 0), "{g:?}");
+    bus.shutdown().await;
+}
+
+/// Version 2 of an event whose version 1 had no currency.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Event)]
+#[event(topic = "orders.v", key = order, version = 2, name = "OrderCreated")]
+struct OrderCreated {
+    order: u64,
+    total: u64,
+    currency: String,
+}
+
+#[derive(serde::Deserialize)]
+struct OrderCreatedV1 {
+    order: u64,
+    total: u64,
+}
+
+struct Totals(Arc<parking_lot::Mutex<Vec<(u64, u64, String)>>>);
+impl Handler<OrderCreated> for Totals {
+    async fn handle(
+        &mut self,
+        e: &Envelope<OrderCreated>,
+        _: &Context,
+    ) -> Result<(), HandlerError> {
+        let o = e.event();
+        self.0.lock().push((o.order, o.total, o.currency.clone()));
+        Ok(())
+    }
+}
+
+async fn upcasters_read_old_versions(b: Backend) {
+    let store = b.open().await;
+    let mut old = raw("OrderCreated", 1, r#"{"order":1,"total":500}"#);
+    old.topic = "orders.v".into();
+    store.append(&mut [old]).await.unwrap();
+
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let bus = b
+        .builder()
+        .await
+        .topic(TopicConfig::new("orders.v").partitions(1))
+        .upcaster(Upcaster::typed("OrderCreated", 1, |v1: OrderCreatedV1| {
+            OrderCreated {
+                order: v1.order,
+                total: v1.total,
+                currency: "EUR".into(),
+            }
+        }))
+        .subscribe::<OrderCreated, _>(
+            Subscription::new("totals").start_from(StartFrom::Earliest),
+            move || Totals(s.clone()),
+        )
+        .build()
+        .unwrap();
+    bus.publish(OrderCreated {
+        order: 2,
+        total: 700,
+        currency: "USD".into(),
+    })
+    .await
+    .unwrap();
+    bus.settled().await;
+    assert_eq!(
+        *seen.lock(),
+        vec![(1, 500, "EUR".to_owned()), (2, 700, "USD".to_owned())]
+    );
+    assert!(bus.dead_letters("totals").unwrap().is_empty());
+    bus.shutdown().await;
+
+    // Two upcasters for one version are a build error.
+    let twice = b
+        .builder()
+        .await
+        .upcaster(Upcaster::new("OrderCreated", 1, Ok))
+        .upcaster(Upcaster::new("OrderCreated", 1, Ok))
+        .build();
+    assert!(twice.is_err());
+}
+
+async fn oversized_payloads_are_refused(b: Backend) {
+    let bus = b
+        .builder()
+        .await
+        .topic(topic(1))
+        .max_payload(20)
+        .build()
+        .unwrap();
+    bus.publish(Placed { order: 1, seq: 1 }).await.unwrap();
+    match bus
+        .publish(Placed {
+            order: 123_456_789,
+            seq: 123_456_789,
+        })
+        .await
+    {
+        Err(PublishError::TooLarge { event, size, limit }) => {
+            assert_eq!(event.order, 123_456_789);
+            assert_eq!(limit, 20);
+            assert!(size > 20);
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    bus.shutdown().await;
+    let store = b.open().await;
+    assert_eq!(
+        store.head("orders", 0).await.unwrap(),
+        1,
+        "nothing was appended"
+    );
+}
+
+async fn retention_by_count_trims_the_log(b: Backend) {
+    let bus = b
+        .builder()
+        .await
+        .topic(topic(1).retention(tidings::Retention::MaxEvents(5)))
+        .retention_interval(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    publish_orders(&bus, 1, 12).await;
+    let store = b.open().await;
+    let mut kept = usize::MAX;
+    for _ in 0..200 {
+        kept = store.read("orders", 0, 0, 100).await.unwrap().len();
+        if kept == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(kept, 5);
+    let rows = store.read("orders", 0, 0, 100).await.unwrap();
+    assert_eq!(rows[0].offset, 7);
+    bus.shutdown().await;
+    // A new group from the earliest event starts at the oldest one kept; offsets go on.
+    let log = Log::default();
+    let bus = record_with(
+        b.builder().await.topic(topic(1)),
+        Subscription::new("late").start_from(StartFrom::Earliest),
+        &log,
+    )
+    .build()
+    .unwrap();
+    bus.settled().await;
+    assert_eq!(log.of("late"), (7..12).map(|s| (0, s)).collect::<Vec<_>>());
+    let p = bus.publish(Placed { order: 0, seq: 12 }).await.unwrap();
+    assert_eq!(p.offset, 12);
+    bus.shutdown().await;
+}
+
+async fn producer_dedup_publishes_a_repeated_id_once(b: Backend) {
+    let log = Log::default();
+    let bus = record(
+        b.builder()
+            .await
+            .topic(topic(1))
+            .dedup_publishes(DedupWindow::new()),
+        "g",
+        &log,
+    )
+    .build()
+    .unwrap();
+    let id = Uuid::now_v7();
+    let first = bus
+        .publish_with(Placed { order: 1, seq: 1 }, PublishOptions::new().id(id))
+        .await
+        .unwrap();
+    let again = bus
+        .publish_with(Placed { order: 1, seq: 1 }, PublishOptions::new().id(id))
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    assert!(again.duplicate);
+    assert_eq!(again.offset, first.offset);
+    bus.settled().await;
+    assert_eq!(log.len("g"), 1);
+    bus.shutdown().await;
+    let store = b.open().await;
+    assert_eq!(store.head("orders", 0).await.unwrap(), 1);
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Event)]
+#[event(topic = "receipts", key = order)]
+struct Receipt {
+    order: u64,
+}
+
+struct Issue;
+impl Handler<Placed> for Issue {
+    async fn handle(&mut self, e: &Envelope<Placed>, ctx: &Context) -> Result<(), HandlerError> {
+        ctx.publish(Receipt {
+            order: e.event().order,
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+struct Count(Arc<AtomicU32>);
+impl Handler<Receipt> for Count {
+    async fn handle(&mut self, _: &Envelope<Receipt>, _: &Context) -> Result<(), HandlerError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+async fn handler_follow_ups_are_durable_too(b: Backend) {
+    let receipts = Arc::new(AtomicU32::new(0));
+    let r = receipts.clone();
+    let bus = b
+        .builder()
+        .await
+        .topic(topic(2))
+        .topic(TopicConfig::new("receipts").partitions(2))
+        .subscribe::<Placed, _>("issuer", || Issue)
+        .subscribe::<Receipt, _>("counter", move || Count(r.clone()))
+        .build()
+        .unwrap();
+    publish_orders(&bus, 10, 3).await;
+    // Shutdown drains the follow-ups too.
+    bus.shutdown().await;
+    assert_eq!(receipts.load(Ordering::SeqCst), 30);
+    let store = b.open().await;
+    let mut stored = 0;
+    for p in 0..2 {
+        let rows = store.read("receipts", p, 0, 1000).await.unwrap();
+        for row in &rows {
+            assert!(row.causation_id.is_some(), "a follow-up names its cause");
+        }
+        stored += rows.len();
+    }
+    assert_eq!(stored, 30);
+}

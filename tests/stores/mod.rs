@@ -1,0 +1,172 @@
+//! The store backends the conformance suite runs on, and what its tests share.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tidings::prelude::*;
+use tidings::{BusBuilder, MemoryStore, Store};
+
+/// One backend, able to open its store again (a restart).
+#[derive(Clone)]
+pub enum Backend {
+    Memory(MemoryStore),
+    #[cfg(feature = "sqlite")]
+    Sqlite(Arc<tempfile::TempDir>),
+    #[cfg(feature = "postgres")]
+    Postgres {
+        url: String,
+        schema: String,
+    },
+}
+
+/// The PostgreSQL server of the tests: `DATABASE_URL`, else the local one. A server that does
+/// not answer fails the test: it is never skipped.
+#[cfg(feature = "postgres")]
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+impl Backend {
+    pub fn memory() -> Self {
+        Backend::Memory(MemoryStore::new())
+    }
+
+    #[cfg(feature = "sqlite")]
+    pub fn sqlite() -> Self {
+        Backend::Sqlite(Arc::new(
+            tempfile::tempdir().expect("a temporary directory"),
+        ))
+    }
+
+    /// A fresh schema of its own, so that tests run in parallel.
+    #[cfg(feature = "postgres")]
+    pub async fn postgres(test: &str) -> Self {
+        let url = database_url();
+        // Short and unique: a hash of the test's name, and the process.
+        let hash = test.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
+        let schema = format!("t_{hash:016x}_{}", std::process::id());
+        let pool = sqlx::PgPool::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {url} (DATABASE_URL) must be running: {e}"));
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE"
+        )))
+        .execute(&pool)
+        .await
+        .expect("drop the test schema");
+        pool.close().await;
+        Backend::Postgres { url, schema }
+    }
+
+    /// Opens the store (again).
+    pub async fn open(&self) -> Arc<dyn Store> {
+        match self {
+            Backend::Memory(store) => Arc::new(store.clone()),
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(dir) => Arc::new(
+                tidings::SqliteStore::open(dir.path().join("events.db"))
+                    .await
+                    .expect("open SQLite"),
+            ),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres { url, schema } => Arc::new(
+                tidings::PostgresStore::connect_in_schema(url, schema)
+                    .await
+                    .expect("open PostgreSQL"),
+            ),
+        }
+    }
+
+    /// A builder on this backend's store (opened again).
+    pub async fn builder(&self) -> BusBuilder {
+        Bus::builder().store(self.open().await)
+    }
+}
+
+/// An order event: `seq` counts the events of one order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Event)]
+#[event(topic = "orders", key = order)]
+pub struct Placed {
+    pub order: u64,
+    pub seq: u64,
+}
+
+/// Another type on the same topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Event)]
+#[event(topic = "orders", key = order)]
+pub struct Cancelled {
+    pub order: u64,
+}
+
+/// What handlers saw: (group, order, seq, attempt).
+#[derive(Clone, Default)]
+pub struct Log(pub Arc<Mutex<Vec<(String, u64, u64)>>>);
+
+impl Log {
+    pub fn of(&self, group: &str) -> Vec<(u64, u64)> {
+        self.0
+            .lock()
+            .iter()
+            .filter(|(g, _, _)| g == group)
+            .map(|&(_, o, s)| (o, s))
+            .collect()
+    }
+
+    pub fn len(&self, group: &str) -> usize {
+        self.of(group).len()
+    }
+
+    /// Every order's events reached `group` in `seq` order.
+    pub fn assert_key_order(&self, group: &str) {
+        let mut last: std::collections::HashMap<u64, u64> = Default::default();
+        for (order, seq) in self.of(group) {
+            if let Some(prev) = last.insert(order, seq) {
+                assert!(
+                    seq > prev,
+                    "{group}: order {order} saw seq {seq} after {prev}"
+                );
+            }
+        }
+    }
+}
+
+/// Records every `Placed` it handles.
+pub struct Recorder {
+    pub group: String,
+    pub log: Log,
+}
+
+impl Handler<Placed> for Recorder {
+    async fn handle(&mut self, e: &Envelope<Placed>, _: &Context) -> Result<(), HandlerError> {
+        let p = e.event();
+        self.log.0.lock().push((self.group.clone(), p.order, p.seq));
+        Ok(())
+    }
+}
+
+/// Subscribes `group` to `Placed` with a [`Recorder`].
+pub fn record(builder: BusBuilder, group: &str, log: &Log) -> BusBuilder {
+    record_with(builder, Subscription::new(group), log)
+}
+
+pub fn record_with(builder: BusBuilder, sub: Subscription, log: &Log) -> BusBuilder {
+    let (group, log) = (sub.group().to_owned(), log.clone());
+    builder.subscribe::<Placed, _>(sub, move || Recorder {
+        group: group.clone(),
+        log: log.clone(),
+    })
+}
+
+/// Publishes `orders` × `per_order` events, seq 0.. within each order.
+pub async fn publish_orders(bus: &Bus, orders: u64, per_order: u64) {
+    for seq in 0..per_order {
+        for order in 0..orders {
+            bus.publish(Placed { order, seq }).await.expect("published");
+        }
+    }
+}
