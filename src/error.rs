@@ -105,6 +105,26 @@ pub enum PublishError<E> {
 }
 
 impl<E> PublishError<E> {
+    /// The same error with the event (or events) mapped.
+    pub(crate) fn map<F>(self, f: impl FnOnce(E) -> F) -> PublishError<F> {
+        match self {
+            PublishError::Closed(e) => PublishError::Closed(f(e)),
+            PublishError::TooLarge { event, size, limit } => PublishError::TooLarge {
+                event: f(event),
+                size,
+                limit,
+            },
+            PublishError::Serialize { event, message } => PublishError::Serialize {
+                event: f(event),
+                message,
+            },
+            PublishError::Store { event, error } => PublishError::Store {
+                event: f(event),
+                error,
+            },
+        }
+    }
+
     /// The event that was not published.
     pub fn into_event(self) -> E {
         match self {

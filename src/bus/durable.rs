@@ -21,6 +21,8 @@ use crate::topic::{Partition, Topic};
 
 /// Most events in one append transaction (the measured sweet spot of SQLite and PostgreSQL).
 const MAX_BATCH: usize = 1000;
+/// Times the appender yields to let concurrent publishers join a transaction.
+const LINGER_YIELDS: u32 = 4;
 /// Room in the appender's queue; publishers wait beyond it.
 const APPEND_QUEUE: usize = 8192;
 /// Rows read from the log per query when catching up.
@@ -48,23 +50,33 @@ pub(crate) struct Durable {
     pub(crate) started: CancellationToken,
 }
 
-/// An event waiting for its append: the row, the event itself (to hand to the groups once
-/// committed, or back to the publisher) and where to send the receipt.
+/// Events of one publish call waiting for their append: the rows, the events themselves (to hand
+/// to the groups once committed, or back to the publisher) and where to send the receipts. They
+/// are appended in one transaction.
 pub(crate) struct Append {
-    row: StoredEvent,
-    event: Box<dyn PendingEvent>,
+    rows: Vec<StoredEvent>,
+    events: Vec<Box<dyn PendingEvent>>,
+    topic_name: &'static str,
     topic: Arc<Topic>,
     slots: Box<[usize]>,
     dedup_key: Option<(&'static str, uuid::Uuid)>,
     reply: oneshot::Sender<AppendResult>,
 }
 
-/// The receipt, or why not and the event back.
-type AppendResult = Result<Published, (AppendError, Box<dyn Any + Send>)>;
+/// The receipts, or why not and the events back.
+type AppendResult = Result<Vec<Published>, (AppendError, Vec<Box<dyn Any + Send>>)>;
 
 pub(crate) enum AppendError {
     Store(StoreError),
     Closed,
+}
+
+/// An event about to be appended, with its place.
+pub(crate) struct Prepared<E> {
+    pub(crate) event: E,
+    pub(crate) partition: u32,
+    pub(crate) id: uuid::Uuid,
+    pub(crate) timestamp: SystemTime,
 }
 
 /// A typed event in a box, before it has an offset.
@@ -169,7 +181,6 @@ impl BusInner {
         timestamp: SystemTime,
         origin: &mut super::Origin,
     ) -> Result<Published, crate::PublishError<E>> {
-        let d = self.durable.as_ref().expect("a durable bus");
         // Producer-side deduplication: a repeat within the window publishes nothing.
         let dedup_key = match (&self.publish_dedup, origin.id) {
             (Some(window), Some(_)) => {
@@ -183,51 +194,97 @@ impl BusInner {
             }
             _ => None,
         };
-        let payload = match crate::store::encode(&event, d.max_payload) {
-            Ok(p) => p,
-            Err(crate::store::EncodeError::TooLarge { size }) => {
+        let prepared = vec![Prepared {
+            event,
+            partition,
+            id,
+            timestamp,
+        }];
+        match self
+            .append_durable(prepared, route, origin, dedup_key)
+            .await
+        {
+            Ok(mut receipts) => Ok(receipts.remove(0)),
+            Err(e) => Err(e.map(|mut events| events.remove(0))),
+        }
+    }
+
+    /// Appends `items` in one transaction and hands them to the groups; the receipts in order.
+    pub(crate) async fn append_durable<E: Event>(
+        &self,
+        items: Vec<Prepared<E>>,
+        route: (Arc<Topic>, Box<[usize]>),
+        origin: &mut super::Origin,
+        dedup_key: Option<(&'static str, uuid::Uuid)>,
+    ) -> Result<Vec<Published>, crate::PublishError<Vec<E>>> {
+        let d = self.durable.as_ref().expect("a durable bus");
+        let mut rows = Vec::with_capacity(items.len());
+        let mut failed = None;
+        for item in &items {
+            match crate::store::encode(&item.event, d.max_payload) {
+                Ok(payload) => rows.push(StoredEvent {
+                    topic: E::TOPIC.to_owned(),
+                    partition: item.partition,
+                    offset: 0,
+                    id: item.id,
+                    name: E::NAME.to_owned(),
+                    version: E::VERSION,
+                    timestamp: item.timestamp,
+                    correlation_id: origin.cause.map_or(item.id, |c| c.correlation),
+                    causation_id: origin.cause.map(|c| c.id),
+                    headers: origin.headers.clone(),
+                    payload,
+                }),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let events: Vec<E> = items.into_iter().map(|i| i.event).collect();
+        match failed {
+            None => {}
+            Some(crate::store::EncodeError::TooLarge { size }) => {
                 return Err(crate::PublishError::TooLarge {
-                    event,
+                    event: events,
                     size,
                     limit: d.max_payload,
                 })
             }
-            Err(crate::store::EncodeError::Serialize(message)) => {
-                return Err(crate::PublishError::Serialize { event, message })
+            Some(crate::store::EncodeError::Serialize(message)) => {
+                return Err(crate::PublishError::Serialize {
+                    event: events,
+                    message,
+                })
             }
-        };
-        let row = StoredEvent {
-            topic: E::TOPIC.to_owned(),
-            partition,
-            offset: 0,
-            id,
-            name: E::NAME.to_owned(),
-            version: E::VERSION,
-            timestamp,
-            correlation_id: origin.cause.map_or(id, |c| c.correlation),
-            causation_id: origin.cause.map(|c| c.id),
-            headers: std::mem::take(&mut origin.headers),
-            payload,
-        };
+        }
         let (tx, rx) = oneshot::channel();
         let append = Append {
-            row,
-            event: Box::new(Pending(event)),
+            rows,
+            events: events
+                .into_iter()
+                .map(|e| Box::new(Pending(e)) as Box<dyn PendingEvent>)
+                .collect(),
+            topic_name: E::TOPIC,
             topic: route.0,
             slots: route.1,
             dedup_key,
             reply: tx,
         };
+        let back = |events: Vec<Box<dyn Any + Send>>| -> Vec<E> {
+            events
+                .into_iter()
+                .map(|e| *e.downcast::<E>().expect("its type"))
+                .collect()
+        };
         if let Err(refused) = d.appends.send(append).await {
-            let event = refused.0.event.into_any();
-            return Err(crate::PublishError::Closed(
-                *event.downcast::<E>().expect("its type"),
-            ));
+            let events = refused.0.events.into_iter().map(|e| e.into_any()).collect();
+            return Err(crate::PublishError::Closed(back(events)));
         }
         match rx.await {
-            Ok(Ok(published)) => Ok(published),
-            Ok(Err((error, event))) => {
-                let event = *event.downcast::<E>().expect("its type");
+            Ok(Ok(receipts)) => Ok(receipts),
+            Ok(Err((error, events))) => {
+                let event = back(events);
                 Err(match error {
                     AppendError::Store(error) => crate::PublishError::Store { event, error },
                     AppendError::Closed => crate::PublishError::Closed(event),
@@ -280,7 +337,7 @@ impl BusInner {
 
 async fn run_appender(inner: Arc<BusInner>, mut rx: mpsc::Receiver<Append>) {
     let d = inner.durable.as_ref().expect("a durable bus");
-    let mut batch: Vec<Append> = Vec::with_capacity(MAX_BATCH);
+    let mut batch: Vec<Append> = Vec::new();
     tokio::select! {
         _ = d.started.cancelled() => {}
         _ = d.stop.cancelled() => {}
@@ -292,56 +349,76 @@ async fn run_appender(inner: Arc<BusInner>, mut rx: mpsc::Receiver<Append>) {
             _ = d.stop.cancelled() => None,
         };
         let Some(first) = first else { break };
+        // Group commit: everything waiting goes into one transaction, up to MAX_BATCH events
+        // (a single publish_all call may be larger; it stays whole).
+        let mut n = first.rows.len();
         batch.push(first);
-        while batch.len() < MAX_BATCH {
+        // Publishers woken by the previous commit are sending their next events right now: give
+        // them a few turns of the scheduler (no timer) so that they share this transaction.
+        let mut lingers = 0;
+        while n < MAX_BATCH {
             match rx.try_recv() {
-                Ok(a) => batch.push(a),
+                Ok(a) => {
+                    n += a.rows.len();
+                    batch.push(a);
+                }
+                Err(_) if lingers < LINGER_YIELDS => {
+                    lingers += 1;
+                    tokio::task::yield_now().await;
+                }
                 Err(_) => break,
             }
         }
-        let mut rows = Vec::with_capacity(batch.len());
-        let mut rest = Vec::with_capacity(batch.len());
-        for a in batch.drain(..) {
-            rows.push(a.row);
-            rest.push((a.event, a.topic, a.slots, a.dedup_key, a.reply));
+        let mut rows = Vec::with_capacity(n);
+        for a in &mut batch {
+            rows.append(&mut a.rows);
         }
         match d.store.append(&mut rows).await {
             Ok(()) => {
-                for (row, (event, topic, slots, dedup_key, reply)) in rows.into_iter().zip(rest) {
-                    let published = Published {
-                        id: row.id,
-                        partition: row.partition,
-                        offset: row.offset,
-                        duplicate: false,
-                    };
-                    let meta = Metadata {
-                        id: row.id,
-                        topic: crate::store::intern(&row.topic),
-                        partition: row.partition,
-                        offset: row.offset,
-                        timestamp: row.timestamp,
-                        correlation_id: row.correlation_id,
-                        causation_id: row.causation_id,
-                        headers: row.headers,
-                    };
-                    let item = event.into_erased(meta);
-                    inner.deliver_committed(&topic, &slots, &item);
-                    if let (Some(window), Some(key)) = (&inner.publish_dedup, dedup_key) {
-                        window.lock().complete_with(key, published);
+                let mut rows = rows.into_iter();
+                for a in batch.drain(..) {
+                    let mut receipts = Vec::with_capacity(a.events.len());
+                    for event in a.events {
+                        let row = rows.next().expect("one row per event");
+                        let published = Published {
+                            id: row.id,
+                            partition: row.partition,
+                            offset: row.offset,
+                            duplicate: false,
+                        };
+                        let meta = Metadata {
+                            id: row.id,
+                            topic: a.topic_name,
+                            partition: row.partition,
+                            offset: row.offset,
+                            timestamp: row.timestamp,
+                            correlation_id: row.correlation_id,
+                            causation_id: row.causation_id,
+                            headers: row.headers,
+                        };
+                        let item = event.into_erased(meta);
+                        inner.deliver_committed(&a.topic, &a.slots, &item);
+                        if let Some(recorder) = &inner.recorder {
+                            super::lock(&recorder.published).push(crate::AnyEnvelope {
+                                inner: item,
+                                attempt: 1,
+                            });
+                        }
+                        receipts.push(published);
                     }
-                    if let Some(recorder) = &inner.recorder {
-                        super::lock(&recorder.published).push(crate::AnyEnvelope {
-                            inner: item,
-                            attempt: 1,
-                        });
+                    if let (Some(window), Some(key)) = (&inner.publish_dedup, a.dedup_key) {
+                        window.lock().complete_with(key, receipts[0]);
                     }
-                    let _ = reply.send(Ok(published));
+                    let _ = a.reply.send(Ok(receipts));
                 }
             }
             Err(error) => {
-                tracing::error!(%error, events = rest.len(), "tidings: appending to the store failed");
-                for (event, _, _, _, reply) in rest {
-                    let _ = reply.send(Err((AppendError::Store(error.clone()), event.into_any())));
+                tracing::error!(%error, events = n, "tidings: appending to the store failed");
+                for a in batch.drain(..) {
+                    let events = a.events.into_iter().map(|e| e.into_any()).collect();
+                    let _ = a
+                        .reply
+                        .send(Err((AppendError::Store(error.clone()), events)));
                 }
             }
         }
@@ -349,7 +426,8 @@ async fn run_appender(inner: Arc<BusInner>, mut rx: mpsc::Receiver<Append>) {
     // Stopped: what is still queued was never appended; give it back.
     rx.close();
     while let Some(a) = rx.recv().await {
-        let _ = a.reply.send(Err((AppendError::Closed, a.event.into_any())));
+        let events = a.events.into_iter().map(|e| e.into_any()).collect();
+        let _ = a.reply.send(Err((AppendError::Closed, events)));
     }
 }
 

@@ -50,7 +50,7 @@ mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
-pub(crate) use codec::{encode, intern, Decoded, Decoder, EncodeError};
+pub(crate) use codec::{encode, Decoded, Decoder, EncodeError};
 pub use codec::{Undecodable, UpcastError, Upcaster};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]

@@ -39,8 +39,7 @@ pub struct PostgresStore {
 /// The statements, with the schema in their table names.
 #[derive(Debug)]
 struct Sql {
-    lock_head: Arc<str>,
-    insert: Arc<str>,
+    append: Arc<str>,
     read: Arc<str>,
     head: Arc<str>,
     offset_at: Arc<str>,
@@ -54,16 +53,31 @@ impl Sql {
         let s = schema;
         let q = |sql: String| Arc::<str>::from(sql);
         Sql {
-            lock_head: q(format!(
-                "INSERT INTO {s}.tidings_heads AS h (topic, partition_no, next_offset) VALUES ($1, $2, $3) \
-                 ON CONFLICT (topic, partition_no) DO UPDATE SET next_offset = h.next_offset + EXCLUDED.next_offset \
-                 RETURNING next_offset"
-            )),
-            insert: q(format!(
-                "INSERT INTO {s}.tidings_events (topic, partition_no, log_offset, event_id, name, version, \
-                 timestamp_us, correlation_id, causation_id, headers, payload) \
-                 SELECT $1, $2, * FROM UNNEST($3::bigint[], $4::uuid[], $5::text[], $6::int[], $7::bigint[], \
-                 $8::uuid[], $9::uuid[], $10::text[], $11::bytea[])"
+            // One statement: reserve each partition's offsets by moving its head (the row stays
+            // locked until the statement's transaction commits; heads are locked in (topic,
+            // partition) order, so concurrent appends cannot deadlock), then insert the events
+            // at their offsets.
+            append: q(format!(
+                "WITH counts AS ( \
+                   SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS c(topic, partition_no, n) \
+                 ), h AS ( \
+                   INSERT INTO {s}.tidings_heads AS t (topic, partition_no, next_offset) \
+                   SELECT topic, partition_no, n FROM counts ORDER BY topic, partition_no \
+                   ON CONFLICT (topic, partition_no) DO UPDATE SET next_offset = t.next_offset + EXCLUDED.next_offset \
+                   RETURNING t.topic, t.partition_no, t.next_offset \
+                 ), ins AS ( \
+                   INSERT INTO {s}.tidings_events (topic, partition_no, log_offset, event_id, name, version, \
+                     timestamp_us, correlation_id, causation_id, headers, payload) \
+                   SELECT r.topic, r.partition_no, h.next_offset - c.n + r.idx, r.event_id, r.name, r.version, \
+                     r.timestamp_us, r.correlation_id, r.causation_id, r.headers, r.payload \
+                   FROM UNNEST($4::text[], $5::int[], $6::bigint[], $7::uuid[], $8::text[], $9::int[], \
+                     $10::bigint[], $11::uuid[], $12::uuid[], $13::text[], $14::bytea[]) \
+                     AS r(topic, partition_no, idx, event_id, name, version, timestamp_us, correlation_id, \
+                     causation_id, headers, payload) \
+                   JOIN h ON h.topic = r.topic AND h.partition_no = r.partition_no \
+                   JOIN counts c ON c.topic = r.topic AND c.partition_no = r.partition_no \
+                 ) \
+                 SELECT topic, partition_no, next_offset FROM h"
             )),
             read: q(format!(
                 "SELECT topic, partition_no, log_offset, event_id, name, version, timestamp_us, \
@@ -145,30 +159,35 @@ impl PostgresStore {
         conn: &mut PgConnection,
         events: &mut [StoredEvent],
     ) -> Result<(), StoreError> {
-        for run in by_partition(events) {
-            let (topic, partition) = (events[run[0]].topic.clone(), events[run[0]].partition);
-            let n = run.len() as i64;
-            let next: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.lock_head.clone()))
-                .bind(&topic)
-                .bind(partition as i32)
-                .bind(n)
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(StoreError::backend)?;
-            let first = (next - n) as u64;
-            let mut offsets = Vec::with_capacity(run.len());
-            let mut ids = Vec::with_capacity(run.len());
-            let mut names = Vec::with_capacity(run.len());
-            let mut versions = Vec::with_capacity(run.len());
-            let mut times = Vec::with_capacity(run.len());
-            let mut correlations = Vec::with_capacity(run.len());
-            let mut causations: Vec<Option<Uuid>> = Vec::with_capacity(run.len());
-            let mut headers = Vec::with_capacity(run.len());
-            let mut payloads = Vec::with_capacity(run.len());
-            for (offset, &i) in (first..).zip(run.iter()) {
-                let e = &mut events[i];
-                e.offset = offset;
-                offsets.push(e.offset as i64);
+        if events.is_empty() {
+            return Ok(());
+        }
+        let runs = by_partition(events);
+        let n = events.len();
+        let mut run_topics = Vec::with_capacity(runs.len());
+        let mut run_partitions = Vec::with_capacity(runs.len());
+        let mut run_counts = Vec::with_capacity(runs.len());
+        let mut topics = Vec::with_capacity(n);
+        let mut partitions = Vec::with_capacity(n);
+        let mut idx = Vec::with_capacity(n);
+        let mut ids = Vec::with_capacity(n);
+        let mut names = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut times = Vec::with_capacity(n);
+        let mut correlations = Vec::with_capacity(n);
+        let mut causations: Vec<Option<Uuid>> = Vec::with_capacity(n);
+        let mut headers = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        for run in &runs {
+            let first = &events[run[0]];
+            run_topics.push(first.topic.clone());
+            run_partitions.push(first.partition as i32);
+            run_counts.push(run.len() as i64);
+            for (i, &e) in run.iter().enumerate() {
+                let e = &mut events[e];
+                topics.push(e.topic.clone());
+                partitions.push(e.partition as i32);
+                idx.push(i as i64);
                 ids.push(e.id);
                 names.push(e.name.clone());
                 versions.push(e.version as i32);
@@ -178,36 +197,58 @@ impl PostgresStore {
                 headers.push(headers_to_json(&e.headers));
                 payloads.push(std::mem::take(&mut e.payload));
             }
-            let done = sqlx::query(AssertSqlSafe(self.sql.insert.clone()))
-                .bind(&topic)
-                .bind(partition as i32)
-                .bind(&offsets)
-                .bind(&ids)
-                .bind(&names)
-                .bind(&versions)
-                .bind(&times)
-                .bind(&correlations)
-                .bind(&causations)
-                .bind(&headers)
-                .bind(&payloads)
-                .execute(&mut *conn)
-                .await;
-            // Payloads go back to their events, whatever happened.
-            for (&i, payload) in run.iter().zip(payloads) {
-                events[i].payload = payload;
+        }
+        let done = sqlx::query(AssertSqlSafe(self.sql.append.clone()))
+            .bind(&run_topics)
+            .bind(&run_partitions)
+            .bind(&run_counts)
+            .bind(&topics)
+            .bind(&partitions)
+            .bind(&idx)
+            .bind(&ids)
+            .bind(&names)
+            .bind(&versions)
+            .bind(&times)
+            .bind(&correlations)
+            .bind(&causations)
+            .bind(&headers)
+            .bind(&payloads)
+            .fetch_all(&mut *conn)
+            .await;
+        // Payloads go back to their events, whatever happened.
+        let mut payloads = payloads.into_iter();
+        for &i in runs.iter().flatten() {
+            events[i].payload = payloads.next().unwrap_or_default();
+        }
+        let heads = done.map_err(StoreError::backend)?;
+        for (run, (topic, partition, count)) in runs.iter().zip(
+            run_topics
+                .iter()
+                .zip(&run_partitions)
+                .zip(&run_counts)
+                .map(|((t, p), c)| (t, p, c)),
+        ) {
+            let next: i64 = heads
+                .iter()
+                .find(|r| {
+                    r.try_get::<&str, _>(0).ok() == Some(topic.as_str())
+                        && r.try_get::<i32, _>(1).ok() == Some(*partition)
+                })
+                .ok_or_else(|| StoreError::Corrupt("an append got no head back".into()))?
+                .try_get(2)
+                .map_err(StoreError::backend)?;
+            let first = (next - count) as u64;
+            for (offset, &i) in (first..).zip(run.iter()) {
+                events[i].offset = offset;
             }
-            done.map_err(StoreError::backend)?;
         }
         Ok(())
     }
 
     async fn append_inner(&self, events: &mut [StoredEvent]) -> Result<(), StoreError> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await.map_err(StoreError::backend)?;
-        self.append_in(&mut tx, events).await?;
-        tx.commit().await.map_err(StoreError::backend)
+        // One statement: atomic on its own, one round trip.
+        let mut conn = self.pool.acquire().await.map_err(StoreError::backend)?;
+        self.append_in(&mut conn, events).await
     }
 }
 

@@ -1,13 +1,15 @@
 //! `SqliteStore`: the embedded durable store (one file, WAL, no server), on sqlx.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::future::{BoxFuture, FutureExt};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
 
@@ -35,9 +37,40 @@ const COLUMNS: &str = "topic, partition_no, log_offset, event_id, name, version,
 /// let bus = Bus::builder().store(store).build()?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One connection kept for writes: SQLite has one writer at a time anyway, and taking a
+    /// connection from the pool for every append costs more than the append's statements.
+    writer: Arc<tokio::sync::Mutex<Writer>>,
+    /// The next offset of each partition this store appended to, so that an append need not
+    /// read it first. Dropped on any failed append (another writer may have moved it).
+    heads: Arc<parking_lot::Mutex<HashMap<(String, u32), u64>>>,
+}
+
+/// The write connection, and whether a transaction may have been left open on it (a cancelled
+/// append): the next write rolls it back first.
+struct Writer {
+    conn: SqliteConnection,
+    open_tx: bool,
+}
+
+impl Writer {
+    async fn clean(&mut self) {
+        if self.open_tx {
+            // Harmless if the transaction never began.
+            let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
+            self.open_tx = false;
+        }
+    }
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SqliteStore {
@@ -59,23 +92,21 @@ impl SqliteStore {
 
     /// Opens a database with these options (plus WAL, `synchronous = FULL` and a busy timeout)
     /// and migrates it.
+    ///
+    /// An in-memory SQLite database is refused (each connection would see its own): use
+    /// [`MemoryStore`](crate::MemoryStore).
     pub async fn open_with(options: SqliteConnectOptions) -> Result<Self, StoreError> {
-        let in_memory = options.get_filename() == Path::new(":memory:");
+        if options.get_filename() == Path::new(":memory:") {
+            return Err(StoreError::Config(
+                "an in-memory SQLite database is not durable and is private to one connection; use MemoryStore".into(),
+            ));
+        }
         let options = options
-            .journal_mode(if in_memory {
-                SqliteJournalMode::Memory
-            } else {
-                SqliteJournalMode::Wal
-            })
+            .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10));
-        // An in-memory database exists once per connection: keep exactly one.
-        let max = if in_memory { 1 } else { 4 };
         let pool = SqlitePoolOptions::new()
-            .max_connections(max)
-            .min_connections(if in_memory { 1 } else { 0 })
-            .idle_timeout(None)
-            .max_lifetime(None)
+            .max_connections(4)
             .connect_with(options)
             .await
             .map_err(StoreError::backend)?;
@@ -89,7 +120,15 @@ impl SqliteStore {
         let mut migrator = sqlx::migrate!("src/store/migrations/sqlite");
         migrator.dangerous_set_table_name("_tidings_migrations");
         migrator.run(&pool).await.map_err(StoreError::backend)?;
-        Ok(SqliteStore { pool })
+        let writer = pool.acquire().await.map_err(StoreError::backend)?.detach();
+        Ok(SqliteStore {
+            pool,
+            writer: Arc::new(tokio::sync::Mutex::new(Writer {
+                conn: writer,
+                open_tx: false,
+            })),
+            heads: Arc::default(),
+        })
     }
 
     /// The pool, to run the application's own queries on the same database.
@@ -101,62 +140,99 @@ impl SqliteStore {
         if events.is_empty() {
             return Ok(());
         }
-        // BEGIN IMMEDIATE takes the write lock at once: a deferred transaction that reads the
+        let mut writer = self.writer.lock().await;
+        writer.clean().await;
+        writer.open_tx = true;
+        let result = self.append_on(&mut writer.conn, events).await;
+        if result.is_err() {
+            // Another writer may have moved a head: read them again next time.
+            self.heads.lock().clear();
+            writer.clean().await;
+        }
+        writer.open_tx = false;
+        result
+    }
+
+    async fn append_on(
+        &self,
+        conn: &mut SqliteConnection,
+        events: &mut [StoredEvent],
+    ) -> Result<(), StoreError> {
+        // BEGIN IMMEDIATE takes the write lock at once: a deferred transaction that reads a
         // head and then writes could fail to upgrade instead of waiting.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *conn)
             .await
             .map_err(StoreError::backend)?;
-        for run in by_partition(events) {
-            let (topic, partition) = (events[run[0]].topic.clone(), events[run[0]].partition);
-            let head: Option<i64> = sqlx::query_scalar(
-                "SELECT next_offset FROM tidings_heads WHERE topic = ? AND partition_no = ?",
-            )
-            .bind(&topic)
-            .bind(partition as i64)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(StoreError::backend)?;
-            let mut next = head.unwrap_or(0) as u64;
-            for &i in &run {
-                events[i].offset = next;
-                next += 1;
-            }
-            let rows: Vec<&StoredEvent> = run.iter().map(|&i| &events[i]).collect();
-            for chunk in rows.chunks(ROWS_PER_INSERT) {
-                let mut q: QueryBuilder<Sqlite> =
-                    QueryBuilder::new(format!("INSERT INTO tidings_events ({COLUMNS}) "));
-                q.push_values(chunk, |mut b, e| {
-                    b.push_bind(&e.topic)
-                        .push_bind(e.partition as i64)
-                        .push_bind(e.offset as i64)
-                        .push_bind(e.id)
-                        .push_bind(&e.name)
-                        .push_bind(e.version as i64)
-                        .push_bind(micros(e.timestamp))
-                        .push_bind(e.correlation_id)
-                        .push_bind(e.causation_id)
-                        .push_bind(headers_to_json(&e.headers))
-                        .push_bind(&e.payload);
-                });
-                q.build()
-                    .execute(&mut *tx)
+        let runs = by_partition(events);
+        let mut heads = Vec::with_capacity(runs.len());
+        for run in &runs {
+            let (topic, partition) = (&events[run[0]].topic, events[run[0]].partition);
+            let cached = self.heads.lock().get(&(topic.clone(), partition)).copied();
+            let head = match cached {
+                Some(head) => head,
+                None => {
+                    let head: Option<i64> = sqlx::query_scalar(
+                        "SELECT next_offset FROM tidings_heads WHERE topic = ? AND partition_no = ?",
+                    )
+                    .bind(topic)
+                    .bind(partition as i64)
+                    .fetch_optional(&mut *conn)
                     .await
                     .map_err(StoreError::backend)?;
+                    head.unwrap_or(0) as u64
+                }
+            };
+            heads.push((topic.clone(), partition, head + run.len() as u64));
+            for (offset, &i) in (head..).zip(run.iter()) {
+                events[i].offset = offset;
             }
-            sqlx::query(
-                "INSERT INTO tidings_heads (topic, partition_no, next_offset) VALUES (?, ?, ?) \
-                 ON CONFLICT (topic, partition_no) DO UPDATE SET next_offset = excluded.next_offset",
-            )
-            .bind(&topic)
-            .bind(partition as i64)
-            .bind(next as i64)
-            .execute(&mut *tx)
+        }
+        let rows: Vec<&StoredEvent> = runs.iter().flatten().map(|&i| &events[i]).collect();
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new(format!("INSERT INTO tidings_events ({COLUMNS}) "));
+            q.push_values(chunk, |mut b, e| {
+                b.push_bind(&e.topic)
+                    .push_bind(e.partition as i64)
+                    .push_bind(e.offset as i64)
+                    .push_bind(e.id)
+                    .push_bind(&e.name)
+                    .push_bind(e.version as i64)
+                    .push_bind(micros(e.timestamp))
+                    .push_bind(e.correlation_id)
+                    .push_bind(e.causation_id)
+                    .push_bind(headers_to_json(&e.headers))
+                    .push_bind(&e.payload);
+            });
+            q.build()
+                .execute(&mut *conn)
+                .await
+                .map_err(StoreError::backend)?;
+        }
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new("INSERT INTO tidings_heads (topic, partition_no, next_offset) ");
+        q.push_values(&heads, |mut b, (topic, partition, next)| {
+            b.push_bind(topic)
+                .push_bind(*partition as i64)
+                .push_bind(*next as i64);
+        });
+        q.push(
+            " ON CONFLICT (topic, partition_no) DO UPDATE SET next_offset = excluded.next_offset",
+        );
+        q.build()
+            .execute(&mut *conn)
             .await
             .map_err(StoreError::backend)?;
+        sqlx::query("COMMIT")
+            .execute(&mut *conn)
+            .await
+            .map_err(StoreError::backend)?;
+        let mut cache = self.heads.lock();
+        for (topic, partition, next) in heads {
+            cache.insert((topic, partition), next);
         }
-        tx.commit().await.map_err(StoreError::backend)
+        Ok(())
     }
 }
 
@@ -282,9 +358,9 @@ impl Store for SqliteStore {
             if offsets.is_empty() {
                 return Ok(());
             }
-            let mut tx = self
-                .pool
-                .begin_with("BEGIN IMMEDIATE")
+            let mut writer = self.writer.lock().await;
+            writer.clean().await;
+            let mut tx = sqlx::Connection::begin_with(&mut writer.conn, "BEGIN IMMEDIATE")
                 .await
                 .map_err(StoreError::backend)?;
             for o in offsets {
