@@ -170,6 +170,12 @@ pub(crate) struct DeadLetterQueue {
     carried: AtomicUsize,
     /// The bus, to schedule redeliveries (set once the bus exists).
     pub(crate) bus: OnceLock<Weak<BusInner>>,
+    /// With a store: entries whose row is in the store, by (partition, offset), including
+    /// those out on a redrive (the row goes when the event is handled); and how many.
+    stored: Mutex<std::collections::HashSet<(u32, u64)>>,
+    stored_count: AtomicUsize,
+    /// With a store: the entries were read back from it (once, by the group's first worker).
+    pub(crate) restored: tokio::sync::OnceCell<()>,
 }
 
 #[derive(Default)]
@@ -248,7 +254,77 @@ impl DeadLetterQueue {
             redelivery: redelivery.filter(|r| !r.delays.is_empty()),
             carried: AtomicUsize::new(0),
             bus: OnceLock::new(),
+            stored: Mutex::new(Default::default()),
+            stored_count: AtomicUsize::new(0),
+            restored: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// The topic's name.
+    pub(crate) fn topic_name(&self) -> &str {
+        &self.topic.name
+    }
+
+    /// With a store: the entry of the event at `offset` of `partition` now has a row.
+    pub(crate) fn note_stored(&self, partition: u32, offset: u64) {
+        if self.stored.lock().insert((partition, offset)) {
+            self.stored_count.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// With a store: whether the event at `offset` of `partition` has a row (forgetting it:
+    /// the caller deletes the row). Cheap when no row is kept.
+    pub(crate) fn take_stored(&self, partition: u32, offset: u64) -> bool {
+        if self.stored_count.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        let taken = self.stored.lock().remove(&(partition, offset));
+        if taken {
+            self.stored_count.fetch_sub(1, Ordering::SeqCst);
+        }
+        taken
+    }
+
+    /// The entry of the event `id` at `offset`, if it is in the queue.
+    pub(crate) fn entry_for(&self, id: Uuid, offset: u64) -> Option<DeadLetter> {
+        self.state
+            .lock()
+            .entries
+            .values()
+            .rev()
+            .find(|e| e.envelope.id() == id && e.envelope.offset() == offset)
+            .cloned()
+    }
+
+    /// With a store: puts back an entry read from it (in offset order, so that sequenced keys
+    /// park as they were).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn restore(
+        &self,
+        envelope: AnyEnvelope,
+        error: String,
+        kind: ErrorKind,
+        attempts: u32,
+        failures: (SystemTime, SystemTime),
+        handler: &'static str,
+        redeliveries: u32,
+    ) {
+        let (partition, offset) = (envelope.partition(), envelope.offset());
+        let mut state = self.state.lock();
+        if redeliveries > 0
+            && state
+                .carried
+                .insert((envelope.id(), offset), redeliveries)
+                .is_none()
+        {
+            self.carried.fetch_add(1, Ordering::Relaxed);
+        }
+        self.push_locked(
+            &mut state, envelope, error, kind, attempts, failures, handler, false,
+        );
+        state.total -= 1;
+        drop(state);
+        self.note_stored(partition, offset);
     }
 
     /// A redriven event was handled: forget its redelivery count (cheap when none is kept).
@@ -775,8 +851,30 @@ impl DeadLetters {
     /// # Errors
     ///
     /// [`DeadLetterError::NotFound`] if there is no such entry.
+    ///
+    /// With a store, its row is deleted in the background (should the process stop first, the
+    /// entry is back after the restart).
     pub fn discard(&self, seq: u64, reason: &str) -> Result<DeadLetter, DeadLetterError> {
-        self.queue.discard(seq, reason)
+        let letter = self.queue.discard(seq, reason)?;
+        let env = &letter.envelope;
+        if let Some(durable) = &self.bus.inner.durable {
+            if self.queue.take_stored(env.partition(), env.offset()) {
+                let store = std::sync::Arc::clone(&durable.store);
+                let (group, topic) = (self.queue.group.clone(), self.queue.topic_name().to_owned());
+                let (partition, offset) = (env.partition(), env.offset());
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        if let Err(error) = store
+                            .delete_dead_letter(&group, &topic, partition, offset)
+                            .await
+                        {
+                            tracing::error!(%group, %error, "tidings: deleting a discarded dead letter from the store failed; it comes back after a restart");
+                        }
+                    });
+                }
+            }
+        }
+        Ok(letter)
     }
 }
 

@@ -78,6 +78,9 @@ pub trait DynEvent: Any + Send + Sync {
     /// of its own Rust type).
     #[doc(hidden)]
     fn __into_envelope(self: Box<Self>, meta: crate::Metadata) -> crate::AnyEnvelope;
+    /// This event's payload as a store keeps it (JSON).
+    #[doc(hidden)]
+    fn __to_json(&self) -> Result<Vec<u8>, String>;
 }
 
 impl dyn DynEvent {
@@ -360,6 +363,11 @@ macro_rules! register_event {
                     meta: $crate::Metadata,
                 ) -> $crate::AnyEnvelope {
                     $crate::__private::into_envelope(*self, meta)
+                }
+                fn __to_json(
+                    &self,
+                ) -> ::std::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
+                    $crate::__private::to_json(self)
                 }
             }
         };

@@ -44,8 +44,8 @@ pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
 pub use store::{
-    GroupOffset, MemoryStore, Retention, StartFrom, Store, StoreError, StoredEvent, Undecodable,
-    UpcastError, Upcaster, DEFAULT_MAX_PAYLOAD,
+    DeadLetterRecord, GroupOffset, MemoryStore, Retention, StartFrom, Store, StoreError,
+    StoredEvent, Undecodable, UpcastError, Upcaster, DEFAULT_MAX_PAYLOAD,
 };
 pub use topic::{Overflow, TopicConfig, DEFAULT_CAPACITY};
 
@@ -68,6 +68,11 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use typetag;
+
+    /// `event` serialized as a store keeps it.
+    pub fn to_json<E: crate::Event>(event: &E) -> Result<Vec<u8>, String> {
+        serde_json::to_vec(event).map_err(|e| e.to_string())
+    }
 
     /// `event` in an envelope with `meta`, at attempt 1.
     pub fn into_envelope<E: crate::Event>(event: E, meta: crate::Metadata) -> crate::AnyEnvelope {

@@ -334,6 +334,10 @@ struct Worker<D> {
     track: Track,
     dead_letters: Arc<DeadLetterQueue>,
     bus: Bus,
+    /// With a store: the store (dead letters are saved in it), and whether this group marks
+    /// events handled in it with their offset (effectively-once).
+    store: Option<Arc<dyn crate::store::Store>>,
+    marks: bool,
 }
 
 /// How one event ended for this group.
@@ -481,10 +485,18 @@ impl<D: Dispatch> Worker<D> {
                 correlation: meta.correlation_id,
             });
             match self.deliver(&next, ctx).await {
-                Outcome::Handled => self.handled(next.id(), next.offset()),
+                Outcome::Handled => {
+                    self.handled(next.id(), next.offset());
+                    if self.store.is_some() {
+                        self.after_handled(next.id(), next.offset()).await;
+                    }
+                }
                 Outcome::Failed { error, attempts } => {
                     // Delivered again, failed again: it goes back to the head of its key.
                     self.give_up(&next, error, attempts, true);
+                    if self.store.is_some() {
+                        self.save_dead_letter(&next).await;
+                    }
                     return;
                 }
             }
@@ -534,6 +546,8 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
         track: Track::default(),
         dead_letters,
         bus: bus.clone(),
+        store: bus.inner.durable.as_ref().map(|d| Arc::clone(&d.store)),
+        marks: bus.inner.durable.is_some() && options.delivery == DeliveryMode::EffectivelyOnce,
     };
     let stats = &topic.worker_stats[slot][partition as usize];
     let fast = worker.layers.is_empty() && !sequenced;
@@ -567,6 +581,27 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
     // from the queue as they commit; read the log again whenever the queue missed some.
     let store = Arc::clone(&durable.store);
     let mut backoff = StoreBackoff::default();
+    // The group's dead letters come back first (its first worker reads them), so that a
+    // sequenced key parked before the restart stays parked.
+    let dlq = Arc::clone(&worker.dead_letters);
+    loop {
+        let restored = dlq
+            .restored
+            .get_or_try_init(|| restore_dead_letters(&dlq, &*store, &durable.decoder))
+            .await;
+        match restored {
+            Ok(_) => break,
+            Err(error) => {
+                tracing::error!(group = %group, %error, "tidings: reading the group's dead letters from the store failed; retrying");
+                if !backoff.wait(&bus.inner.cancel).await {
+                    durable.worker_started();
+                    part.give_up_catch_up(slot, &bus.inner);
+                    part.wait_closed(slot).await;
+                    return;
+                }
+            }
+        }
+    }
     let (from, head) = loop {
         match crate::bus::durable::start_offset(
             &*store,
@@ -650,7 +685,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                             done.clear();
                         }
                         Ok(Some(Caught::Bad(env, error))) => {
-                            worker.unreadable(&env, error);
+                            worker.unreadable(&env, error).await;
                             advance(stats, env.offset());
                         }
                         Err(error) => {
@@ -662,6 +697,34 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
             }
         }
     }
+}
+
+/// Reads the group's dead letters back from the store into its queue.
+async fn restore_dead_letters(
+    queue: &DeadLetterQueue,
+    store: &dyn crate::store::Store,
+    decoder: &crate::store::Decoder,
+) -> Result<(), crate::store::StoreError> {
+    for record in store.dead_letters(&queue.group).await? {
+        let env = match decoder.decode(&record.event) {
+            crate::store::Decoded::Event(env) | crate::store::Decoded::Failed(env, _) => env,
+        };
+        let kind = if record.permanent {
+            crate::handler::ErrorKind::Permanent
+        } else {
+            crate::handler::ErrorKind::Transient
+        };
+        queue.restore(
+            env,
+            record.error,
+            kind,
+            record.attempts,
+            (record.first_failure, record.last_failure),
+            crate::store::intern(&record.handler),
+            record.redeliveries,
+        );
+    }
+    Ok(())
 }
 
 /// Waits between attempts at a store that failed: 100 ms doubling to 5 s.
@@ -699,6 +762,16 @@ impl<D: Dispatch> Worker<D> {
             // Acknowledged on receipt.
             advance(self.stats(), offset);
         }
+        if self.marks && self.marked(id).await {
+            // Effectively-once: handled before (a copy published again, or a redelivery after
+            // a restart); acknowledged without handling.
+            bump(&self.stats().handled);
+            bump(&self.stats().duplicates);
+            self.commit_mark(id, offset).await;
+            advance(self.stats(), offset);
+            done.push(item);
+            return;
+        }
         if fast {
             // No middleware, no parking: the typed envelope goes straight to the handler.
             let Some(mut typed) = D::wrap(item) else {
@@ -708,9 +781,18 @@ impl<D: Dispatch> Worker<D> {
                 return;
             };
             match self.deliver_typed(&mut typed, ctx).await {
-                Outcome::Handled => self.handled(id, offset),
+                Outcome::Handled => {
+                    self.handled(id, offset);
+                    if self.store.is_some() {
+                        self.after_handled(id, offset).await;
+                    }
+                }
                 Outcome::Failed { error, attempts } => {
-                    self.give_up(&D::erase(&typed), error, attempts, false);
+                    let env = D::erase(&typed);
+                    self.give_up(&env, error, attempts, false);
+                    if self.store.is_some() {
+                        self.save_dead_letter(&env).await;
+                    }
                 }
             }
             advance(self.stats(), offset);
@@ -728,6 +810,9 @@ impl<D: Dispatch> Worker<D> {
                 Gate::Release => released = true,
                 Gate::Parked => {
                     bump(&self.stats().failed);
+                    if self.store.is_some() {
+                        self.save_dead_letter(&env).await;
+                    }
                     advance(self.stats(), offset);
                     done.push(env.inner);
                     return;
@@ -737,16 +822,126 @@ impl<D: Dispatch> Worker<D> {
         match self.deliver(&env, ctx).await {
             Outcome::Handled => {
                 self.handled(id, offset);
+                if self.store.is_some() {
+                    self.after_handled(id, offset).await;
+                }
                 if released {
                     self.release_followers(env.clone(), ctx).await;
                 }
             }
             Outcome::Failed { error, attempts } => {
                 self.give_up(&env, error, attempts, released);
+                if self.store.is_some() {
+                    self.save_dead_letter(&env).await;
+                }
             }
         }
         advance(self.stats(), offset);
         done.push(env.inner);
+    }
+
+    /// With a store, after an event was handled: its dead letter's row goes (a redriven
+    /// event), and with effectively-once its mark and offset are committed.
+    async fn after_handled(&mut self, id: Uuid, offset: u64) {
+        if self.dead_letters.take_stored(self.end.partition, offset) {
+            let store = self.store.as_ref().expect("a store");
+            let mut backoff = StoreBackoff::default();
+            while let Err(error) = store
+                .delete_dead_letter(
+                    &self.end.group,
+                    &self.end.topic.name,
+                    self.end.partition,
+                    offset,
+                )
+                .await
+            {
+                tracing::error!(group = %self.end.group, offset, %error, "tidings: deleting a handled dead letter from the store failed; retrying");
+                if !backoff.wait(&self.bus.inner.cancel).await {
+                    break;
+                }
+            }
+        }
+        if self.marks {
+            self.commit_mark(id, offset).await;
+        }
+    }
+
+    /// Effectively-once: whether the group marked `id` handled.
+    async fn marked(&mut self, id: Uuid) -> bool {
+        let store = self.store.as_ref().expect("a store");
+        let mut backoff = StoreBackoff::default();
+        loop {
+            match store.is_marked(&self.end.group, id).await {
+                Ok(marked) => return marked,
+                Err(error) => {
+                    tracing::error!(group = %self.end.group, %id, %error, "tidings: reading a mark from the store failed; retrying");
+                    if !backoff.wait(&self.bus.inner.cancel).await {
+                        // Shutting down: handle it (at-least-once rather than lost).
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Effectively-once: commits the mark of `id` and the offset after it, in one transaction.
+    async fn commit_mark(&mut self, id: Uuid, offset: u64) {
+        let store = self.store.as_ref().expect("a store");
+        let next = crate::store::GroupOffset {
+            group: self.end.group.to_string(),
+            topic: self.end.topic.name.clone(),
+            partition: self.end.partition,
+            next_offset: offset + 1,
+        };
+        let mut backoff = StoreBackoff::default();
+        while let Err(error) = store.commit_marked(&next, id).await {
+            tracing::error!(group = %self.end.group, %id, %error, "tidings: committing a mark failed; retrying");
+            if !backoff.wait(&self.bus.inner.cancel).await {
+                return;
+            }
+        }
+    }
+
+    /// With a store: saves the dead letter of `env` (if it went to the queue), before the
+    /// group's offset passes it.
+    async fn save_dead_letter(&mut self, env: &AnyEnvelope) {
+        let Some(letter) = self.dead_letters.entry_for(env.id(), env.offset()) else {
+            return; // At-most-once: dropped, not dead-lettered.
+        };
+        let event = match crate::store::stored_event_of(&letter.envelope) {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::error!(group = %self.end.group, id = %env.id(), %error, "tidings: a dead letter could not be serialized; it stays in memory only");
+                return;
+            }
+        };
+        let record = crate::store::DeadLetterRecord {
+            group: self.end.group.to_string(),
+            event,
+            error: letter.error.clone(),
+            permanent: letter.kind == crate::handler::ErrorKind::Permanent,
+            attempts: letter.attempts,
+            first_failure: letter.first_failure,
+            last_failure: letter.last_failure,
+            handler: letter.handler.to_owned(),
+            redeliveries: letter.redeliveries,
+        };
+        let store = self.store.as_ref().expect("a store");
+        let mut backoff = StoreBackoff::default();
+        loop {
+            match store.save_dead_letter(&record).await {
+                Ok(()) => {
+                    self.dead_letters.note_stored(env.partition(), env.offset());
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(group = %self.end.group, id = %env.id(), %error, "tidings: saving a dead letter failed; retrying");
+                    if !backoff.wait(&self.bus.inner.cancel).await {
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     fn stats(&self) -> &crate::topic::WorkerStats {
@@ -755,10 +950,11 @@ impl<D: Dispatch> Worker<D> {
 
     /// A row of the log that could not be read back: to the dead-letter queue with the error,
     /// never to the handler.
-    fn unreadable(&self, env: &AnyEnvelope, error: String) {
+    async fn unreadable(&mut self, env: &AnyEnvelope, error: String) {
         self.track.reset();
         self.track.note_failure();
         self.give_up(env, HandlerError::permanent(error), 0, false);
+        self.save_dead_letter(env).await;
     }
 }
 

@@ -64,6 +64,9 @@ conformance!(
     retention_by_count_trims_the_log,
     producer_dedup_publishes_a_repeated_id_once,
     handler_follow_ups_are_durable_too,
+    dead_letters_survive_a_restart_until_redriven_and_handled,
+    discarded_dead_letters_do_not_come_back,
+    effectively_once_marks_survive_a_restart,
 );
 
 async fn stress<F, Fut>(test: F)
@@ -697,4 +700,140 @@ async fn handler_follow_ups_are_durable_too(b: Backend) {
         stored += rows.len();
     }
     assert_eq!(stored, 30);
+}
+
+/// Fails seven until told otherwise.
+struct FailSevenWhile(Arc<std::sync::atomic::AtomicBool>, Log);
+impl Handler<Placed> for FailSevenWhile {
+    async fn handle(&mut self, e: &Envelope<Placed>, _: &Context) -> Result<(), HandlerError> {
+        if e.event().seq == 7 && self.0.load(Ordering::SeqCst) {
+            return Err(HandlerError::msg("seven is down"));
+        }
+        self.1
+             .0
+            .lock()
+            .push(("g".into(), e.event().order, e.event().seq));
+        Ok(())
+    }
+}
+
+fn failing_bus(builder: tidings::BusBuilder, failing: bool, log: &Log) -> Bus {
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(failing));
+    let log = log.clone();
+    builder
+        .topic(topic(1))
+        .subscribe::<Placed, _>(Subscription::new("g").max_deliveries(2), move || {
+            FailSevenWhile(flag.clone(), log.clone())
+        })
+        .build()
+        .unwrap()
+}
+
+async fn dead_letters_survive_a_restart_until_redriven_and_handled(b: Backend) {
+    let log = Log::default();
+    let bus = failing_bus(b.builder().await, true, &log);
+    publish_orders(&bus, 1, 10).await;
+    bus.settled().await;
+    assert_eq!(bus.dead_letters("g").unwrap().len(), 1);
+    bus.shutdown().await;
+
+    // Restarted, the handler healthy: the entry is back, with what it had.
+    let bus = failing_bus(b.builder().await, false, &log);
+    bus.settled().await;
+    let dlq = bus.dead_letters("g").unwrap();
+    let entries = dlq.list();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let entry = &entries[0];
+    assert_eq!(entry.envelope.downcast_ref::<Placed>().unwrap().seq, 7);
+    assert_eq!(entry.envelope.offset(), 7);
+    assert_eq!(entry.attempts, 2);
+    assert!(entry.error.contains("seven is down"));
+    assert_eq!(log.len("g"), 9, "nothing was handled again");
+    dlq.redrive(entry.seq).await.unwrap();
+    bus.settled().await;
+    assert_eq!(log.len("g"), 10);
+    bus.shutdown().await;
+
+    // Handled after its redrive: gone for good.
+    let bus = failing_bus(b.builder().await, false, &log);
+    bus.settled().await;
+    assert!(bus.dead_letters("g").unwrap().is_empty());
+    assert_eq!(log.len("g"), 10);
+    bus.shutdown().await;
+    assert!(b.open().await.dead_letters("g").await.unwrap().is_empty());
+}
+
+async fn discarded_dead_letters_do_not_come_back(b: Backend) {
+    let log = Log::default();
+    let bus = failing_bus(b.builder().await, true, &log);
+    publish_orders(&bus, 1, 10).await;
+    bus.settled().await;
+    let dlq = bus.dead_letters("g").unwrap();
+    let seq = dlq.list()[0].seq;
+    dlq.discard(seq, "not needed").unwrap();
+    // The row is deleted in the background.
+    let store = b.open().await;
+    for _ in 0..200 {
+        if store.dead_letters("g").await.unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(store.dead_letters("g").await.unwrap().is_empty());
+    bus.shutdown().await;
+    let bus = failing_bus(b.builder().await, false, &log);
+    bus.settled().await;
+    assert!(bus.dead_letters("g").unwrap().is_empty());
+    bus.shutdown().await;
+}
+
+async fn effectively_once_marks_survive_a_restart(b: Backend) {
+    let log = Log::default();
+    let build = |builder: tidings::BusBuilder| {
+        record_with(
+            builder.topic(topic(2)),
+            Subscription::new("once").delivery(DeliveryMode::EffectivelyOnce),
+            &log,
+        )
+        .build()
+        .unwrap()
+    };
+    let id = Uuid::now_v7();
+    let bus = build(b.builder().await);
+    bus.publish_with(Placed { order: 1, seq: 1 }, PublishOptions::new().id(id))
+        .await
+        .unwrap();
+    bus.publish(Placed { order: 2, seq: 1 }).await.unwrap();
+    bus.settled().await;
+    assert_eq!(log.len("once"), 2);
+    // The mark and the offset were committed with the event, not on the next tick.
+    let store = b.open().await;
+    let mut committed = 0;
+    for p in 0..2 {
+        committed += store
+            .committed("once", "orders", p)
+            .await
+            .unwrap()
+            .unwrap_or(0);
+    }
+    assert_eq!(committed, 2);
+    bus.shutdown().await;
+
+    // After a restart the producer's window is gone; the consumer's mark is not.
+    let bus = build(b.builder().await);
+    bus.publish_with(Placed { order: 1, seq: 1 }, PublishOptions::new().id(id))
+        .await
+        .unwrap();
+    bus.publish(Placed { order: 3, seq: 1 }).await.unwrap();
+    bus.settled().await;
+    let mut seen = log.of("once");
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![(1, 1), (2, 1), (3, 1)],
+        "the copy was handled again"
+    );
+    let g = &bus.stats().topics[0].groups[0];
+    assert_eq!(g.duplicates, 1);
+    bus.shutdown().await;
 }

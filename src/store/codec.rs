@@ -295,6 +295,36 @@ impl Decoder {
     }
 }
 
+/// The row of an event already in an envelope (a dead letter to save): its payload serialized
+/// again; an [`Undecodable`] one keeps the row it came from.
+pub(crate) fn stored_event_of(env: &AnyEnvelope) -> Result<StoredEvent, String> {
+    let meta = env.metadata();
+    let (name, version, payload) = match env.downcast_ref::<Undecodable>() {
+        Some(raw) => (
+            raw.name.clone(),
+            raw.version,
+            raw.payload.clone().into_bytes(),
+        ),
+        None => {
+            let info = env.event().event_info();
+            (info.name.to_owned(), info.version, env.event().__to_json()?)
+        }
+    };
+    Ok(StoredEvent {
+        topic: meta.topic.to_owned(),
+        partition: meta.partition,
+        offset: meta.offset,
+        id: meta.id,
+        name,
+        version,
+        timestamp: meta.timestamp,
+        correlation_id: meta.correlation_id,
+        causation_id: meta.causation_id,
+        headers: meta.headers.clone(),
+        payload,
+    })
+}
+
 /// Converts a row's stored fields (as the SQL backends read them) into a [`StoredEvent`].
 #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 #[allow(clippy::too_many_arguments)]

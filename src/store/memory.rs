@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use futures::future::{BoxFuture, FutureExt};
 use parking_lot::Mutex;
 
-use super::{GroupOffset, Store, StoreError, StoredEvent};
+use super::{DeadLetterRecord, GroupOffset, Store, StoreError, StoredEvent};
 
 /// A [`Store`] in memory: it behaves like the durable ones (serialized payloads, dense offsets,
 /// committed offsets, replay, retention) and lives as long as any clone of it.
@@ -33,6 +33,8 @@ pub struct MemoryStore {
 struct Inner {
     logs: HashMap<(String, u32), Log>,
     offsets: HashMap<(String, String, u32), u64>,
+    dead_letters: std::collections::BTreeMap<(String, String, u32, u64), DeadLetterRecord>,
+    marks: std::collections::HashSet<(String, uuid::Uuid)>,
 }
 
 #[derive(Default)]
@@ -196,5 +198,72 @@ impl Store for MemoryStore {
             }
         }
         futures::future::ready(Ok(deleted)).boxed()
+    }
+
+    fn save_dead_letter<'a>(
+        &'a self,
+        record: &'a DeadLetterRecord,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let e = &record.event;
+        self.inner.lock().dead_letters.insert(
+            (record.group.clone(), e.topic.clone(), e.partition, e.offset),
+            record.clone(),
+        );
+        futures::future::ready(Ok(())).boxed()
+    }
+
+    fn delete_dead_letter<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        partition: u32,
+        offset: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.lock().dead_letters.remove(&(
+            group.to_owned(),
+            topic.to_owned(),
+            partition,
+            offset,
+        ));
+        futures::future::ready(Ok(())).boxed()
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetterRecord>, StoreError>> {
+        let out = self
+            .inner
+            .lock()
+            .dead_letters
+            .values()
+            .filter(|r| r.group == group)
+            .cloned()
+            .collect();
+        futures::future::ready(Ok(out)).boxed()
+    }
+
+    fn is_marked<'a>(
+        &'a self,
+        group: &'a str,
+        id: uuid::Uuid,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let marked = self.inner.lock().marks.contains(&(group.to_owned(), id));
+        futures::future::ready(Ok(marked)).boxed()
+    }
+
+    fn commit_marked<'a>(
+        &'a self,
+        offset: &'a GroupOffset,
+        id: uuid::Uuid,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let mut inner = self.inner.lock();
+        inner.marks.insert((offset.group.clone(), id));
+        let next = inner
+            .offsets
+            .entry((offset.group.clone(), offset.topic.clone(), offset.partition))
+            .or_insert(0);
+        *next = (*next).max(offset.next_offset);
+        futures::future::ready(Ok(())).boxed()
     }
 }

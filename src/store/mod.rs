@@ -50,7 +50,7 @@ mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
-pub(crate) use codec::{encode, Decoded, Decoder, EncodeError};
+pub(crate) use codec::{encode, intern, stored_event_of, Decoded, Decoder, EncodeError};
 pub use codec::{Undecodable, UpcastError, Upcaster};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
@@ -113,6 +113,29 @@ pub struct GroupOffset {
     pub partition: u32,
     /// The first offset not yet handled.
     pub next_offset: u64,
+}
+
+/// A consumer group's dead letter as a store keeps it: the event's row and why it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterRecord {
+    /// Consumer group.
+    pub group: String,
+    /// The event (its place in the log, metadata and payload).
+    pub event: StoredEvent,
+    /// The last error, as text.
+    pub error: String,
+    /// Whether the last error was permanent.
+    pub permanent: bool,
+    /// Delivery attempts made.
+    pub attempts: u32,
+    /// When the first attempt failed.
+    pub first_failure: SystemTime,
+    /// When the last attempt failed.
+    pub last_failure: SystemTime,
+    /// The handler's type name.
+    pub handler: String,
+    /// Automatic redeliveries so far.
+    pub redeliveries: u32,
 }
 
 /// Why a store operation failed.
@@ -201,6 +224,40 @@ pub trait Store: Send + Sync + 'static {
         partition: u32,
         before: u64,
     ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Saves a dead letter, replacing the group's entry for the same event (topic, partition,
+    /// offset) if there is one.
+    fn save_dead_letter<'a>(
+        &'a self,
+        record: &'a DeadLetterRecord,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Deletes the group's dead letter of the event at (topic, partition, offset), if any.
+    fn delete_dead_letter<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        partition: u32,
+        offset: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// The group's dead letters, by topic, partition and offset.
+    fn dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetterRecord>, StoreError>>;
+
+    /// Whether `group` marked event `id` handled ([`commit_marked`](Store::commit_marked)).
+    fn is_marked<'a>(&'a self, group: &'a str, id: Uuid)
+        -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Effectively-once: marks event `id` handled by the offset's group and commits the offset,
+    /// in one transaction.
+    fn commit_marked<'a>(
+        &'a self,
+        offset: &'a GroupOffset,
+        id: Uuid,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 /// A shared store is a store: keep an `Arc` to read the log or offsets beside the bus.
@@ -253,6 +310,41 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         before: u64,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         (**self).trim(topic, partition, before)
+    }
+    fn save_dead_letter<'a>(
+        &'a self,
+        record: &'a DeadLetterRecord,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        (**self).save_dead_letter(record)
+    }
+    fn delete_dead_letter<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        partition: u32,
+        offset: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        (**self).delete_dead_letter(group, topic, partition, offset)
+    }
+    fn dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetterRecord>, StoreError>> {
+        (**self).dead_letters(group)
+    }
+    fn is_marked<'a>(
+        &'a self,
+        group: &'a str,
+        id: Uuid,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        (**self).is_marked(group, id)
+    }
+    fn commit_marked<'a>(
+        &'a self,
+        offset: &'a GroupOffset,
+        id: Uuid,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        (**self).commit_marked(offset, id)
     }
 }
 

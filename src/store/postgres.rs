@@ -10,7 +10,8 @@ use uuid::Uuid;
 
 use super::codec::{headers_to_json, row};
 use super::{
-    by_partition, micros, validate_identifier, GroupOffset, Store, StoreError, StoredEvent,
+    by_partition, from_micros, micros, validate_identifier, DeadLetterRecord, GroupOffset, Store,
+    StoreError, StoredEvent,
 };
 
 /// A [`Store`] in a PostgreSQL database, in a schema of its own choosing (`public` by default).
@@ -46,6 +47,12 @@ struct Sql {
     committed: Arc<str>,
     commit: Arc<str>,
     trim: Arc<str>,
+    save_dead_letter: Arc<str>,
+    delete_dead_letter: Arc<str>,
+    dead_letters: Arc<str>,
+    is_marked: Arc<str>,
+    mark: Arc<str>,
+    commit_one: Arc<str>,
 }
 
 impl Sql {
@@ -102,6 +109,39 @@ impl Sql {
             )),
             trim: q(format!(
                 "DELETE FROM {s}.tidings_events WHERE topic = $1 AND partition_no = $2 AND log_offset < $3"
+            )),
+            save_dead_letter: q(format!(
+                "INSERT INTO {s}.tidings_dead_letters (group_name, topic, partition_no, log_offset, \
+                 event_id, name, version, timestamp_us, correlation_id, causation_id, headers, payload, \
+                 error, permanent, attempts, first_failure_us, last_failure_us, handler, redeliveries) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
+                 ON CONFLICT (group_name, topic, partition_no, log_offset) DO UPDATE SET \
+                 event_id = EXCLUDED.event_id, name = EXCLUDED.name, version = EXCLUDED.version, \
+                 timestamp_us = EXCLUDED.timestamp_us, correlation_id = EXCLUDED.correlation_id, \
+                 causation_id = EXCLUDED.causation_id, headers = EXCLUDED.headers, payload = EXCLUDED.payload, \
+                 error = EXCLUDED.error, permanent = EXCLUDED.permanent, attempts = EXCLUDED.attempts, \
+                 first_failure_us = EXCLUDED.first_failure_us, last_failure_us = EXCLUDED.last_failure_us, \
+                 handler = EXCLUDED.handler, redeliveries = EXCLUDED.redeliveries"
+            )),
+            delete_dead_letter: q(format!(
+                "DELETE FROM {s}.tidings_dead_letters WHERE group_name = $1 AND topic = $2 \
+                 AND partition_no = $3 AND log_offset = $4"
+            )),
+            dead_letters: q(format!(
+                "SELECT * FROM {s}.tidings_dead_letters WHERE group_name = $1 \
+                 ORDER BY topic, partition_no, log_offset"
+            )),
+            is_marked: q(format!(
+                "SELECT 1 FROM {s}.tidings_marks WHERE group_name = $1 AND event_id = $2"
+            )),
+            mark: q(format!(
+                "INSERT INTO {s}.tidings_marks (group_name, event_id, marked_us) VALUES ($1, $2, $3) \
+                 ON CONFLICT DO NOTHING"
+            )),
+            commit_one: q(format!(
+                "INSERT INTO {s}.tidings_offsets AS o (group_name, topic, partition_no, next_offset) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (group_name, topic, partition_no) \
+                 DO UPDATE SET next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset)"
             )),
         }
     }
@@ -416,6 +456,135 @@ impl Store for PostgresStore {
                 .await
                 .map_err(StoreError::backend)?;
             Ok(done.rows_affected())
+        }
+        .boxed()
+    }
+
+    fn save_dead_letter<'a>(
+        &'a self,
+        record: &'a DeadLetterRecord,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            let e = &record.event;
+            sqlx::query(AssertSqlSafe(self.sql.save_dead_letter.clone()))
+                .bind(&record.group)
+                .bind(&e.topic)
+                .bind(e.partition as i32)
+                .bind(e.offset as i64)
+                .bind(e.id)
+                .bind(&e.name)
+                .bind(e.version as i32)
+                .bind(micros(e.timestamp))
+                .bind(e.correlation_id)
+                .bind(e.causation_id)
+                .bind(headers_to_json(&e.headers))
+                .bind(&e.payload)
+                .bind(&record.error)
+                .bind(record.permanent)
+                .bind(record.attempts as i32)
+                .bind(micros(record.first_failure))
+                .bind(micros(record.last_failure))
+                .bind(&record.handler)
+                .bind(record.redeliveries as i32)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn delete_dead_letter<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        partition: u32,
+        offset: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            sqlx::query(AssertSqlSafe(self.sql.delete_dead_letter.clone()))
+                .bind(group)
+                .bind(topic)
+                .bind(partition as i32)
+                .bind(offset as i64)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetterRecord>, StoreError>> {
+        async move {
+            let rows = sqlx::query(AssertSqlSafe(self.sql.dead_letters.clone()))
+                .bind(group)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            rows.iter()
+                .map(|r| {
+                    let get = |e: sqlx::Error| StoreError::backend(e);
+                    Ok(DeadLetterRecord {
+                        group: r.try_get("group_name").map_err(get)?,
+                        event: stored(r)?,
+                        error: r.try_get("error").map_err(get)?,
+                        permanent: r.try_get("permanent").map_err(get)?,
+                        attempts: r.try_get::<i32, _>("attempts").map_err(get)? as u32,
+                        first_failure: from_micros(r.try_get("first_failure_us").map_err(get)?),
+                        last_failure: from_micros(r.try_get("last_failure_us").map_err(get)?),
+                        handler: r.try_get("handler").map_err(get)?,
+                        redeliveries: r.try_get::<i32, _>("redeliveries").map_err(get)? as u32,
+                    })
+                })
+                .collect()
+        }
+        .boxed()
+    }
+
+    fn is_marked<'a>(
+        &'a self,
+        group: &'a str,
+        id: Uuid,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        async move {
+            let found: Option<i32> = sqlx::query_scalar(AssertSqlSafe(self.sql.is_marked.clone()))
+                .bind(group)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            Ok(found.is_some())
+        }
+        .boxed()
+    }
+
+    fn commit_marked<'a>(
+        &'a self,
+        offset: &'a GroupOffset,
+        id: Uuid,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            let mut tx = self.pool.begin().await.map_err(StoreError::backend)?;
+            sqlx::query(AssertSqlSafe(self.sql.mark.clone()))
+                .bind(&offset.group)
+                .bind(id)
+                .bind(micros(SystemTime::now()))
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::backend)?;
+            sqlx::query(AssertSqlSafe(self.sql.commit_one.clone()))
+                .bind(&offset.group)
+                .bind(&offset.topic)
+                .bind(offset.partition as i32)
+                .bind(offset.next_offset as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::backend)?;
+            tx.commit().await.map_err(StoreError::backend)
         }
         .boxed()
     }

@@ -14,7 +14,10 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::codec::{headers_to_json, row};
-use super::{by_partition, micros, GroupOffset, Store, StoreError, StoredEvent};
+use super::{
+    by_partition, from_micros, micros, DeadLetterRecord, GroupOffset, Store, StoreError,
+    StoredEvent,
+};
 
 /// Rows per INSERT statement: 11 parameters each stays well under SQLite's 32 766.
 const ROWS_PER_INSERT: usize = 500;
@@ -399,6 +402,165 @@ impl Store for SqliteStore {
             .await
             .map_err(StoreError::backend)?;
             Ok(done.rows_affected())
+        }
+        .boxed()
+    }
+
+    fn save_dead_letter<'a>(
+        &'a self,
+        record: &'a DeadLetterRecord,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            let e = &record.event;
+            let mut writer = self.writer.lock().await;
+            writer.clean().await;
+            sqlx::query(
+                "INSERT OR REPLACE INTO tidings_dead_letters (group_name, topic, partition_no, \
+                 log_offset, event_id, name, version, timestamp_us, correlation_id, causation_id, \
+                 headers, payload, error, permanent, attempts, first_failure_us, last_failure_us, \
+                 handler, redeliveries) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&record.group)
+            .bind(&e.topic)
+            .bind(e.partition as i64)
+            .bind(e.offset as i64)
+            .bind(e.id)
+            .bind(&e.name)
+            .bind(e.version as i64)
+            .bind(micros(e.timestamp))
+            .bind(e.correlation_id)
+            .bind(e.causation_id)
+            .bind(headers_to_json(&e.headers))
+            .bind(&e.payload)
+            .bind(&record.error)
+            .bind(record.permanent)
+            .bind(record.attempts as i64)
+            .bind(micros(record.first_failure))
+            .bind(micros(record.last_failure))
+            .bind(&record.handler)
+            .bind(record.redeliveries as i64)
+            .execute(&mut writer.conn)
+            .await
+            .map_err(StoreError::backend)?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn delete_dead_letter<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        partition: u32,
+        offset: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            let mut writer = self.writer.lock().await;
+            writer.clean().await;
+            sqlx::query(
+                "DELETE FROM tidings_dead_letters WHERE group_name = ? AND topic = ? \
+                 AND partition_no = ? AND log_offset = ?",
+            )
+            .bind(group)
+            .bind(topic)
+            .bind(partition as i64)
+            .bind(offset as i64)
+            .execute(&mut writer.conn)
+            .await
+            .map_err(StoreError::backend)?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetterRecord>, StoreError>> {
+        async move {
+            let rows = sqlx::query(
+                "SELECT * FROM tidings_dead_letters WHERE group_name = ? \
+                 ORDER BY topic, partition_no, log_offset",
+            )
+            .bind(group)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
+            rows.iter()
+                .map(|r| {
+                    let get = |e: sqlx::Error| StoreError::backend(e);
+                    Ok(DeadLetterRecord {
+                        group: r.try_get("group_name").map_err(get)?,
+                        event: stored(r)?,
+                        error: r.try_get("error").map_err(get)?,
+                        permanent: r.try_get("permanent").map_err(get)?,
+                        attempts: r.try_get::<i64, _>("attempts").map_err(get)? as u32,
+                        first_failure: from_micros(r.try_get("first_failure_us").map_err(get)?),
+                        last_failure: from_micros(r.try_get("last_failure_us").map_err(get)?),
+                        handler: r.try_get("handler").map_err(get)?,
+                        redeliveries: r.try_get::<i64, _>("redeliveries").map_err(get)? as u32,
+                    })
+                })
+                .collect()
+        }
+        .boxed()
+    }
+
+    fn is_marked<'a>(
+        &'a self,
+        group: &'a str,
+        id: uuid::Uuid,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        async move {
+            let found: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 FROM tidings_marks WHERE group_name = ? AND event_id = ?",
+            )
+            .bind(group)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
+            Ok(found.is_some())
+        }
+        .boxed()
+    }
+
+    fn commit_marked<'a>(
+        &'a self,
+        offset: &'a GroupOffset,
+        id: uuid::Uuid,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            let mut writer = self.writer.lock().await;
+            writer.clean().await;
+            writer.open_tx = true;
+            let mut tx = sqlx::Connection::begin_with(&mut writer.conn, "BEGIN IMMEDIATE")
+                .await
+                .map_err(StoreError::backend)?;
+            sqlx::query(
+                "INSERT OR IGNORE INTO tidings_marks (group_name, event_id, marked_us) VALUES (?, ?, ?)",
+            )
+            .bind(&offset.group)
+            .bind(id)
+            .bind(micros(SystemTime::now()))
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::backend)?;
+            sqlx::query(
+                "INSERT INTO tidings_offsets (group_name, topic, partition_no, next_offset) \
+                 VALUES (?, ?, ?, ?) ON CONFLICT (group_name, topic, partition_no) \
+                 DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
+            )
+            .bind(&offset.group)
+            .bind(&offset.topic)
+            .bind(offset.partition as i64)
+            .bind(offset.next_offset as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::backend)?;
+            tx.commit().await.map_err(StoreError::backend)?;
+            writer.open_tx = false;
+            Ok(())
         }
         .boxed()
     }
