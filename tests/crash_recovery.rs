@@ -72,7 +72,7 @@ struct Effect {
 
 impl Handler<Tick> for Effect {
     async fn handle(&mut self, e: &Envelope<Tick>, _: &Context) -> Result<(), HandlerError> {
-        if e.event().n % 3 == 0 {
+        if e.event().n.is_multiple_of(3) {
             tokio::task::yield_now().await;
         }
         self.journal.line(format!("{} {}", self.group, e.id()));
