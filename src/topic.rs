@@ -207,6 +207,10 @@ pub(crate) struct GroupQueue {
     /// With a store: events up to this offset that were not for this group (other types) were
     /// committed; the worker passes them by without reading them.
     pub(crate) skipped_to: u64,
+    /// With a store, while not lagging: the offset the next committed event must have to be
+    /// queued. Another offset means events were appended by someone else in between (another
+    /// process, a transaction of the application's): the group then reads them from the log.
+    pub(crate) live_next: u64,
 }
 
 /// What [`Partition::next_durable`] found.
@@ -335,6 +339,11 @@ impl Partition {
                 if !q.items.is_empty() {
                     let n = q.items.len().min(max);
                     out.extend(q.items.drain(..n));
+                    // A redrive waiting for room (publishers never wait with a store).
+                    if q.producer_waiting {
+                        q.producer_waiting = false;
+                        self.not_full.notify_waiters();
+                    }
                     return NextDurable::Batch;
                 }
                 let expected = stats.next_offset.load(Ordering::Relaxed);
@@ -350,6 +359,7 @@ impl Partition {
                     // Caught up: committed events are queued for the group again.
                     q.lagging = false;
                     q.skipped_to = head;
+                    q.live_next = head;
                 }
                 if q.marker && (!q.lagging || !may_catch_up) {
                     q.marker = false;

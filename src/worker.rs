@@ -677,7 +677,15 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                         .await;
                     match caught {
                         Ok(None) => break,
-                        Ok(Some(Caught::Skip(offset))) => advance(stats, offset),
+                        Ok(Some(Caught::Skip(offset))) => {
+                            backoff = StoreBackoff::default();
+                            advance(stats, offset);
+                        }
+                        Ok(Some(Caught::Gap(to))) => {
+                            if to > 0 {
+                                advance(stats, to - 1);
+                            }
+                        }
                         Ok(Some(Caught::Event(item))) => {
                             worker
                                 .process(item, &mut ctx, fast, sequenced, &mut done)

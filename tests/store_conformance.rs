@@ -67,6 +67,7 @@ conformance!(
     dead_letters_survive_a_restart_until_redriven_and_handled,
     discarded_dead_letters_do_not_come_back,
     effectively_once_marks_survive_a_restart,
+    events_appended_outside_the_bus_reach_its_groups,
 );
 
 async fn stress<F, Fut>(test: F)
@@ -835,5 +836,29 @@ async fn effectively_once_marks_survive_a_restart(b: Backend) {
     );
     let g = &bus.stats().topics[0].groups[0];
     assert_eq!(g.duplicates, 1);
+    bus.shutdown().await;
+}
+
+async fn events_appended_outside_the_bus_reach_its_groups(b: Backend) {
+    // Another writer (another process, the application's own transaction) appends to a
+    // partition the bus also appends to: the bus's groups get those events too, in offset
+    // order, when the bus next appends there (or at the latest after a restart).
+    let log = Log::default();
+    let bus = record(b.builder().await.topic(topic(1)), "g", &log)
+        .build()
+        .unwrap();
+    bus.publish(Placed { order: 1, seq: 0 }).await.unwrap();
+    bus.settled().await;
+    let other = b.open().await;
+    let mut rows = vec![
+        raw("Placed", 1, r#"{"order":1,"seq":1}"#),
+        raw("Placed", 1, r#"{"order":1,"seq":2}"#),
+    ];
+    other.append(&mut rows).await.unwrap();
+    assert_eq!((rows[0].offset, rows[1].offset), (1, 2));
+    let p = bus.publish(Placed { order: 1, seq: 3 }).await.unwrap();
+    assert_eq!(p.offset, 3);
+    bus.settled().await;
+    assert_eq!(log.of("g"), (0..4).map(|s| (1, s)).collect::<Vec<_>>());
     bus.shutdown().await;
 }

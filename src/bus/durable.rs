@@ -21,6 +21,9 @@ use crate::topic::{Partition, Topic};
 
 /// Most events in one append transaction (the measured sweet spot of SQLite and PostgreSQL).
 const MAX_BATCH: usize = 1000;
+/// Most payload bytes in one append transaction (a batch of large events stays well below the
+/// databases' statement limits).
+const MAX_BATCH_BYTES: usize = 16 << 20;
 /// Times the appender yields to let concurrent publishers join a transaction.
 const LINGER_YIELDS: u32 = 4;
 /// Room in the appender's queue; publishers wait beyond it.
@@ -69,6 +72,21 @@ type AppendResult = Result<Vec<Published>, (AppendError, Vec<Box<dyn Any + Send>
 pub(crate) enum AppendError {
     Store(StoreError),
     Closed,
+}
+
+/// A producer-side dedup claim, given up when dropped (a failed or cancelled publish) unless the
+/// appender completed it.
+struct ClaimGuard<'a> {
+    window:
+        &'a parking_lot::Mutex<crate::middleware::Window<Published, (&'static str, uuid::Uuid)>>,
+    key: (&'static str, uuid::Uuid),
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        // A no-op once the appender completed it.
+        self.window.lock().release(self.key);
+    }
 }
 
 /// An event about to be appended, with its place.
@@ -181,29 +199,43 @@ impl BusInner {
         timestamp: SystemTime,
         origin: &mut super::Origin,
     ) -> Result<Published, crate::PublishError<E>> {
-        // Producer-side deduplication: a repeat within the window publishes nothing.
-        let dedup_key = match (&self.publish_dedup, origin.id) {
-            (Some(window), Some(_)) => {
-                if let Some(first) = window.lock().get((E::TOPIC, id)) {
-                    return Ok(Published {
-                        duplicate: true,
-                        ..first
-                    });
+        // Producer-side deduplication: a repeat within the window publishes nothing. The id is
+        // claimed before the append, so that concurrent repeats wait for the first one's
+        // receipt instead of appending it twice.
+        let mut claim = None;
+        if let (Some(window), Some(_)) = (&self.publish_dedup, origin.id) {
+            let key = (E::TOPIC, id);
+            loop {
+                {
+                    let mut w = window.lock();
+                    if let Some(first) = w.get(key) {
+                        return Ok(Published {
+                            duplicate: true,
+                            ..first
+                        });
+                    }
+                    if w.claim(key) == crate::middleware::Claim::New {
+                        break;
+                    }
                 }
-                Some((E::TOPIC, id))
+                // Another publish of this id is being appended: wait for its receipt.
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            _ => None,
-        };
+            claim = Some(ClaimGuard { window, key });
+        }
         let prepared = vec![Prepared {
             event,
             partition,
             id,
             timestamp,
         }];
-        match self
+        let dedup_key = claim.as_ref().map(|c| c.key);
+        let result = self
             .append_durable(prepared, route, origin, dedup_key)
-            .await
-        {
+            .await;
+        // Appended: the appender recorded the receipt; otherwise the guard gives the id up.
+        drop(claim);
+        match result {
             Ok(mut receipts) => Ok(receipts.remove(0)),
             Err(e) => Err(e.map(|mut events| events.remove(0))),
         }
@@ -305,6 +337,11 @@ impl BusInner {
         if state.next_offset <= meta.offset {
             state.next_offset = meta.offset + 1;
         }
+        if state.closed {
+            // Committed as the bus stopped (its workers are gone): the groups read it from the
+            // log when the bus starts again.
+            return;
+        }
         let mut pushed = 0;
         let mut markers = 0;
         for slot in 0..state.queues.len() {
@@ -312,6 +349,16 @@ impl BusInner {
             if q.lagging {
                 continue;
             }
+            if q.live_next != meta.offset {
+                // Events this bus did not append came first: read them, and this one, from
+                // the log.
+                q.lagging = true;
+                q.marker = true;
+                markers += 1;
+                part.wake(&mut state, slot);
+                continue;
+            }
+            q.live_next = meta.offset + 1;
             if !slots.contains(&slot) {
                 // Not for this group: its worker passes the offset by.
                 q.skipped_to = meta.offset + 1;
@@ -322,6 +369,7 @@ impl BusInner {
                 q.lagging = true;
                 q.marker = true;
                 markers += 1;
+                part.wake(&mut state, slot);
                 continue;
             }
             q.items.push_back(Arc::clone(item));
@@ -351,15 +399,18 @@ async fn run_appender(inner: Arc<BusInner>, mut rx: mpsc::Receiver<Append>) {
         let Some(first) = first else { break };
         // Group commit: everything waiting goes into one transaction, up to MAX_BATCH events
         // (a single publish_all call may be larger; it stays whole).
+        let size = |a: &Append| a.rows.iter().map(|r| r.payload.len()).sum::<usize>();
         let mut n = first.rows.len();
+        let mut bytes = size(&first);
         batch.push(first);
         // Publishers woken by the previous commit are sending their next events right now: give
         // them a few turns of the scheduler (no timer) so that they share this transaction.
         let mut lingers = 0;
-        while n < MAX_BATCH {
+        while n < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(a) => {
                     n += a.rows.len();
+                    bytes += size(&a);
                     batch.push(a);
                 }
                 Err(_) if lingers < LINGER_YIELDS => {
@@ -587,6 +638,8 @@ pub(crate) async fn start_offset(
 pub(crate) enum Caught {
     /// Not for this worker's subscription (another event type).
     Skip(u64),
+    /// No event below this offset is left in the log (retention): pass them.
+    Gap(u64),
     Event(Erased),
     Bad(crate::AnyEnvelope, String),
 }
@@ -609,14 +662,16 @@ impl Feed {
             let rows = self.store.read(topic, partition, from, limit).await?;
             self.rows
                 .extend(rows.into_iter().filter(|r| r.offset < self.until));
-            if self.rows.is_empty() {
-                // Deleted by retention meanwhile (or never there): nothing more to read.
-                return Ok(None);
-            }
-            if let Some(first) = self.rows.front() {
-                if first.offset > from {
-                    tracing::warn!(topic, partition, from, resumed = first.offset, "tidings: events before this offset are no longer in the log (retention); the group skips them");
+            match self.rows.front() {
+                // Nothing left below `until`: deleted by retention.
+                None => return Ok(Some(Caught::Gap(self.until))),
+                Some(first) if first.offset > from => {
+                    if from > 0 {
+                        tracing::warn!(topic, partition, from, resumed = first.offset, "tidings: events before this offset are no longer in the log (retention); the group passes them");
+                    }
+                    return Ok(Some(Caught::Gap(first.offset)));
                 }
+                Some(_) => {}
             }
         }
         let row = self.rows.pop_front().expect("not empty");

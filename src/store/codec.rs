@@ -241,6 +241,9 @@ impl Decoder {
     }
 
     fn decode_event(&self, row: &StoredEvent) -> Result<Box<dyn DynEvent>, String> {
+        if let Some(raw) = row.headers.get(UNREADABLE_HEADERS) {
+            return Err(format!("the stored headers are not valid JSON: {raw:?}"));
+        }
         let (name, mut version) = (row.name.as_str(), row.version);
         let mut upcast: Option<Value> = None;
         while let Some(f) = (!self.upcasters.is_empty())
@@ -325,6 +328,9 @@ pub(crate) fn stored_event_of(env: &AnyEnvelope) -> Result<StoredEvent, String> 
     })
 }
 
+/// The header a row gets when its stored headers are not valid JSON (with them as its value).
+pub(crate) const UNREADABLE_HEADERS: &str = "tidings.unreadable-headers";
+
 /// Converts a row's stored fields (as the SQL backends read them) into a [`StoredEvent`].
 #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 #[allow(clippy::too_many_arguments)]
@@ -341,7 +347,10 @@ pub(crate) fn row(
     headers: &str,
     payload: Vec<u8>,
 ) -> Result<StoredEvent, super::StoreError> {
-    let headers = headers_from_json(headers).map_err(super::StoreError::Corrupt)?;
+    // A row whose headers cannot be read is still a row: it goes to the dead-letter queue (the
+    // decoder refuses it), the group goes on.
+    let headers = headers_from_json(headers)
+        .unwrap_or_else(|_| Headers::new().with(UNREADABLE_HEADERS, headers));
     Ok(StoredEvent {
         topic,
         partition: partition as u32,

@@ -1,6 +1,5 @@
 //! `SqliteStore`: the embedded durable store (one file, WAL, no server), on sqlx.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -46,9 +45,6 @@ pub struct SqliteStore {
     /// One connection kept for writes: SQLite has one writer at a time anyway, and taking a
     /// connection from the pool for every append costs more than the append's statements.
     writer: Arc<tokio::sync::Mutex<Writer>>,
-    /// The next offset of each partition this store appended to, so that an append need not
-    /// read it first. Dropped on any failed append (another writer may have moved it).
-    heads: Arc<parking_lot::Mutex<HashMap<(String, u32), u64>>>,
 }
 
 /// The write connection, and whether a transaction may have been left open on it (a cancelled
@@ -130,7 +126,6 @@ impl SqliteStore {
                 conn: writer,
                 open_tx: false,
             })),
-            heads: Arc::default(),
         })
     }
 
@@ -148,8 +143,6 @@ impl SqliteStore {
         writer.open_tx = true;
         let result = self.append_on(&mut writer.conn, events).await;
         if result.is_err() {
-            // Another writer may have moved a head: read them again next time.
-            self.heads.lock().clear();
             writer.clean().await;
         }
         writer.open_tx = false;
@@ -171,21 +164,17 @@ impl SqliteStore {
         let mut heads = Vec::with_capacity(runs.len());
         for run in &runs {
             let (topic, partition) = (&events[run[0]].topic, events[run[0]].partition);
-            let cached = self.heads.lock().get(&(topic.clone(), partition)).copied();
-            let head = match cached {
-                Some(head) => head,
-                None => {
-                    let head: Option<i64> = sqlx::query_scalar(
-                        "SELECT next_offset FROM tidings_heads WHERE topic = ? AND partition_no = ?",
-                    )
-                    .bind(topic)
-                    .bind(partition as i64)
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(StoreError::backend)?;
-                    head.unwrap_or(0) as u64
-                }
-            };
+            // Read inside the write transaction: another writer (process, store handle, the
+            // application) may have appended since.
+            let head: Option<i64> = sqlx::query_scalar(
+                "SELECT next_offset FROM tidings_heads WHERE topic = ? AND partition_no = ?",
+            )
+            .bind(topic)
+            .bind(partition as i64)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(StoreError::backend)?;
+            let head = head.unwrap_or(0) as u64;
             heads.push((topic.clone(), partition, head + run.len() as u64));
             for (offset, &i) in (head..).zip(run.iter()) {
                 events[i].offset = offset;
@@ -231,10 +220,6 @@ impl SqliteStore {
             .execute(&mut *conn)
             .await
             .map_err(StoreError::backend)?;
-        let mut cache = self.heads.lock();
-        for (topic, partition, next) in heads {
-            cache.insert((topic, partition), next);
-        }
         Ok(())
     }
 }
