@@ -134,10 +134,17 @@ pub struct Failure {
 /// [`Overflow::DropOldest`], whose drops are counted. Nothing survives a crash of the process
 /// without a store.
 ///
+/// With a [store](BusBuilder::store), [`publish`](Bus::publish) returns once the event is
+/// committed to its partition's log, and every committed event is handled at least once by
+/// every subscribed group, across crashes and restarts: each group resumes from its committed
+/// offset (see [`Store`](crate::Store) for what else changes).
+///
 /// # Shutdown
 ///
 /// Call [`shutdown`](Bus::shutdown): it stops intake, drains what is queued and in flight, and
-/// reports. When the last user handle is dropped without it, the same graceful shutdown starts
+/// reports. With a store, a group still reading the log to catch up stops reading it: what it
+/// has not read yet is in the log and handled after the next start; the groups' offsets are
+/// committed last. When the last user handle is dropped without it, the same graceful shutdown starts
 /// in the background (outside a runtime, the queues just close: workers finish what is queued
 /// and stop).
 #[derive(Clone)]
@@ -482,7 +489,9 @@ impl Bus {
     /// # Errors
     ///
     /// [`TryPublishError::Full`] carries the event back when a queue is full (with
-    /// [`Overflow::Block`]); [`TryPublishError::Closed`] once shutdown has begun.
+    /// [`Overflow::Block`]); [`TryPublishError::Closed`] once shutdown has begun;
+    /// [`TryPublishError::Durable`] always on a bus with a store (a publish there waits for its
+    /// commit: use [`publish`](Bus::publish)).
     pub fn try_publish<E: Event>(&self, event: E) -> Result<Published, TryPublishError<E>> {
         self.try_publish_from(event, Origin::default())
     }

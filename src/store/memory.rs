@@ -12,9 +12,12 @@ use super::{DeadLetterRecord, GroupOffset, Store, StoreError, StoredEvent};
 /// A [`Store`] in memory: it behaves like the durable ones (serialized payloads, dense offsets,
 /// committed offsets, replay, retention) and lives as long as any clone of it.
 ///
-/// Clones share the same data, so a test simulates a restart by shutting a bus down (or just
-/// dropping it, as a crash would leave things) and building a new one on a clone: the new bus
-/// resumes every group from its committed offset and handles again what was not committed.
+/// Clones share the same data, so a test simulates a restart by shutting a bus down and
+/// building a new one on a clone: the new bus resumes every group from its committed offset.
+/// To leave things as a crash would, stop the old bus with a short
+/// [`shutdown_timeout`](crate::Bus::shutdown_timeout) while its handlers are busy: what they
+/// had not finished is handled again by the new bus. (Dropping a bus is not a crash: it shuts
+/// down gracefully in the background.)
 ///
 /// ```
 /// use tidings::{Bus, MemoryStore};

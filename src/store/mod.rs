@@ -177,6 +177,16 @@ impl StoreError {
 /// - Appends to one partition become visible in offset order: a reader that sees offset `n`
 ///   sees every offset below it (PostgreSQL holds the partition's head row locked until the
 ///   append commits; SQLite and memory have one writer at a time).
+///
+/// # More than one writer
+///
+/// Several buses (processes) may append to one store, and so may the application
+/// ([`PostgresStore::append_in`](crate::PostgresStore::append_in), in its own transaction).
+/// Offsets stay dense and in commit order. A bus hands its groups the events it appended
+/// itself right away; events appended by others reach them when the bus next appends to that
+/// partition (it sees the gap and reads the log), or at the latest when it restarts. Consumer
+/// groups should be run by one bus at a time: two buses running the same group would both
+/// handle its events.
 pub trait Store: Send + Sync + 'static {
     /// Appends `events` to their partitions' logs in one transaction, writing the offset each got
     /// into its `offset` field (in slice order within a partition).

@@ -193,7 +193,9 @@ impl PostgresStore {
     /// the partitions' heads stay locked until the caller's transaction ends, so keep it short.
     ///
     /// A bus on the same store hands events to its groups when its own appends commit; events
-    /// appended here reach them the next time they read the log (at the latest on restart).
+    /// appended here reach them when that bus next appends to the partition (it sees the gap
+    /// and reads the log), or at the latest when it restarts. A bus appending to a partition
+    /// whose head this transaction holds waits for it: keep the transaction short.
     pub async fn append_in(
         &self,
         conn: &mut PgConnection,
