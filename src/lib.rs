@@ -61,7 +61,7 @@ pub mod prelude {
         AnyEnvelope, AnyHandler, Bus, BusBuilder, Command, CommandHandler, Context,
         DeadLetterPolicy, Dedup, DedupWindow, DeliveryMode, Envelope, ErrorKind, Event, Handler,
         HandlerError, HandlerResult, Headers, Middleware, Next, Overflow, PublishOptions,
-        RestartBackoff, Retry, Subscription, Timeout, TopicConfig,
+        RestartBackoff, Retry, StartFrom, Subscription, Timeout, TopicConfig,
     };
 }
 

@@ -850,6 +850,7 @@ impl BusInner {
     }
 
     async fn run_shutdown(&self, timeout: Option<Duration>) -> ShutdownReport {
+        let started = tokio::time::Instant::now();
         self.intake_open.store(false, Ordering::SeqCst);
         // Barrier: a publisher that found intake open under a partition lock has counted its
         // event by the time this takes that lock, so the drain below waits for it.
@@ -874,9 +875,25 @@ impl BusInner {
             }
             let _ = task.await;
         }
-        if self.durable.is_some() {
-            // Publishing is over: stop the appender and commit the groups' offsets.
-            durable::Durable::stop(self).await;
+        if let Some(d) = &self.durable {
+            // Publishing is over: stop the appender and commit the groups' offsets (within what
+            // is left of the timeout; a commit cut short means a group handles again what it
+            // handled since the last periodic commit).
+            d.stop.cancel();
+            match timeout {
+                None => durable::Durable::stop(self).await,
+                Some(t) => {
+                    let left = t.saturating_sub(started.elapsed());
+                    if tokio::time::timeout(left, durable::Durable::stop(self))
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!(
+                            "tidings: shutdown timeout: the last offset commit was cut short"
+                        );
+                    }
+                }
+            }
         }
         // After a full drain nothing was abandoned (a request refused at this moment may be
         // counted for an instant, so do not read the counter). Otherwise what is still counted
