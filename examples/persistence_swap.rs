@@ -5,16 +5,17 @@
 //! durable is one builder line, `.store(SqliteStore::open(path).await?)`: see `build_bus`.
 //!
 //! - Run 1 places four orders while the mail server hangs, then the process is stopped (a
-//!   deploy) with a short drain budget, `shutdown_timeout`. Payments, inventory and orders have
-//!   finished and commit their offsets; the notifications still waiting for the mail server are
-//!   abandoned, their offsets left where they were.
+//!   deploy) with a drain budget, `shutdown_timeout`. Payments, inventory and orders have
+//!   finished, and their offsets are committed (every 100 ms); the notifications still waiting
+//!   for the mail server are abandoned, their offsets left where they were.
 //! - Run 2 opens the same file and builds the same bus. Every group resumes from its committed
-//!   offset: the pending mails go out, and nothing else is handled again. It places two more
-//!   orders, and deploys a new projection, `order-history`, which starts from the oldest event
-//!   in the log and so sees the orders of both runs.
+//!   offset: the pending mails go out. It places two more orders, and deploys a new projection,
+//!   `order-history`, which starts from the oldest event in the log and so sees both runs.
 //!
 //! What the modules did (cards charged, mails sent) is kept in a `World` that outlives both
-//! buses, as their own tables and the outside world would; the end asserts it.
+//! buses, as their own tables and the outside world would; the end asserts it. Delivery is
+//! at-least-once: an event handled after its group's last commit is handled again after a
+//! restart, so the end also prints any effect done twice (none, when the commit came in time).
 //!
 //! Run with `cargo run --example persistence_swap [path/to/new.db]` (default: a new file in the
 //! temporary directory, deleted at the end).
@@ -294,11 +295,15 @@ async fn main() -> Result<(), AnyError> {
         let mut groups = s.topics.iter().flat_map(|t| &t.groups);
         finals && groups.all(|g| g.group == "notifications" || g.lag == 0)
     };
-    while !others_done(&bus.stats()) {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    println!("-- stopped for a deploy, with 200 ms to drain");
-    let report = bus.shutdown_timeout(Duration::from_millis(200)).await;
+    let running = async {
+        while !others_done(&bus.stats()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), running).await?;
+    // The drain cannot finish; the offsets of the groups that are done are committed meanwhile.
+    println!("-- stopped for a deploy, with 500 ms to drain");
+    let report = bus.shutdown_timeout(Duration::from_millis(500)).await;
     println!("   handled: {}", handled(&bus.stats()));
     println!("   abandoned: {} (mails)", report.abandoned);
     assert!(report.abandoned > 0);
@@ -318,24 +323,23 @@ async fn main() -> Result<(), AnyError> {
     println!("-- shut down, {} abandoned", report.abandoned);
     println!("   handled: {}", handled(&stats));
 
-    // Nothing lost, nothing done twice: over the two runs, each paid order was charged,
-    // reserved and confirmed, each declined one cancelled, and every customer mailed, once.
+    // Nothing lost: over the two runs, each paid order was charged, reserved and confirmed,
+    // each declined one cancelled, and every customer mailed.
     let effects = lock(&world.effects).clone();
     let twice: Vec<_> = effects.iter().filter(|(_, &n)| n > 1).collect();
     println!("\norders: {:?}", lock(&world.orders));
-    println!("effects done twice (a redelivery after a crash would show here): {twice:?}");
+    println!("effects done more than once (redelivered after the restart): {twice:?}");
     for id in 1..=6 {
         let paid = [1, 2, 4, 5].contains(&id);
         let status = if paid { "confirmed" } else { "cancelled" };
         assert_eq!(lock(&world.orders)[&id], status, "order {id}");
         for effect in ["charged", "reserved", "mailed"] {
-            let times = effects.get(&(id, effect)).copied().unwrap_or(0);
-            let once = u32::from(paid || effect == "mailed");
-            assert_eq!(times, once, "order {id}: {effect}");
+            let done = effects.contains_key(&(id, effect));
+            assert_eq!(done, paid || effect == "mailed", "order {id}: {effect}");
         }
+        // Mailed exactly once: run 1 mailed nothing, and run 2 shut down cleanly.
+        assert_eq!(effects[&(id, "mailed")], 1, "order {id}");
     }
-    // Run 2's payments handled only its own two orders: run 1's were committed.
-    assert_eq!(stats.group("payments").map(|g| g.handled), Some(2));
     // The projection, new in run 2, read the whole log: the orders of both runs.
     let history = lock(&world.history).clone();
     println!("order-history, rebuilt from the log: {history:?}");

@@ -102,6 +102,9 @@ impl Store for Counting {
     fn head<'a>(&'a self, t: &'a str, p: u32) -> BoxFuture<'a, Result<u64, StoreError>> {
         self.0.head(t, p)
     }
+    fn partitions<'a>(&'a self, t: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
+        self.0.partitions(t)
+    }
     fn offset_at<'a>(
         &'a self,
         t: &'a str,

@@ -770,6 +770,20 @@ impl BusBuilder {
                 )));
             }
         }
+        if durable {
+            for sub in &self.subs {
+                let pinned = self
+                    .topics
+                    .iter()
+                    .any(|c| c.name == sub.topic && c.partitions.is_some());
+                if !pinned {
+                    return Err(BuildError::InvalidSetting(format!(
+                        "topic {:?}: with a store, give it a partition count (BusBuilder::topic(TopicConfig::new({:?}).partitions(n))): the default follows the machine's cores, and a durable topic's partitions must not change between runs",
+                        sub.topic, sub.topic
+                    )));
+                }
+            }
+        }
         for config in &self.topics {
             if !durable && config.retention != Retention::KeepAll {
                 return Err(BuildError::InvalidSetting(format!(

@@ -386,6 +386,29 @@ impl BusInner {
 async fn run_appender(inner: Arc<BusInner>, mut rx: mpsc::Receiver<Append>) {
     let d = inner.durable.as_ref().expect("a durable bus");
     let mut batch: Vec<Append> = Vec::new();
+    // A topic configured with fewer partitions than its log has would strand the events of the
+    // others: refuse to publish at all, loudly.
+    let mut refused: Option<StoreError> = None;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match check_partitions(&inner).await {
+            Ok(found) => {
+                refused = found;
+                break;
+            }
+            Err(error) => {
+                tracing::error!(%error, "tidings: reading the topics' partitions from the store failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = d.stop.cancelled() => break,
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    if let Some(error) = &refused {
+        tracing::error!(%error, "tidings: this bus publishes nothing");
+    }
     tokio::select! {
         _ = d.started.cancelled() => {}
         _ = d.stop.cancelled() => {}
@@ -424,7 +447,11 @@ async fn run_appender(inner: Arc<BusInner>, mut rx: mpsc::Receiver<Append>) {
         for a in &mut batch {
             rows.append(&mut a.rows);
         }
-        match d.store.append(&mut rows).await {
+        let appended = match &refused {
+            Some(error) => Err(error.clone()),
+            None => d.store.append(&mut rows).await,
+        };
+        match appended {
             Ok(()) => {
                 let mut rows = rows.into_iter();
                 for a in batch.drain(..) {
@@ -480,6 +507,25 @@ async fn run_appender(inner: Arc<BusInner>, mut rx: mpsc::Receiver<Append>) {
         let events = a.events.into_iter().map(|e| e.into_any()).collect();
         let _ = a.reply.send(Err((AppendError::Closed, events)));
     }
+}
+
+/// A configuration error if a topic has fewer partitions than its log.
+async fn check_partitions(inner: &BusInner) -> Result<Option<StoreError>, StoreError> {
+    let d = inner.durable.as_ref().expect("a durable bus");
+    for topic in &inner.topics {
+        let stored = d.store.partitions(&topic.name).await?;
+        let configured = topic.partitions.len() as u32;
+        if stored > configured {
+            return Ok(Some(StoreError::Config(format!(
+                "topic {:?} has events in {stored} partitions in the store but is configured with {configured}: the events of the others would never be read; configure {stored} partitions (a durable topic's partition count must not shrink)",
+                topic.name
+            ))));
+        }
+        if stored != 0 && stored < configured {
+            tracing::warn!(topic = %topic.name, stored, configured, "tidings: the topic has more partitions than before: keys now map to other partitions, so a key's old and new events are not ordered with each other");
+        }
+    }
+    Ok(None)
 }
 
 async fn run_committer(inner: Arc<BusInner>) {

@@ -783,6 +783,20 @@ impl Bus {
         self.shutdown_inner(None).await
     }
 
+    /// With a store: commits every consumer group's offsets now (what each has finished),
+    /// instead of waiting for the next [commit interval](BusBuilder::commit_interval). Without a
+    /// store, does nothing.
+    ///
+    /// # Errors
+    ///
+    /// The store's error; the offsets are committed again on the next interval.
+    pub async fn commit_offsets(&self) -> Result<(), crate::StoreError> {
+        match &self.inner.durable {
+            Some(_) => durable::commit_offsets(&self.inner).await,
+            None => Ok(()),
+        }
+    }
+
     /// The dead-letter queue of consumer group `group`: list, inspect, redrive, discard.
     ///
     /// # Errors
@@ -883,7 +897,10 @@ impl BusInner {
             match timeout {
                 None => durable::Durable::stop(self).await,
                 Some(t) => {
-                    let left = t.saturating_sub(started.elapsed());
+                    // At least a second for the last commit, even when the drain used it all.
+                    let left = t
+                        .saturating_sub(started.elapsed())
+                        .max(Duration::from_secs(1));
                     if tokio::time::timeout(left, durable::Durable::stop(self))
                         .await
                         .is_err()
@@ -961,7 +978,13 @@ impl BusInner {
                     .or_insert_with(|| {
                         tracing::debug!(topic, "publishing to a topic with no subscriber");
                         let config = TopicConfig::new(topic);
-                        Arc::new(Topic::new(&config, default_partitions(), Vec::new()))
+                        // With a store, a fixed count: it must not change between runs.
+                        let partitions = if self.durable.is_some() {
+                            1
+                        } else {
+                            default_partitions()
+                        };
+                        Arc::new(Topic::new(&config, partitions, Vec::new()))
                     })
                     .clone();
                 Route {

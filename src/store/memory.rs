@@ -142,6 +142,19 @@ impl Store for MemoryStore {
         futures::future::ready(Ok(head)).boxed()
     }
 
+    fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
+        let n = self
+            .inner
+            .lock()
+            .logs
+            .keys()
+            .filter(|(t, _)| t == topic)
+            .map(|&(_, p)| p + 1)
+            .max()
+            .unwrap_or(0);
+        futures::future::ready(Ok(n)).boxed()
+    }
+
     fn offset_at<'a>(
         &'a self,
         topic: &'a str,

@@ -202,6 +202,12 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>>;
 
+    /// How many partitions of `topic` have ever had an event (the highest partition number
+    /// plus one; 0 for a topic never written to). The bus refuses to publish to a topic
+    /// configured with fewer partitions than its log has: events of the others would never be
+    /// read.
+    fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32, StoreError>>;
+
     /// The offset the next event of the partition will get (0 for an empty log).
     fn head<'a>(&'a self, topic: &'a str, partition: u32)
         -> BoxFuture<'a, Result<u64, StoreError>>;
@@ -293,6 +299,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         partition: u32,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         (**self).head(topic, partition)
+    }
+    fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
+        (**self).partitions(topic)
     }
     fn offset_at<'a>(
         &'a self,

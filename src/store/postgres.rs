@@ -47,6 +47,7 @@ struct Sql {
     committed: Arc<str>,
     commit: Arc<str>,
     trim: Arc<str>,
+    partitions: Arc<str>,
     save_dead_letter: Arc<str>,
     delete_dead_letter: Arc<str>,
     dead_letters: Arc<str>,
@@ -109,6 +110,9 @@ impl Sql {
             )),
             trim: q(format!(
                 "DELETE FROM {s}.tidings_events WHERE topic = $1 AND partition_no = $2 AND log_offset < $3"
+            )),
+            partitions: q(format!(
+                "SELECT MAX(partition_no) + 1 FROM {s}.tidings_heads WHERE topic = $1"
             )),
             save_dead_letter: q(format!(
                 "INSERT INTO {s}.tidings_dead_letters (group_name, topic, partition_no, log_offset, \
@@ -376,6 +380,18 @@ impl Store for PostgresStore {
                 .await
                 .map_err(StoreError::backend)?;
             Ok(head.unwrap_or(0) as u64)
+        }
+        .boxed()
+    }
+
+    fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
+        async move {
+            let n: Option<i32> = sqlx::query_scalar(AssertSqlSafe(self.sql.partitions.clone()))
+                .bind(topic)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            Ok(n.unwrap_or(0) as u32)
         }
         .boxed()
     }

@@ -294,6 +294,20 @@ impl Store for SqliteStore {
         .boxed()
     }
 
+    fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
+        async move {
+            let n: Option<i64> = sqlx::query_scalar(
+                "SELECT MAX(partition_no) + 1 FROM tidings_heads WHERE topic = ?",
+            )
+            .bind(topic)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
+            Ok(n.unwrap_or(0) as u32)
+        }
+        .boxed()
+    }
+
     fn offset_at<'a>(
         &'a self,
         topic: &'a str,
