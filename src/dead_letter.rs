@@ -140,6 +140,16 @@ pub enum DeadLetterError {
         /// The head of its key.
         head: u64,
     },
+    /// The entry is a row that could not be read back ([`Undecodable`](crate::Undecodable)),
+    /// and it still cannot (register the missing type or [`Upcaster`](crate::Upcaster), then
+    /// redrive it; or discard it).
+    #[error("dead letter #{seq} still cannot be read: {error}")]
+    Unreadable {
+        /// The entry.
+        seq: u64,
+        /// Why it cannot be read.
+        error: String,
+    },
     /// The bus is shutting down or shut down: nothing can be redriven.
     #[error("the bus is shut down; the entry stays in the dead-letter queue")]
     Closed,
@@ -285,6 +295,22 @@ impl DeadLetterQueue {
         taken
     }
 
+    /// With a store: whether the event at `offset` of `partition` waits in the queue with its
+    /// row saved (read again from the log after a restart that came before its offset was
+    /// committed: it is dead-lettered already).
+    pub(crate) fn holds(&self, partition: u32, offset: u64) -> bool {
+        if self.stored_count.load(Ordering::SeqCst) == 0
+            || !self.stored.lock().contains(&(partition, offset))
+        {
+            return false;
+        }
+        self.state
+            .lock()
+            .entries
+            .values()
+            .any(|e| e.envelope.partition() == partition && e.envelope.offset() == offset)
+    }
+
     /// The entry of the event `id` at `offset`, if it is in the queue.
     pub(crate) fn entry_for(&self, id: Uuid, offset: u64) -> Option<DeadLetter> {
         self.state
@@ -319,12 +345,24 @@ impl DeadLetterQueue {
         {
             self.carried.fetch_add(1, Ordering::Relaxed);
         }
-        self.push_locked(
+        let seq = self.push_locked(
             &mut state, envelope, error, kind, attempts, failures, handler, false,
         );
         state.total -= 1;
+        // A head never attempted (its head was discarded, or the process stopped while its
+        // key was being released) is released at once, as a discard would have done.
+        let release = self.policy == DeadLetterPolicy::Sequenced
+            && self.redelivery.is_some()
+            && attempts == 0
+            && state
+                .entries
+                .get(&seq)
+                .is_some_and(|e| e.parked_behind.is_none());
         drop(state);
         self.note_stored(partition, offset);
+        if release {
+            self.schedule(seq, Duration::ZERO, 0, false);
+        }
     }
 
     /// A redriven event was handled: forget its redelivery count (cheap when none is kept).
@@ -482,6 +520,18 @@ impl DeadLetterQueue {
             .is_some_and(|r| (r.id, r.offset) == (env.id(), env.offset()))
         {
             return Gate::Release;
+        }
+        // An event older than the key's head (read again from the log after a restart, say)
+        // came before it: it is not parked behind it.
+        let head_offset = entry.releasing.map(|r| r.offset).or_else(|| {
+            entry
+                .seqs
+                .front()
+                .and_then(|s| state.entries.get(s))
+                .map(|e| e.envelope.offset())
+        });
+        if head_offset.is_some_and(|head| env.offset() < head) {
+            return Gate::Open;
         }
         let now = SystemTime::now();
         self.push_locked(
@@ -781,8 +831,27 @@ impl DeadLetters {
         if !self.bus.inner.is_open() {
             return Err(DeadLetterError::Closed);
         }
+        // A row that could not be read is read again (a type or an upcaster may have been
+        // registered since); it goes to the handler only if that works now.
+        let mut decoded: Option<Erased> = None;
+        if let Some(letter) = self.queue.get(seq) {
+            if letter
+                .envelope
+                .downcast_ref::<crate::Undecodable>()
+                .is_some()
+            {
+                let unreadable = |error: String| DeadLetterError::Unreadable { seq, error };
+                let durable = self.bus.inner.durable.as_ref();
+                let row = crate::store::stored_event_of(&letter.envelope).map_err(unreadable)?;
+                match durable.map(|d| d.decoder.decode(&row)) {
+                    Some(crate::store::Decoded::Event(env)) => decoded = Some(env.inner),
+                    Some(crate::store::Decoded::Failed(_, error)) => return Err(unreadable(error)),
+                    None => return Err(unreadable("the bus has no store".into())),
+                }
+            }
+        }
         let letter = self.queue.take_for_redrive(seq, automatic)?;
-        let item: Erased = Arc::clone(&letter.envelope.inner);
+        let item: Erased = decoded.unwrap_or_else(|| Arc::clone(&letter.envelope.inner));
         tracing::info!(group = %self.queue.group, event_id = %letter.envelope.id(), seq, "redriving dead letter");
         // Cancel safe: dropped before the event is in the queue, the entry goes back.
         let mut pending = Redriving {
@@ -838,7 +907,11 @@ impl DeadLetters {
             }
             match self.redrive(seq).await {
                 Ok(()) => sent += 1,
-                Err(DeadLetterError::NotFound { .. } | DeadLetterError::ParkedBehind { .. }) => {}
+                Err(
+                    DeadLetterError::NotFound { .. }
+                    | DeadLetterError::ParkedBehind { .. }
+                    | DeadLetterError::Unreadable { .. },
+                ) => {}
                 Err(err) => return Err(err),
             }
         }

@@ -687,14 +687,25 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                             }
                         }
                         Ok(Some(Caught::Event(item))) => {
+                            backoff = StoreBackoff::default();
+                            let offset = item.meta().offset;
+                            if worker.dead_letters.holds(partition, offset) {
+                                // Dead-lettered before a restart that came before its offset
+                                // was committed: it waits in the queue already.
+                                advance(stats, offset);
+                                continue;
+                            }
                             worker
                                 .process(item, &mut ctx, fast, sequenced, &mut done)
                                 .await;
                             done.clear();
                         }
                         Ok(Some(Caught::Bad(env, error))) => {
-                            worker.unreadable(&env, error).await;
-                            advance(stats, env.offset());
+                            if worker.dead_letters.holds(partition, env.offset())
+                                || worker.unreadable(&env, error).await
+                            {
+                                advance(stats, env.offset());
+                            }
                         }
                         Err(error) => {
                             tracing::error!(topic = %topic.name, group = %group, partition, %error, "tidings: reading the log failed; retrying");
@@ -770,16 +781,6 @@ impl<D: Dispatch> Worker<D> {
             // Acknowledged on receipt.
             advance(self.stats(), offset);
         }
-        if self.marks && self.marked(id).await {
-            // Effectively-once: handled before (a copy published again, or a redelivery after
-            // a restart); acknowledged without handling.
-            bump(&self.stats().handled);
-            bump(&self.stats().duplicates);
-            self.commit_mark(id, offset).await;
-            advance(self.stats(), offset);
-            done.push(item);
-            return;
-        }
         if fast {
             // No middleware, no parking: the typed envelope goes straight to the handler.
             let Some(mut typed) = D::wrap(item) else {
@@ -798,8 +799,10 @@ impl<D: Dispatch> Worker<D> {
                 Outcome::Failed { error, attempts } => {
                     let env = D::erase(&typed);
                     self.give_up(&env, error, attempts, false);
-                    if self.store.is_some() {
-                        self.save_dead_letter(&env).await;
+                    if self.store.is_some() && !self.save_dead_letter(&env).await {
+                        // Not saved (the bus stopped): its offset is not passed.
+                        done.push(D::into_item(typed));
+                        return;
                     }
                 }
             }
@@ -818,14 +821,27 @@ impl<D: Dispatch> Worker<D> {
                 Gate::Release => released = true,
                 Gate::Parked => {
                     bump(&self.stats().failed);
-                    if self.store.is_some() {
-                        self.save_dead_letter(&env).await;
+                    if self.store.is_none() || self.save_dead_letter(&env).await {
+                        advance(self.stats(), offset);
                     }
-                    advance(self.stats(), offset);
                     done.push(env.inner);
                     return;
                 }
             }
+        }
+        if self.marks && self.marked(id).await {
+            // Effectively-once: handled before (a copy published again, or a redelivery after
+            // a restart); acknowledged without handling, as a success.
+            bump(&self.stats().handled);
+            bump(&self.stats().duplicates);
+            self.dead_letters.handled(id, offset);
+            self.after_handled(id, offset).await;
+            if released {
+                self.release_followers(env.clone(), ctx).await;
+            }
+            advance(self.stats(), offset);
+            done.push(env.inner);
+            return;
         }
         match self.deliver(&env, ctx).await {
             Outcome::Handled => {
@@ -839,8 +855,10 @@ impl<D: Dispatch> Worker<D> {
             }
             Outcome::Failed { error, attempts } => {
                 self.give_up(&env, error, attempts, released);
-                if self.store.is_some() {
-                    self.save_dead_letter(&env).await;
+                if self.store.is_some() && !self.save_dead_letter(&env).await {
+                    // Not saved (the bus stopped): its offset is not passed.
+                    done.push(env.inner);
+                    return;
                 }
             }
         }
@@ -864,7 +882,7 @@ impl<D: Dispatch> Worker<D> {
                 .await
             {
                 tracing::error!(group = %self.end.group, offset, %error, "tidings: deleting a handled dead letter from the store failed; retrying");
-                if !backoff.wait(&self.bus.inner.cancel).await {
+                if !backoff.wait(self.stopped()).await {
                     break;
                 }
             }
@@ -883,7 +901,7 @@ impl<D: Dispatch> Worker<D> {
                 Ok(marked) => return marked,
                 Err(error) => {
                     tracing::error!(group = %self.end.group, %id, %error, "tidings: reading a mark from the store failed; retrying");
-                    if !backoff.wait(&self.bus.inner.cancel).await {
+                    if !backoff.wait(self.stopped()).await {
                         // Shutting down: handle it (at-least-once rather than lost).
                         return false;
                     }
@@ -904,7 +922,7 @@ impl<D: Dispatch> Worker<D> {
         let mut backoff = StoreBackoff::default();
         while let Err(error) = store.commit_marked(&next, id).await {
             tracing::error!(group = %self.end.group, %id, %error, "tidings: committing a mark failed; retrying");
-            if !backoff.wait(&self.bus.inner.cancel).await {
+            if !backoff.wait(self.stopped()).await {
                 return;
             }
         }
@@ -912,15 +930,16 @@ impl<D: Dispatch> Worker<D> {
 
     /// With a store: saves the dead letter of `env` (if it went to the queue), before the
     /// group's offset passes it.
-    async fn save_dead_letter(&mut self, env: &AnyEnvelope) {
+    /// Returns `false` if it could not be saved before the bus stopped.
+    async fn save_dead_letter(&mut self, env: &AnyEnvelope) -> bool {
         let Some(letter) = self.dead_letters.entry_for(env.id(), env.offset()) else {
-            return; // At-most-once: dropped, not dead-lettered.
+            return true; // At-most-once: dropped, not dead-lettered.
         };
         let event = match crate::store::stored_event_of(&letter.envelope) {
             Ok(event) => event,
             Err(error) => {
                 tracing::error!(group = %self.end.group, id = %env.id(), %error, "tidings: a dead letter could not be serialized; it stays in memory only");
-                return;
+                return true;
             }
         };
         let record = crate::store::DeadLetterRecord {
@@ -940,15 +959,24 @@ impl<D: Dispatch> Worker<D> {
             match store.save_dead_letter(&record).await {
                 Ok(()) => {
                     self.dead_letters.note_stored(env.partition(), env.offset());
-                    return;
+                    return true;
                 }
                 Err(error) => {
                     tracing::error!(group = %self.end.group, id = %env.id(), %error, "tidings: saving a dead letter failed; retrying");
-                    if !backoff.wait(&self.bus.inner.cancel).await {
-                        return;
+                    if !backoff.wait(self.stopped()).await {
+                        return false;
                     }
                 }
             }
+        }
+    }
+
+    /// With a store: cancelled once the bus stopped for good (after its drain), which is when
+    /// retries of the store's writes give up. (Not the shutdown signal: the drain needs them.)
+    fn stopped(&self) -> &tokio_util::sync::CancellationToken {
+        match &self.bus.inner.durable {
+            Some(d) => &d.stop,
+            None => &self.bus.inner.cancel,
         }
     }
 
@@ -958,11 +986,11 @@ impl<D: Dispatch> Worker<D> {
 
     /// A row of the log that could not be read back: to the dead-letter queue with the error,
     /// never to the handler.
-    async fn unreadable(&mut self, env: &AnyEnvelope, error: String) {
+    async fn unreadable(&mut self, env: &AnyEnvelope, error: String) -> bool {
         self.track.reset();
         self.track.note_failure();
         self.give_up(env, HandlerError::permanent(error), 0, false);
-        self.save_dead_letter(env).await;
+        self.save_dead_letter(env).await
     }
 }
 

@@ -124,6 +124,9 @@ impl Store for Counting {
     fn commit<'a>(&'a self, o: &'a [GroupOffset]) -> BoxFuture<'a, Result<(), StoreError>> {
         self.0.commit(o)
     }
+    fn reset_offset<'a>(&'a self, o: &'a GroupOffset) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.0.reset_offset(o)
+    }
     fn trim<'a>(&'a self, t: &'a str, p: u32, b: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
         self.0.trim(t, p, b)
     }

@@ -667,14 +667,14 @@ pub(crate) async fn start_offset(
     };
     if committed.is_none() {
         // Remember the start at once: a crash before the first commit must not move a group
-        // that started at "latest" past events published meanwhile.
+        // that started at "latest" past events published meanwhile (and a reset sticks).
         store
-            .commit(&[GroupOffset {
+            .reset_offset(&GroupOffset {
                 group: group.to_owned(),
                 topic: topic.to_owned(),
                 partition,
                 next_offset: from,
-            }])
+            })
             .await?;
     }
     Ok((from, head))

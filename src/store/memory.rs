@@ -190,11 +190,20 @@ impl Store for MemoryStore {
     fn commit<'a>(&'a self, offsets: &'a [GroupOffset]) -> BoxFuture<'a, Result<(), StoreError>> {
         let mut inner = self.inner.lock();
         for o in offsets {
-            inner.offsets.insert(
-                (o.group.clone(), o.topic.clone(), o.partition),
-                o.next_offset,
-            );
+            let next = inner
+                .offsets
+                .entry((o.group.clone(), o.topic.clone(), o.partition))
+                .or_insert(0);
+            *next = (*next).max(o.next_offset);
         }
+        futures::future::ready(Ok(())).boxed()
+    }
+
+    fn reset_offset<'a>(&'a self, o: &'a GroupOffset) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.lock().offsets.insert(
+            (o.group.clone(), o.topic.clone(), o.partition),
+            o.next_offset,
+        );
         futures::future::ready(Ok(())).boxed()
     }
 

@@ -229,8 +229,13 @@ pub trait Store: Send + Sync + 'static {
         partition: u32,
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
 
-    /// Commits consumer offsets, all in one transaction.
+    /// Commits consumer offsets, all in one transaction. An offset never moves back: a value
+    /// below the one committed is ignored (see [`reset_offset`](Store::reset_offset)).
     fn commit<'a>(&'a self, offsets: &'a [GroupOffset]) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Sets a group's offset in a partition, even below the committed one (a replay).
+    fn reset_offset<'a>(&'a self, offset: &'a GroupOffset)
+        -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Deletes the events of a partition below offset `before` (retention). Returns how many
     /// were deleted.
@@ -321,6 +326,12 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn commit<'a>(&'a self, offsets: &'a [GroupOffset]) -> BoxFuture<'a, Result<(), StoreError>> {
         (**self).commit(offsets)
+    }
+    fn reset_offset<'a>(
+        &'a self,
+        offset: &'a GroupOffset,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        (**self).reset_offset(offset)
     }
     fn trim<'a>(
         &'a self,

@@ -47,6 +47,7 @@ struct Sql {
     committed: Arc<str>,
     commit: Arc<str>,
     trim: Arc<str>,
+    reset: Arc<str>,
     partitions: Arc<str>,
     save_dead_letter: Arc<str>,
     delete_dead_letter: Arc<str>,
@@ -104,12 +105,18 @@ impl Sql {
                  WHERE group_name = $1 AND topic = $2 AND partition_no = $3"
             )),
             commit: q(format!(
-                "INSERT INTO {s}.tidings_offsets (group_name, topic, partition_no, next_offset) \
+                "INSERT INTO {s}.tidings_offsets AS o (group_name, topic, partition_no, next_offset) \
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::bigint[]) \
-                 ON CONFLICT (group_name, topic, partition_no) DO UPDATE SET next_offset = EXCLUDED.next_offset"
+                 ON CONFLICT (group_name, topic, partition_no) \
+                 DO UPDATE SET next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset)"
             )),
             trim: q(format!(
                 "DELETE FROM {s}.tidings_events WHERE topic = $1 AND partition_no = $2 AND log_offset < $3"
+            )),
+            reset: q(format!(
+                "INSERT INTO {s}.tidings_offsets (group_name, topic, partition_no, next_offset) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (group_name, topic, partition_no) \
+                 DO UPDATE SET next_offset = EXCLUDED.next_offset"
             )),
             partitions: q(format!(
                 "SELECT MAX(partition_no) + 1 FROM {s}.tidings_heads WHERE topic = $1"
@@ -451,6 +458,21 @@ impl Store for PostgresStore {
                 .bind(&topics)
                 .bind(&partitions)
                 .bind(&nexts)
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn reset_offset<'a>(&'a self, o: &'a GroupOffset) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            sqlx::query(AssertSqlSafe(self.sql.reset.clone()))
+                .bind(&o.group)
+                .bind(&o.topic)
+                .bind(o.partition as i32)
+                .bind(o.next_offset as i64)
                 .execute(&self.pool)
                 .await
                 .map_err(StoreError::backend)?;

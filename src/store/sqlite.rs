@@ -369,7 +369,7 @@ impl Store for SqliteStore {
                 sqlx::query(
                     "INSERT INTO tidings_offsets (group_name, topic, partition_no, next_offset) \
                      VALUES (?, ?, ?, ?) ON CONFLICT (group_name, topic, partition_no) \
-                     DO UPDATE SET next_offset = excluded.next_offset",
+                     DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
                 )
                 .bind(&o.group)
                 .bind(&o.topic)
@@ -380,6 +380,27 @@ impl Store for SqliteStore {
                 .map_err(StoreError::backend)?;
             }
             tx.commit().await.map_err(StoreError::backend)
+        }
+        .boxed()
+    }
+
+    fn reset_offset<'a>(&'a self, o: &'a GroupOffset) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            let mut writer = self.writer.lock().await;
+            writer.clean().await;
+            sqlx::query(
+                "INSERT INTO tidings_offsets (group_name, topic, partition_no, next_offset) \
+                 VALUES (?, ?, ?, ?) ON CONFLICT (group_name, topic, partition_no) \
+                 DO UPDATE SET next_offset = excluded.next_offset",
+            )
+            .bind(&o.group)
+            .bind(&o.topic)
+            .bind(o.partition as i64)
+            .bind(o.next_offset as i64)
+            .execute(&mut writer.conn)
+            .await
+            .map_err(StoreError::backend)?;
+            Ok(())
         }
         .boxed()
     }
