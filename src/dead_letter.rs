@@ -731,7 +731,13 @@ impl Drop for Redriving<'_> {
 /// Get it with [`Bus::dead_letters`]. An event lands here after its last failed attempt (see
 /// [`Retry`](crate::Retry)), with the error, the attempts and when they failed. Without a store
 /// the queue is in memory: it lives as long as the bus (it stays readable after shutdown) and is
-/// not bounded — watch its depth in [`Bus::stats`] (`GroupStats::dead_letters`).
+/// not bounded — watch its depth in [`Bus::stats`] (`GroupStats::dead_letters`). With a
+/// [store](crate::Store) each entry is also saved there before the group's offset passes its
+/// event, comes back when the bus restarts, and is deleted once a redriven event is handled (or
+/// the entry discarded). A row of the log that could not be read back is an entry too, holding
+/// an [`Undecodable`](crate::Undecodable); redriving it reads the row again (say, after the
+/// missing [`Upcaster`](crate::Upcaster) was registered) and is refused with
+/// [`DeadLetterError::Unreadable`] if it still cannot be read.
 ///
 /// A redrive sends the event back to the same group only, with its original id, metadata and
 /// correlation id, as delivery attempt 1; it waits for room in the group's queue like a publish

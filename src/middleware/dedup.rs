@@ -97,8 +97,10 @@ pub enum Claim {
 
 /// Where [`Dedup`] remembers the ids a group has handled.
 ///
-/// [`MemoryDedupStore`] keeps them in memory (lost on restart). A durable store implements this
-/// trait on its database, marking an id in the same transaction as the group's offset.
+/// [`MemoryDedupStore`] keeps them in memory (lost on restart). On a bus with a
+/// [`Store`](crate::Store), [`DeliveryMode::EffectivelyOnce`](crate::DeliveryMode) also marks
+/// each handled id in the store, in the same transaction as the group's offset, and checks it
+/// before handling: that is what survives a restart.
 pub trait DedupStore: Clone + Send + Sync + 'static {
     /// Claims `id` for `group` before it is handled.
     fn claim(
