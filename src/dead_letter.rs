@@ -214,6 +214,7 @@ struct KeyState {
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Releasing {
     id: Uuid,
+    partition: u32,
     offset: u64,
     /// Its entry number while it was in the queue.
     seq: u64,
@@ -299,16 +300,8 @@ impl DeadLetterQueue {
     /// row saved (read again from the log after a restart that came before its offset was
     /// committed: it is dead-lettered already).
     pub(crate) fn holds(&self, partition: u32, offset: u64) -> bool {
-        if self.stored_count.load(Ordering::SeqCst) == 0
-            || !self.stored.lock().contains(&(partition, offset))
-        {
-            return false;
-        }
-        self.state
-            .lock()
-            .entries
-            .values()
-            .any(|e| e.envelope.partition() == partition && e.envelope.offset() == offset)
+        self.stored_count.load(Ordering::SeqCst) != 0
+            && self.stored.lock().contains(&(partition, offset))
     }
 
     /// The entry of the event `id` at `offset`, if it is in the queue.
@@ -354,6 +347,7 @@ impl DeadLetterQueue {
         let release = self.policy == DeadLetterPolicy::Sequenced
             && self.redelivery.is_some()
             && attempts == 0
+            && kind == ErrorKind::Transient
             && state
                 .entries
                 .get(&seq)
@@ -473,8 +467,29 @@ impl DeadLetterQueue {
                     }
                 }
             } else {
-                parked_behind = entry.head();
-                entry.seqs.push_back(seq);
+                // Kept in log order: an older event of the key (read again after a restart)
+                // goes before the younger ones parked already.
+                let at = entry
+                    .seqs
+                    .iter()
+                    .position(|s| {
+                        state.entries.get(s).is_some_and(|e| {
+                            e.envelope.partition() == envelope.partition()
+                                && e.envelope.offset() > envelope.offset()
+                        })
+                    })
+                    .unwrap_or(entry.seqs.len());
+                entry.seqs.insert(at, seq);
+                if at == 0 && entry.releasing.is_none() {
+                    let followers: Vec<u64> = entry.seqs.iter().skip(1).copied().collect();
+                    for s in followers {
+                        if let Some(e) = state.entries.get_mut(&s) {
+                            e.parked_behind = Some(seq);
+                        }
+                    }
+                } else {
+                    parked_behind = entry.head();
+                }
             }
         }
         tracing::error!(group = %self.group, event_id = %envelope.id(), correlation_id = %envelope.correlation_id(), seq, attempts, error = %error, "event dead-lettered");
@@ -523,14 +538,15 @@ impl DeadLetterQueue {
         }
         // An event older than the key's head (read again from the log after a restart, say)
         // came before it: it is not parked behind it.
-        let head_offset = entry.releasing.map(|r| r.offset).or_else(|| {
-            entry
+        let head_at = match entry.releasing {
+            Some(r) => Some((r.partition, r.offset)),
+            None => entry
                 .seqs
                 .front()
                 .and_then(|s| state.entries.get(s))
-                .map(|e| e.envelope.offset())
-        });
-        if head_offset.is_some_and(|head| env.offset() < head) {
+                .map(|e| (e.envelope.partition(), e.envelope.offset())),
+        };
+        if head_at.is_some_and(|(p, head)| p == env.partition() && env.offset() < head) {
             return Gate::Open;
         }
         let now = SystemTime::now();
@@ -563,6 +579,7 @@ impl DeadLetterQueue {
         let letter = state.entries.remove(&seq)?;
         entry.releasing = Some(Releasing {
             id: letter.envelope.id(),
+            partition: letter.envelope.partition(),
             offset: letter.envelope.offset(),
             seq,
         });
@@ -603,7 +620,11 @@ impl DeadLetterQueue {
         let letter = state.entries.get(&seq).ok_or_else(|| self.not_found(seq))?;
         if self.policy == DeadLetterPolicy::Sequenced {
             let key = seq_key(&letter.envelope);
-            let (id, offset) = (letter.envelope.id(), letter.envelope.offset());
+            let (id, partition, offset) = (
+                letter.envelope.id(),
+                letter.envelope.partition(),
+                letter.envelope.offset(),
+            );
             let entry = state
                 .keys
                 .get_mut(&key)
@@ -613,7 +634,12 @@ impl DeadLetterQueue {
                 return Err(DeadLetterError::ParkedBehind { seq, head });
             }
             entry.seqs.pop_front();
-            entry.releasing = Some(Releasing { id, offset, seq });
+            entry.releasing = Some(Releasing {
+                id,
+                partition,
+                offset,
+                seq,
+            });
         }
         state.redriven += 1;
         let letter = state.entries.remove(&seq).expect("checked above");

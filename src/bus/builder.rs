@@ -605,7 +605,13 @@ impl BusBuilder {
                 }
                 placements.push((sub_index, index, slot));
             }
-            let partitions = config.partitions.unwrap_or_else(default_partitions);
+            let partitions = config.partitions.unwrap_or_else(|| {
+                if self.store.is_some() {
+                    1
+                } else {
+                    default_partitions()
+                }
+            });
             topics.push(Arc::new(Topic::new(config, partitions, groups)));
             topic_index.insert(config.name.clone(), index);
             any_slots.push(anys);
