@@ -775,6 +775,13 @@ impl Bus {
     ///
     /// Do not call it from inside a handler: it waits for that handler's own event to finish.
     ///
+    /// With a [store](BusBuilder::store): groups still reading the log stop reading it (the rest
+    /// is handled after the next start), the appender stops, and every group's offset is
+    /// committed. Dead letters and effectively-once marks are saved before offsets pass them,
+    /// retrying while the store fails: with the store down, this waits until it answers — use
+    /// [`shutdown_timeout`](Bus::shutdown_timeout) to bound it (what was not saved is handled
+    /// again after the restart).
+    ///
     /// # Cancel safety
     ///
     /// The shutdown runs in a task of its own: dropping this future does not stop it, and a
