@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use stores::{publish_orders, record, record_with, Backend, Cancelled, Log, Placed};
 use tidings::prelude::*;
-use tidings::{PublishError, StartFrom, Store, StoredEvent, Undecodable, Upcaster, Uuid};
+use tidings::{PublishError, StartFrom, Store, Undecodable, Upcaster, Uuid};
 
 /// Runs a test body `TIDINGS_STRESS` times (default once), in parallel, each on a fresh backend.
 macro_rules! conformance {
@@ -386,23 +386,6 @@ async fn failed_events_go_to_the_dead_letter_queue_and_the_partition_goes_on(b: 
     bus.shutdown().await;
 }
 
-fn raw(name: &str, version: u32, payload: &str) -> StoredEvent {
-    let id = Uuid::now_v7();
-    StoredEvent {
-        topic: "orders".into(),
-        partition: 0,
-        offset: 0,
-        id,
-        name: name.into(),
-        version,
-        timestamp: SystemTime::now(),
-        correlation_id: id,
-        causation_id: None,
-        headers: Headers::new(),
-        payload: payload.as_bytes().to_vec(),
-    }
-}
-
 /// Takes every event of the topic.
 struct All(Log);
 impl AnyHandler for All {
@@ -418,12 +401,12 @@ async fn unreadable_rows_go_to_the_dead_letter_queue(b: Backend) {
     // Rows the bus would never write, written straight into the store.
     let store = b.open().await;
     let mut rows = vec![
-        raw("Placed", 1, r#"{"order":1,"seq":0}"#),
-        raw("NoSuchType", 1, r#"{"x":1}"#),
-        raw("Placed", 1, r#"{"order":"not a number","seq":1}"#),
-        raw("Placed", 1, "not json at all"),
-        raw("Placed", 9, r#"{"order":1,"seq":2}"#),
-        raw("Placed", 1, r#"{"order":1,"seq":3}"#),
+        stores::raw_row("Placed", 1, r#"{"order":1,"seq":0}"#),
+        stores::raw_row("NoSuchType", 1, r#"{"x":1}"#),
+        stores::raw_row("Placed", 1, r#"{"order":"not a number","seq":1}"#),
+        stores::raw_row("Placed", 1, "not json at all"),
+        stores::raw_row("Placed", 9, r#"{"order":1,"seq":2}"#),
+        stores::raw_row("Placed", 1, r#"{"order":1,"seq":3}"#),
     ];
     store.append(&mut rows).await.unwrap();
 
@@ -502,7 +485,7 @@ impl Handler<OrderCreated> for Totals {
 
 async fn upcasters_read_old_versions(b: Backend) {
     let store = b.open().await;
-    let mut old = raw("OrderCreated", 1, r#"{"order":1,"total":500}"#);
+    let mut old = stores::raw_row("OrderCreated", 1, r#"{"order":1,"total":500}"#);
     old.topic = "orders.v".into();
     store.append(&mut [old]).await.unwrap();
 
@@ -852,8 +835,8 @@ async fn events_appended_outside_the_bus_reach_its_groups(b: Backend) {
     bus.settled().await;
     let other = b.open().await;
     let mut rows = vec![
-        raw("Placed", 1, r#"{"order":1,"seq":1}"#),
-        raw("Placed", 1, r#"{"order":1,"seq":2}"#),
+        stores::raw_row("Placed", 1, r#"{"order":1,"seq":1}"#),
+        stores::raw_row("Placed", 1, r#"{"order":1,"seq":2}"#),
     ];
     other.append(&mut rows).await.unwrap();
     assert_eq!((rows[0].offset, rows[1].offset), (1, 2));

@@ -9,28 +9,11 @@ use std::time::{Duration, SystemTime};
 
 use stores::{Log, Placed};
 use tidings::prelude::*;
-use tidings::{DeadLetterRecord, GroupOffset, MemoryStore, Redelivery, Store, StoredEvent, Uuid};
-
-fn row(partition: u32, order: u64, seq: u64) -> StoredEvent {
-    let id = Uuid::now_v7();
-    StoredEvent {
-        topic: "orders".into(),
-        partition,
-        offset: 0,
-        id,
-        name: "Placed".into(),
-        version: 1,
-        timestamp: SystemTime::now(),
-        correlation_id: id,
-        causation_id: None,
-        headers: Headers::new(),
-        payload: format!(r#"{{"order":{order},"seq":{seq}}}"#).into_bytes(),
-    }
-}
+use tidings::{DeadLetterRecord, GroupOffset, MemoryStore, Redelivery, Store, StoredEvent};
 
 /// A log of order 1, seq 0..n at offsets 0..n of partition 0.
 async fn log_of(store: &MemoryStore, n: u64) -> Vec<StoredEvent> {
-    let mut rows: Vec<StoredEvent> = (0..n).map(|s| row(0, 1, s)).collect();
+    let mut rows: Vec<StoredEvent> = (0..n).map(|s| stores::placed_row(0, 1, s)).collect();
     store.append(&mut rows).await.unwrap();
     rows
 }

@@ -156,6 +156,16 @@ struct FailSeven {
     log: Log,
     delay_ms: u64,
 }
+impl FailSeven {
+    fn new(failing: bool, log: &Log, delay_ms: u64) -> Self {
+        FailSeven {
+            failing: Arc::new(AtomicBool::new(failing)),
+            log: log.clone(),
+            delay_ms,
+        }
+    }
+}
+
 impl Handler<Placed> for FailSeven {
     async fn handle(&mut self, e: &Envelope<Placed>, _: &Context) -> Result<(), HandlerError> {
         if self.delay_ms > 0 {
@@ -194,11 +204,7 @@ async fn publish(bus: &Bus, from: u64, to: u64) {
 async fn a_crash_before_the_offset_commit_does_not_duplicate_a_dead_letter() {
     let store = Hooked::default();
     let log = Log::default();
-    let h = FailSeven {
-        failing: Arc::new(AtomicBool::new(true)),
-        log: log.clone(),
-        delay_ms: 0,
-    };
+    let h = FailSeven::new(true, &log, 0);
     let bus = bus_on(&store, Subscription::new("g"), &h);
     bus.settled().await;
     store.freeze_commits.store(true, Ordering::SeqCst); // the process dies before the next commit
@@ -223,11 +229,7 @@ async fn a_crash_before_the_offset_commit_does_not_duplicate_a_dead_letter() {
 async fn sequenced_a_crash_before_the_offset_commit_keeps_the_key_in_order() {
     let store = Hooked::default();
     let log = Log::default();
-    let h = FailSeven {
-        failing: Arc::new(AtomicBool::new(true)),
-        log: log.clone(),
-        delay_ms: 0,
-    };
+    let h = FailSeven::new(true, &log, 0);
     let sub = || Subscription::new("g").dead_letter(DeadLetterPolicy::Sequenced);
     let bus = bus_on(&store, sub(), &h);
     bus.settled().await;
@@ -266,11 +268,7 @@ async fn sequenced_a_crash_before_the_offset_commit_keeps_the_key_in_order() {
 async fn effectively_once_a_redriven_duplicate_removes_its_row() {
     let store = Hooked::default();
     let log = Log::default();
-    let h = FailSeven {
-        failing: Arc::new(AtomicBool::new(true)),
-        log: log.clone(),
-        delay_ms: 0,
-    };
+    let h = FailSeven::new(true, &log, 0);
     let sub = || Subscription::new("g").delivery(DeliveryMode::EffectivelyOnce);
     let id = Uuid::now_v7();
     let bus = bus_on(&store, sub(), &h);
@@ -311,11 +309,7 @@ async fn effectively_once_a_redriven_duplicate_removes_its_row() {
 async fn a_dead_letter_save_failing_during_the_drain_is_retried() {
     let store = Hooked::default();
     let log = Log::default();
-    let h = FailSeven {
-        failing: Arc::new(AtomicBool::new(true)),
-        log: log.clone(),
-        delay_ms: 200,
-    };
+    let h = FailSeven::new(true, &log, 200);
     let bus = bus_on(&store, Subscription::new("g"), &h);
     bus.settled().await;
     store.fail_saves.store(1, Ordering::SeqCst);
@@ -381,27 +375,10 @@ async fn committed_offsets_never_move_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecodable_entry_that_still_cannot_be_read_is_not_redriven() {
     let store = Hooked::default();
-    let id = Uuid::now_v7();
-    let mut rows = vec![StoredEvent {
-        topic: "orders".into(),
-        partition: 0,
-        offset: 0,
-        id,
-        name: "Placed".into(),
-        version: 1,
-        timestamp: SystemTime::now(),
-        correlation_id: id,
-        causation_id: None,
-        headers: Headers::new(),
-        payload: br#"{"order":"not a number"}"#.to_vec(),
-    }];
+    let mut rows = vec![stores::raw_row("Placed", 1, r#"{"order":"not a number"}"#)];
     store.append(&mut rows).await.unwrap();
     let log = Log::default();
-    let h = FailSeven {
-        failing: Arc::new(AtomicBool::new(false)),
-        log: log.clone(),
-        delay_ms: 0,
-    };
+    let h = FailSeven::new(false, &log, 0);
     let bus = Bus::builder()
         .store(store.clone())
         .topic(topic(1))
@@ -432,11 +409,7 @@ async fn an_undecodable_entry_that_still_cannot_be_read_is_not_redriven() {
 async fn sequenced_redelivery_releases_a_never_attempted_head_after_a_restart() {
     let store = Hooked::default();
     let log = Log::default();
-    let h = FailSeven {
-        failing: Arc::new(AtomicBool::new(true)),
-        log: log.clone(),
-        delay_ms: 0,
-    };
+    let h = FailSeven::new(true, &log, 0);
     let sub = || {
         Subscription::new("g")
             .dead_letter(DeadLetterPolicy::Sequenced)

@@ -19,23 +19,6 @@ fn topic(p: u32) -> TopicConfig {
     TopicConfig::new("orders").partitions(p)
 }
 
-fn raw_placed(order: u64, seq: u64) -> StoredEvent {
-    let id = Uuid::now_v7();
-    StoredEvent {
-        topic: "orders".into(),
-        partition: 0,
-        offset: 0,
-        id,
-        name: "Placed".into(),
-        version: 1,
-        timestamp: SystemTime::now(),
-        correlation_id: id,
-        causation_id: None,
-        headers: Headers::new(),
-        payload: format!(r#"{{"order":{order},"seq":{seq}}}"#).into_bytes(),
-    }
-}
-
 /// An event appended to the log by someone else (a second store handle here; another process
 /// or `PostgresStore::append_in` in real life) between two appends of the bus is handled, in
 /// order; the group's offset never passes it unhandled.
@@ -53,7 +36,7 @@ async fn events_appended_by_another_writer_are_handled_not_passed() {
     bus.publish(Placed { order: 1, seq: 0 }).await.unwrap();
     bus.settled().await;
     // Someone else appends offset 1.
-    let mut rows = vec![raw_placed(1, 1)];
+    let mut rows = vec![stores::placed_row(0, 1, 1)];
     store.append(&mut rows).await.unwrap();
     assert_eq!(rows[0].offset, 1);
     // The bus appends offset 2.
@@ -331,7 +314,7 @@ async fn postgres_events_appended_in_an_application_transaction_are_handled() {
     bus.settled().await;
     // The transactional outbox.
     let mut tx = pg.pool().begin().await.unwrap();
-    let mut rows = vec![raw_placed(1, 1)];
+    let mut rows = vec![stores::placed_row(0, 1, 1)];
     pg.append_in(&mut tx, &mut rows).await.unwrap();
     tx.commit().await.unwrap();
     bus.publish(Placed { order: 1, seq: 2 }).await.unwrap();
@@ -375,7 +358,7 @@ async fn postgres_a_late_commit_is_never_skipped() {
 
     // The late transaction: appends to that partition and stays open.
     let mut late = pg.pool().begin().await.unwrap();
-    let mut row = raw_placed(0, 2);
+    let mut row = stores::placed_row(0, 0, 2);
     row.partition = p;
     let mut rows = vec![row];
     pg.append_in(&mut late, &mut rows).await.unwrap();
@@ -383,7 +366,7 @@ async fn postgres_a_late_commit_is_never_skipped() {
     assert_eq!(late_offset, 2);
 
     // Another partition commits meanwhile.
-    let mut other = raw_placed(99, 0);
+    let mut other = stores::placed_row(0, 99, 0);
     other.partition = 1 - p;
     pg.append(&mut [other]).await.unwrap();
     // A later append to the same partition waits for the late one.
@@ -426,7 +409,11 @@ async fn sqlite_a_row_with_unreadable_headers_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.db");
     let store = tidings::SqliteStore::open(&path).await.unwrap();
-    let mut rows = vec![raw_placed(1, 0), raw_placed(1, 1), raw_placed(1, 2)];
+    let mut rows = vec![
+        stores::placed_row(0, 1, 0),
+        stores::placed_row(0, 1, 1),
+        stores::placed_row(0, 1, 2),
+    ];
     store.append(&mut rows).await.unwrap();
     sqlx::query("UPDATE tidings_events SET headers = 'garbage' WHERE log_offset = 1")
         .execute(store.pool())
@@ -462,13 +449,13 @@ async fn sqlite_offsets_are_never_reused_by_two_writers() {
     let path = dir.path().join("events.db");
     let a = tidings::SqliteStore::open(&path).await.unwrap();
     let b = tidings::SqliteStore::open(&path).await.unwrap();
-    let mut r = vec![raw_placed(1, 0)];
+    let mut r = vec![stores::placed_row(0, 1, 0)];
     a.append(&mut r).await.unwrap(); // offset 0, A caches head 1
-    let mut r = vec![raw_placed(1, 1), raw_placed(1, 2)];
+    let mut r = vec![stores::placed_row(0, 1, 1), stores::placed_row(0, 1, 2)];
     b.append(&mut r).await.unwrap(); // offsets 1, 2; head 3
     assert_eq!(r[1].offset, 2);
     b.trim("orders", 0, 3).await.unwrap(); // retention: everything gone
-    let mut r = vec![raw_placed(1, 3)];
+    let mut r = vec![stores::placed_row(0, 1, 3)];
     let res = a.append(&mut r).await;
     let head = a.head("orders", 0).await.unwrap();
     println!(
@@ -491,7 +478,7 @@ async fn sqlite_a_second_writer_does_not_fail_publishes() {
     let b = tidings::SqliteStore::open(&path).await.unwrap();
     let bus = Bus::builder().store(a).topic(topic(1)).build().unwrap();
     bus.publish(Placed { order: 1, seq: 0 }).await.unwrap();
-    let mut r = vec![raw_placed(1, 1)];
+    let mut r = vec![stores::placed_row(0, 1, 1)];
     b.append(&mut r).await.unwrap();
     let res = bus.publish(Placed { order: 1, seq: 2 }).await;
     println!(

@@ -88,6 +88,32 @@ impl Backend {
     }
 }
 
+/// A row of topic "orders", partition 0, written by hand (what the bus would never write, or
+/// what another writer appends).
+pub fn raw_row(name: &str, version: u32, payload: &str) -> tidings::StoredEvent {
+    let id = tidings::Uuid::now_v7();
+    tidings::StoredEvent {
+        topic: "orders".into(),
+        partition: 0,
+        offset: 0,
+        id,
+        name: name.into(),
+        version,
+        timestamp: std::time::SystemTime::now(),
+        correlation_id: id,
+        causation_id: None,
+        headers: Headers::new(),
+        payload: payload.as_bytes().to_vec(),
+    }
+}
+
+/// The row of a `Placed { order, seq }` in `partition`, written by hand.
+pub fn placed_row(partition: u32, order: u64, seq: u64) -> tidings::StoredEvent {
+    let mut row = raw_row("Placed", 1, &format!(r#"{{"order":{order},"seq":{seq}}}"#));
+    row.partition = partition;
+    row
+}
+
 /// An order event: `seq` counts the events of one order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Event)]
 #[event(topic = "orders", key = order)]
