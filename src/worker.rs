@@ -569,7 +569,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
             done.reserve(n);
             while let Some(item) = batch.pop_front() {
                 worker
-                    .process(item, &mut ctx, fast, sequenced, &mut done)
+                    .process(item, &mut ctx, fast, sequenced, &mut done, stats)
                     .await;
             }
             bus.inner.finish(n);
@@ -657,7 +657,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                 done.reserve(n);
                 while let Some(item) = batch.pop_front() {
                     worker
-                        .process(item, &mut ctx, fast, sequenced, &mut done)
+                        .process(item, &mut ctx, fast, sequenced, &mut done, stats)
                         .await;
                 }
                 bus.inner.finish(n);
@@ -696,7 +696,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                                 continue;
                             }
                             worker
-                                .process(item, &mut ctx, fast, sequenced, &mut done)
+                                .process(item, &mut ctx, fast, sequenced, &mut done, stats)
                                 .await;
                             done.clear();
                         }
@@ -773,20 +773,21 @@ impl<D: Dispatch> Worker<D> {
         fast: bool,
         sequenced: bool,
         done: &mut Vec<Erased>,
+        stats: &crate::topic::WorkerStats,
     ) {
         let meta = item.meta();
         let (id, offset, correlation) = (meta.id, meta.offset, meta.correlation_id);
         ctx.cause = Some(Cause { id, correlation });
         if self.delivery == DeliveryMode::AtMostOnce {
             // Acknowledged on receipt.
-            advance(self.stats(), offset);
+            advance(stats, offset);
         }
         if fast {
             // No middleware, no parking: the typed envelope goes straight to the handler.
             let Some(mut typed) = D::wrap(item) else {
                 // Routing guarantees the type; reaching this is a bug in tidings.
                 tracing::error!(group = %self.end.group, %id, "event of an unexpected type reached a worker");
-                bump(&self.stats().failed);
+                bump(&stats.failed);
                 return;
             };
             match self.deliver_typed(&mut typed, ctx).await {
@@ -806,7 +807,7 @@ impl<D: Dispatch> Worker<D> {
                     }
                 }
             }
-            advance(self.stats(), offset);
+            advance(stats, offset);
             done.push(D::into_item(typed));
             return;
         }
@@ -820,9 +821,9 @@ impl<D: Dispatch> Worker<D> {
                 Gate::Open => {}
                 Gate::Release => released = true,
                 Gate::Parked => {
-                    bump(&self.stats().failed);
+                    bump(&stats.failed);
                     if self.store.is_none() || self.save_dead_letter(&env).await {
-                        advance(self.stats(), offset);
+                        advance(stats, offset);
                     }
                     done.push(env.inner);
                     return;
@@ -832,14 +833,14 @@ impl<D: Dispatch> Worker<D> {
         if self.marks && self.marked(id).await {
             // Effectively-once: handled before (a copy published again, or a redelivery after
             // a restart); acknowledged without handling, as a success.
-            bump(&self.stats().handled);
-            bump(&self.stats().duplicates);
+            bump(&stats.handled);
+            bump(&stats.duplicates);
             self.dead_letters.handled(id, offset);
             self.after_handled(id, offset).await;
             if released {
                 self.release_followers(env.clone(), ctx).await;
             }
-            advance(self.stats(), offset);
+            advance(stats, offset);
             done.push(env.inner);
             return;
         }
@@ -862,7 +863,7 @@ impl<D: Dispatch> Worker<D> {
                 }
             }
         }
-        advance(self.stats(), offset);
+        advance(stats, offset);
         done.push(env.inner);
     }
 
@@ -978,10 +979,6 @@ impl<D: Dispatch> Worker<D> {
             Some(d) => &d.stop,
             None => &self.bus.inner.cancel,
         }
-    }
-
-    fn stats(&self) -> &crate::topic::WorkerStats {
-        &self.end.topic.worker_stats[self.end.slot][self.end.partition as usize]
     }
 
     /// A row of the log that could not be read back: to the dead-letter queue with the error,

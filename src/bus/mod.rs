@@ -509,16 +509,17 @@ impl Bus {
         if inner.durable.is_some() {
             let route = (Arc::clone(&place.route.topic), place.route.slots.clone());
             let id = origin.id.unwrap_or(place.id);
-            return inner
-                .publish_durable(
-                    event,
-                    route,
-                    place.partition,
-                    id,
-                    place.timestamp,
-                    &mut origin,
-                )
-                .await;
+            // Boxed: the durable path's state would otherwise make every publish future, the
+            // in-memory ones too, several times larger.
+            return Box::pin(inner.publish_durable(
+                event,
+                route,
+                place.partition,
+                id,
+                place.timestamp,
+                &mut origin,
+            ))
+            .await;
         }
         let mut event = event;
         let mut garbage = Vec::new();
