@@ -654,14 +654,14 @@ impl BusBuilder {
                 .iter()
                 .map(|c| (c.name.clone(), c.retention))
                 .collect();
-            inner.durable = Some(super::durable::Durable::new(
+            inner.durable = Some(Box::new(super::durable::Durable::new(
                 store,
                 decoder,
                 self.max_payload,
                 self.commit_interval,
                 self.retention_interval,
                 retention,
-            ));
+            )));
             // Every group starts by reading the log from its committed offset; `settled` waits
             // for it to catch up.
             let mut markers = 0;

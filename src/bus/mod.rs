@@ -277,7 +277,7 @@ pub(crate) struct BusInner {
     /// The shutdown in progress or done, shared by every caller.
     pub(crate) shutdown: Mutex<Option<Shared<BoxFuture<'static, ShutdownReport>>>>,
     /// The store and its tasks, if the bus has one.
-    pub(crate) durable: Option<durable::Durable>,
+    pub(crate) durable: Option<Box<durable::Durable>>,
 }
 
 /// Uncounts one pending request when dropped, unless disarmed.
