@@ -568,9 +568,35 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
             let n = batch.len();
             done.reserve(n);
             while let Some(item) = batch.pop_front() {
-                worker
-                    .process(item, &mut ctx, fast, sequenced, &mut done, stats)
-                    .await;
+                if !fast {
+                    worker
+                        .process(item, &mut ctx, sequenced, &mut done, stats)
+                        .await;
+                    continue;
+                }
+                // The hot path, written out here rather than through `process`: a call to an
+                // async fn per event costs its own state machine (measured: ~80 instructions
+                // an event, 6 % of the whole p2p path). No middleware, no parking, no store.
+                let meta = item.meta();
+                let (id, offset, correlation) = (meta.id, meta.offset, meta.correlation_id);
+                ctx.cause = Some(Cause { id, correlation });
+                if worker.delivery == DeliveryMode::AtMostOnce {
+                    advance(stats, offset);
+                }
+                let Some(mut typed) = D::wrap(item) else {
+                    // Routing guarantees the type; reaching this is a bug in tidings.
+                    tracing::error!(group = %group, %id, "event of an unexpected type reached a worker");
+                    bump(&stats.failed);
+                    continue;
+                };
+                match worker.deliver_typed(&mut typed, &ctx).await {
+                    Outcome::Handled => worker.handled(id, offset),
+                    Outcome::Failed { error, attempts } => {
+                        worker.give_up(&D::erase(&typed), error, attempts, false);
+                    }
+                }
+                advance(stats, offset);
+                done.push(D::into_item(typed));
             }
             bus.inner.finish(n);
         }
@@ -657,7 +683,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                 done.reserve(n);
                 while let Some(item) = batch.pop_front() {
                     worker
-                        .process(item, &mut ctx, fast, sequenced, &mut done, stats)
+                        .process(item, &mut ctx, sequenced, &mut done, stats)
                         .await;
                 }
                 bus.inner.finish(n);
@@ -696,7 +722,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                                 continue;
                             }
                             worker
-                                .process(item, &mut ctx, fast, sequenced, &mut done, stats)
+                                .process(item, &mut ctx, sequenced, &mut done, stats)
                                 .await;
                             done.clear();
                         }
@@ -765,12 +791,12 @@ impl StoreBackoff {
 
 impl<D: Dispatch> Worker<D> {
     /// Hands one event to the chain and finishes it: counted, dead-lettered if it failed, its
-    /// offset passed.
+    /// offset passed. Every path but the in-memory fast one (written out in `run`) comes here;
+    /// without middleware the chain is just the handler.
     async fn process(
         &mut self,
         item: Erased,
         ctx: &mut Context,
-        fast: bool,
         sequenced: bool,
         done: &mut Vec<Erased>,
         stats: &crate::topic::WorkerStats,
@@ -781,35 +807,6 @@ impl<D: Dispatch> Worker<D> {
         if self.delivery == DeliveryMode::AtMostOnce {
             // Acknowledged on receipt.
             advance(stats, offset);
-        }
-        if fast {
-            // No middleware, no parking: the typed envelope goes straight to the handler.
-            let Some(mut typed) = D::wrap(item) else {
-                // Routing guarantees the type; reaching this is a bug in tidings.
-                tracing::error!(group = %self.end.group, %id, "event of an unexpected type reached a worker");
-                bump(&stats.failed);
-                return;
-            };
-            match self.deliver_typed(&mut typed, ctx).await {
-                Outcome::Handled => {
-                    self.handled(id, offset);
-                    if self.store.is_some() {
-                        self.after_handled(id, offset).await;
-                    }
-                }
-                Outcome::Failed { error, attempts } => {
-                    let env = D::erase(&typed);
-                    self.give_up(&env, error, attempts, false);
-                    if self.store.is_some() && !self.save_dead_letter(&env).await {
-                        // Not saved (the bus stopped): its offset is not passed.
-                        done.push(D::into_item(typed));
-                        return;
-                    }
-                }
-            }
-            advance(stats, offset);
-            done.push(D::into_item(typed));
-            return;
         }
         let env = AnyEnvelope {
             inner: item,
