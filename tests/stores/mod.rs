@@ -63,6 +63,17 @@ impl Backend {
         Backend::Postgres { url, schema }
     }
 
+    /// A `PostgresStore` in a fresh schema of its own.
+    #[cfg(feature = "postgres")]
+    pub async fn postgres_store(test: &str) -> tidings::PostgresStore {
+        let Backend::Postgres { url, schema } = Backend::postgres(test).await else {
+            unreachable!()
+        };
+        tidings::PostgresStore::connect_in_schema(&url, &schema)
+            .await
+            .expect("open PostgreSQL")
+    }
+
     /// Opens the store (again).
     pub async fn open(&self) -> Arc<dyn Store> {
         match self {
