@@ -59,6 +59,7 @@ conformance!(
     a_group_that_falls_behind_catches_up_from_the_log,
     failed_events_go_to_the_dead_letter_queue_and_the_partition_goes_on,
     unreadable_rows_go_to_the_dead_letter_queue,
+    rows_no_group_of_the_topic_consumes_are_dead_letters_for_catch_all_groups,
     upcasters_read_old_versions,
     oversized_payloads_are_refused,
     retention_by_count_trims_the_log,
@@ -450,6 +451,72 @@ async fn unreadable_rows_go_to_the_dead_letter_queue(b: Backend) {
     assert_eq!(raw_entry.name, "NoSuchType");
     assert_eq!(raw_entry.payload, r#"{"x":1}"#);
     assert_eq!(all[0].envelope.offset(), 1);
+    let g = &bus.stats().topics[0].groups;
+    assert!(g.iter().all(|g| g.lag == 0), "{g:?}");
+    bus.shutdown().await;
+}
+
+/// Records the type name of every event it is handed.
+struct Names(Arc<parking_lot::Mutex<Vec<String>>>);
+impl AnyHandler for Names {
+    async fn handle(&mut self, e: &AnyEnvelope, _: &Context) -> Result<(), HandlerError> {
+        self.0.lock().push(e.event().event_info().name.to_owned());
+        Ok(())
+    }
+}
+
+async fn rows_no_group_of_the_topic_consumes_are_dead_letters_for_catch_all_groups(b: Backend) {
+    // Rows that decode into a registered Rust type, but not into an event of this topic: the
+    // bus's own placeholder for unreadable rows, and an event type of another topic.
+    let store = b.open().await;
+    let placeholder = serde_json::json!({"name": "Placed", "version": 1, "payload": "{}"});
+    let mut rows = vec![
+        stores::raw_row("Placed", 1, r#"{"order":1,"seq":0}"#),
+        stores::raw_row("tidings.Undecodable", 1, &placeholder.to_string()),
+        stores::raw_row(
+            "OrderCreated",
+            2,
+            r#"{"order":1,"total":5,"currency":"EUR"}"#,
+        ),
+        stores::raw_row("Placed", 1, r#"{"order":1,"seq":1}"#),
+    ];
+    store.append(&mut rows).await.unwrap();
+
+    let names = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let n = Arc::clone(&names);
+    let log = Log::default();
+    let builder = b.builder().await.topic(topic(1));
+    let builder = record_with(
+        builder,
+        Subscription::new("typed").start_from(StartFrom::Earliest),
+        &log,
+    );
+    let bus = builder
+        .subscribe_all(
+            "orders",
+            Subscription::new("all").start_from(StartFrom::Earliest),
+            move || Names(Arc::clone(&n)),
+        )
+        .build()
+        .unwrap();
+    bus.settled().await;
+    // The catch-all group is handed only the topic's own events.
+    assert_eq!(*names.lock(), vec!["Placed", "Placed"]);
+    let all = bus.dead_letters("all").unwrap().list();
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert!(all[0].error.contains("placeholder"), "{:?}", all[0].error);
+    assert_eq!(all[0].envelope.offset(), 1);
+    assert!(
+        all[1].error.contains("of topic \"orders.v\""),
+        "{:?}",
+        all[1].error
+    );
+    assert_eq!(all[1].envelope.offset(), 2);
+    let raw = all[1].envelope.downcast_ref::<Undecodable>().unwrap();
+    assert_eq!(raw.name, "OrderCreated");
+    // A typed group passes rows of other types by, known or not: it is not their consumer.
+    assert_eq!(log.of("typed"), vec![(1, 0), (1, 1)]);
+    assert!(bus.dead_letters("typed").unwrap().is_empty());
     let g = &bus.stats().topics[0].groups;
     assert!(g.iter().all(|g| g.lag == 0), "{g:?}");
     bus.shutdown().await;

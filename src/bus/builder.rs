@@ -436,6 +436,10 @@ impl BusBuilder {
     }
 
     /// Subscribes a consumer group to every event type of `topic`, in partition order.
+    ///
+    /// With a store the group consumes every row of the topic's log: a row it cannot read back
+    /// as an event of `topic` (an unknown type, a failed upcast, a registered type of another
+    /// topic) goes to its dead-letter queue as an [`Undecodable`](crate::Undecodable).
     pub fn subscribe_all<H: AnyHandler>(
         mut self,
         topic: impl Into<String>,

@@ -245,6 +245,12 @@ impl Decoder {
             return Err(format!("the stored headers are not valid JSON: {raw:?}"));
         }
         let (name, mut version) = (row.name.as_str(), row.version);
+        if name == Undecodable::NAME {
+            // The bus's own placeholder for a row it could not read: never an event to handle.
+            return Err(format!(
+                "{name:?} is the name of the bus's placeholder for unreadable rows, not of an event type"
+            ));
+        }
         let mut upcast: Option<Value> = None;
         while let Some(f) = (!self.upcasters.is_empty())
             .then(|| self.upcasters.get(&(name.to_owned(), version)))
@@ -287,7 +293,15 @@ impl Decoder {
                 format!("{name} v{version}: the payload does not deserialize: {msg}")
             }
         })?;
-        let current = event.event_info().version;
+        let info = event.event_info();
+        if info.topic != row.topic {
+            // A registered type, but of another topic: no group of this topic consumes it.
+            return Err(format!(
+                "{name} is an event type of topic {:?}, not of topic {:?} whose log holds it",
+                info.topic, row.topic
+            ));
+        }
+        let current = info.version;
         if current != version {
             return Err(format!(
                 "{name}: the stored version {} reads as version {version}, but the type is at version {current} and no upcaster goes from version {version}",

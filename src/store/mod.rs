@@ -31,8 +31,10 @@
 //! runs the [`Upcaster`]s registered for its (name, version) until it reaches the current
 //! version, then turns the payload back into the Rust type through typetag's registry. A row
 //! that cannot be read back (unknown type, a version without an upcaster, a payload that fails
-//! to deserialize) goes to the reading group's dead-letter queue with the error, and the group
-//! goes on.
+//! to deserialize, a registered type of another topic) goes to the reading group's dead-letter
+//! queue with the error, and the group goes on. A typed group (`subscribe::<E, _>`) reads only
+//! the rows named `E::NAME` and passes the others by, known or not; a
+//! [`subscribe_all`](crate::BusBuilder::subscribe_all) group reads every row of its topic.
 
 use std::fmt;
 use std::sync::Arc;
