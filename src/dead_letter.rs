@@ -153,6 +153,13 @@ pub enum DeadLetterError {
     /// The bus is shutting down or shut down: nothing can be redriven.
     #[error("the bus is shut down; the entry stays in the dead-letter queue")]
     Closed,
+    /// With a store: the group's dead letters could not be read back from it (the first
+    /// redrive after a start reads them if the group's workers have not yet); try again.
+    #[error("reading the group's dead letters from the store failed: {error}")]
+    Store {
+        /// The store's error, as text.
+        error: String,
+    },
 }
 
 /// The canonical bytes of a key, or the event id for an event without a key.
@@ -313,6 +320,54 @@ impl DeadLetterQueue {
             .rev()
             .find(|e| e.envelope.id() == id && e.envelope.offset() == offset)
             .cloned()
+    }
+
+    /// With a store: reads the group's dead letters back from it, once (the group's first
+    /// worker, or the first redrive, whichever comes first; the others wait for it).
+    pub(crate) async fn ensure_restored(
+        &self,
+        store: &dyn crate::store::Store,
+        decoder: &crate::store::Decoder,
+    ) -> Result<(), crate::store::StoreError> {
+        self.restored
+            .get_or_try_init(|| self.restore_from(store, decoder))
+            .await
+            .map(|_| ())
+    }
+
+    async fn restore_from(
+        &self,
+        store: &dyn crate::store::Store,
+        decoder: &crate::store::Decoder,
+    ) -> Result<(), crate::store::StoreError> {
+        let partitions = self.topic.partitions.len() as u32;
+        for record in store.dead_letters(&self.group).await? {
+            let e = &record.event;
+            if e.topic != self.topic.name || e.partition >= partitions {
+                // Only a topic whose partition count shrank since (build refuses that when the
+                // store knows it): left in the store, to come back with the partitions.
+                tracing::error!(group = %self.group, topic = %e.topic, partition = e.partition, offset = e.offset, "tidings: a stored dead letter is not of a partition this group has; it stays in the store");
+                continue;
+            }
+            let env = match decoder.decode(e) {
+                crate::store::Decoded::Event(env) | crate::store::Decoded::Failed(env, _) => env,
+            };
+            let kind = if record.permanent {
+                ErrorKind::Permanent
+            } else {
+                ErrorKind::Transient
+            };
+            self.restore(
+                env,
+                record.error,
+                kind,
+                record.attempts,
+                (record.first_failure, record.last_failure),
+                crate::store::intern(&record.handler),
+                record.redeliveries,
+            );
+        }
+        Ok(())
     }
 
     /// With a store: puts back an entry read from it (in offset order, so that sequenced keys
@@ -863,6 +918,7 @@ impl DeadLetters {
         if !self.bus.inner.is_open() {
             return Err(DeadLetterError::Closed);
         }
+        self.restored().await?;
         // A row that could not be read is read again (a type or an upcaster may have been
         // registered since); it goes to the handler only if that works now.
         let mut decoded: Option<Erased> = None;
@@ -904,6 +960,21 @@ impl DeadLetters {
         }
     }
 
+    /// With a store: waits until the group's entries are read back from it (reads them if the
+    /// group's workers have not yet), so that what a redrive finds is complete.
+    async fn restored(&self) -> Result<(), DeadLetterError> {
+        match self.bus.inner.durable.as_ref() {
+            Some(d) => self
+                .queue
+                .ensure_restored(&*d.store, &d.decoder)
+                .await
+                .map_err(|e| DeadLetterError::Store {
+                    error: e.to_string(),
+                }),
+            None => Ok(()),
+        }
+    }
+
     /// Redrives every entry (sequenced: every head; the events parked behind follow it), oldest
     /// first, and returns how many were sent.
     ///
@@ -932,6 +1003,10 @@ impl DeadLetters {
         &self,
         filter: impl Fn(&DeadLetter) -> bool,
     ) -> Result<usize, DeadLetterError> {
+        if !self.bus.inner.is_open() {
+            return Err(DeadLetterError::Closed);
+        }
+        self.restored().await?;
         let mut sent = 0;
         for seq in self.queue.heads() {
             if !self.get(seq).is_some_and(|letter| filter(&letter)) {

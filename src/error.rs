@@ -51,6 +51,20 @@ pub enum BuildError {
         /// The command type.
         command: &'static str,
     },
+    /// With a store: a topic configured with fewer partitions than its log already has. The
+    /// events of the other partitions would never be handled; a durable topic's partition
+    /// count may grow (keys then map to other partitions) but never shrink.
+    #[error(
+        "topic {topic:?} is configured with {configured} partitions, but its log in the store has {stored}: the events of partitions {configured}..{stored} would never be handled; configure at least {stored}"
+    )]
+    FewerPartitionsThanStored {
+        /// The topic.
+        topic: String,
+        /// Partitions configured.
+        configured: u32,
+        /// Partitions the topic's log has in the store.
+        stored: u32,
+    },
     /// A setting out of range (zero batch size, zero max deliveries, …).
     #[error("invalid setting: {0}")]
     InvalidSetting(String),

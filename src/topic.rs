@@ -78,6 +78,13 @@ impl TopicConfig {
     }
 
     /// Number of partitions (at least 1). Default: the number of CPU cores.
+    ///
+    /// With a store the count is part of the data: a topic configured with fewer partitions
+    /// than its log already has is a build error
+    /// ([`BuildError::FewerPartitionsThanStored`](crate::BuildError::FewerPartitionsThanStored)),
+    /// since the events of the others would never be handled. More is allowed, with a warning
+    /// in the log: keys then map to other partitions, so a key's events from before and after
+    /// the change are not ordered with each other (drain the topic first if that matters).
     pub fn partitions(mut self, partitions: u32) -> Self {
         self.partitions = Some(partitions);
         self

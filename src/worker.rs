@@ -611,10 +611,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
     // sequenced key parked before the restart stays parked.
     let dlq = Arc::clone(&worker.dead_letters);
     loop {
-        let restored = dlq
-            .restored
-            .get_or_try_init(|| restore_dead_letters(&dlq, &*store, &durable.decoder))
-            .await;
+        let restored = dlq.ensure_restored(&*store, &durable.decoder).await;
         match restored {
             Ok(_) => break,
             Err(error) => {
@@ -742,34 +739,6 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
             }
         }
     }
-}
-
-/// Reads the group's dead letters back from the store into its queue.
-async fn restore_dead_letters(
-    queue: &DeadLetterQueue,
-    store: &dyn crate::store::Store,
-    decoder: &crate::store::Decoder,
-) -> Result<(), crate::store::StoreError> {
-    for record in store.dead_letters(&queue.group).await? {
-        let env = match decoder.decode(&record.event) {
-            crate::store::Decoded::Event(env) | crate::store::Decoded::Failed(env, _) => env,
-        };
-        let kind = if record.permanent {
-            crate::handler::ErrorKind::Permanent
-        } else {
-            crate::handler::ErrorKind::Transient
-        };
-        queue.restore(
-            env,
-            record.error,
-            kind,
-            record.attempts,
-            (record.first_failure, record.last_failure),
-            crate::store::intern(&record.handler),
-            record.redeliveries,
-        );
-    }
-    Ok(())
 }
 
 /// Waits between attempts at a store that failed: 100 ms doubling to 5 s.

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use stores::{publish_orders, record, record_with, Backend, Cancelled, Log, Placed};
 use tidings::prelude::*;
-use tidings::{PublishError, StartFrom, Store, Undecodable, Upcaster, Uuid};
+use tidings::{BuildError, PublishError, StartFrom, Store, Undecodable, Upcaster, Uuid};
 
 /// Runs a test body `TIDINGS_STRESS` times (default once), in parallel, each on a fresh backend.
 macro_rules! conformance {
@@ -70,6 +70,8 @@ conformance!(
     effectively_once_marks_survive_a_restart,
     events_appended_outside_the_bus_reach_its_groups,
     retention_by_age_trims_old_events,
+    a_topic_with_fewer_partitions_than_its_log_is_a_build_error,
+    dead_letters_are_complete_once_the_bus_is_ready,
 );
 
 async fn stress<F, Fut>(test: F)
@@ -943,5 +945,101 @@ async fn retention_by_age_trims_old_events(b: Backend) {
             && offsets.ends_with(&[7]),
         "{offsets:?}"
     );
+    bus.shutdown().await;
+}
+
+async fn a_topic_with_fewer_partitions_than_its_log_is_a_build_error(b: Backend) {
+    let log = Log::default();
+    let bus = record(b.builder().await.topic(topic(8)), "g", &log)
+        .build()
+        .unwrap();
+    publish_orders(&bus, 64, 1).await;
+    bus.settled().await;
+    bus.shutdown().await;
+    assert_eq!(b.open().await.partitions("orders").await.unwrap(), 8);
+
+    // Fewer partitions: the events of partitions 4..8 would never be handled.
+    let refused = record(b.builder().await.topic(topic(4)), "g", &log).build();
+    match refused {
+        Err(BuildError::FewerPartitionsThanStored {
+            topic,
+            configured,
+            stored,
+        }) => assert_eq!((topic.as_str(), configured, stored), ("orders", 4, 8)),
+        Err(other) => panic!("another error: {other}"),
+        Ok(_) => panic!("a topic with 4 of its log's 8 partitions was accepted"),
+    }
+    // A publisher's topic configured without a partition count gets 1 with a store: refused
+    // too (its publishes would all go to partition 0).
+    let refused = b.builder().await.topic(TopicConfig::new("orders")).build();
+    assert!(
+        matches!(refused, Err(BuildError::FewerPartitionsThanStored { .. })),
+        "{:?}",
+        refused.err()
+    );
+    // As many, or more (keys then map to other partitions: documented), build.
+    for partitions in [8, 12] {
+        let bus = record(b.builder().await.topic(topic(partitions)), "g", &log)
+            .build()
+            .unwrap();
+        bus.settled().await;
+        bus.shutdown().await;
+    }
+    assert_eq!(log.len("g"), 64, "nothing handled twice, nothing lost");
+}
+
+/// Fails every odd `seq`.
+struct FailOdd;
+impl Handler<Placed> for FailOdd {
+    async fn handle(&mut self, e: &Envelope<Placed>, _: &Context) -> Result<(), HandlerError> {
+        if e.event().seq % 2 == 1 {
+            return Err(HandlerError::permanent("odd"));
+        }
+        Ok(())
+    }
+}
+
+async fn dead_letters_are_complete_once_the_bus_is_ready(b: Backend) {
+    let bus = b
+        .builder()
+        .await
+        .topic(topic(2))
+        .subscribe::<Placed, _>("g", || FailOdd)
+        .build()
+        .unwrap();
+    publish_orders(&bus, 4, 2).await;
+    bus.settled().await;
+    assert_eq!(bus.dead_letters("g").unwrap().len(), 4);
+    bus.shutdown().await;
+
+    // Restarted: once ready, an operator tool reads every entry, before anything settled.
+    let bus = b
+        .builder()
+        .await
+        .topic(topic(2))
+        .subscribe::<Placed, _>("g", || FailOdd)
+        .build()
+        .unwrap();
+    assert!(bus.ready().await);
+    assert!(bus.is_ready());
+    assert_eq!(bus.dead_letters("g").unwrap().len(), 4);
+    bus.shutdown().await;
+    assert!(!bus.is_ready());
+
+    // Restarted again: a redrive right after build finds every entry without waiting for
+    // anything (it waits for the group's entries itself).
+    let log = Log::default();
+    let bus = record(b.builder().await.topic(topic(2)), "g", &log)
+        .build()
+        .unwrap();
+    assert_eq!(
+        bus.dead_letters("g").unwrap().redrive_all().await.unwrap(),
+        4
+    );
+    bus.settled().await;
+    let mut handled = log.of("g");
+    handled.sort();
+    assert_eq!(handled, vec![(0, 1), (1, 1), (2, 1), (3, 1)]);
+    assert!(bus.dead_letters("g").unwrap().is_empty());
     bus.shutdown().await;
 }

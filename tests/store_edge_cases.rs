@@ -454,3 +454,59 @@ async fn sqlite_a_second_writer_does_not_fail_publishes() {
     bus.shutdown().await;
     assert!(res.is_ok());
 }
+
+/// Refuses every event.
+struct RefuseAll;
+impl Handler<Placed> for RefuseAll {
+    async fn handle(&mut self, _: &Envelope<Placed>, _: &Context) -> Result<(), HandlerError> {
+        Err(HandlerError::permanent("refused"))
+    }
+}
+
+/// A topic that shrank, on a store that cannot tell its partition counts without I/O (so
+/// `build` cannot refuse it): the bus refuses to publish, restores only the dead letters of
+/// the partitions it has (the others stay in the store), and a redrive does not panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrunk_topic_on_a_store_without_a_snapshot_strands_nothing_and_redrives() {
+    let store = MemoryStore::new();
+    let counting = || Counting(store.clone(), Arc::new(AtomicU64::new(0)));
+    assert_eq!(counting().known_partitions("orders"), None);
+    let bus = Bus::builder()
+        .store(counting())
+        .topic(topic(8))
+        .subscribe::<Placed, _>("g", || RefuseAll)
+        .build()
+        .unwrap();
+    stores::publish_orders(&bus, 64, 1).await;
+    bus.settled().await;
+    assert_eq!(bus.dead_letters("g").unwrap().len(), 64);
+    bus.shutdown().await;
+    let in_low_partitions = store
+        .dead_letters("g")
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.event.partition < 4)
+        .count();
+    assert!(in_low_partitions > 0 && in_low_partitions < 64);
+
+    let bus = Bus::builder()
+        .store(counting())
+        .topic(topic(4))
+        .subscribe::<Placed, _>("g", || RefuseAll)
+        .build()
+        .unwrap();
+    assert!(bus.ready().await);
+    let dlq = bus.dead_letters("g").unwrap();
+    assert_eq!(dlq.len(), in_low_partitions);
+    assert_eq!(dlq.redrive_all().await.unwrap(), in_low_partitions);
+    bus.settled().await;
+    let refused = bus.publish(Placed { order: 1, seq: 1 }).await;
+    assert!(
+        matches!(refused, Err(tidings::PublishError::Store { .. })),
+        "{refused:?}"
+    );
+    bus.shutdown().await;
+    // The other partitions' dead letters are still in the store.
+    assert_eq!(store.dead_letters("g").await.unwrap().len(), 64);
+}

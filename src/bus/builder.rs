@@ -616,6 +616,19 @@ impl BusBuilder {
                     default_partitions()
                 }
             });
+            if let Some(stored) = self
+                .store
+                .as_ref()
+                .and_then(|s| s.known_partitions(&config.name))
+            {
+                if stored > partitions {
+                    return Err(BuildError::FewerPartitionsThanStored {
+                        topic: config.name.clone(),
+                        configured: partitions,
+                        stored,
+                    });
+                }
+            }
             topics.push(Arc::new(Topic::new(config, partitions, groups)));
             topic_index.insert(config.name.clone(), index);
             any_slots.push(anys);

@@ -94,6 +94,19 @@ impl std::fmt::Debug for MemoryStore {
     }
 }
 
+impl MemoryStore {
+    fn partition_count(&self, topic: &str) -> u32 {
+        self.inner
+            .lock()
+            .logs
+            .keys()
+            .filter(|(t, _)| t == topic)
+            .map(|&(_, p)| p + 1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 impl Store for MemoryStore {
     fn append<'a>(
         &'a self,
@@ -143,16 +156,11 @@ impl Store for MemoryStore {
     }
 
     fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
-        let n = self
-            .inner
-            .lock()
-            .logs
-            .keys()
-            .filter(|(t, _)| t == topic)
-            .map(|&(_, p)| p + 1)
-            .max()
-            .unwrap_or(0);
-        futures::future::ready(Ok(n)).boxed()
+        futures::future::ready(Ok(self.partition_count(topic))).boxed()
+    }
+
+    fn known_partitions(&self, topic: &str) -> Option<u32> {
+        Some(self.partition_count(topic))
     }
 
     fn offset_at<'a>(

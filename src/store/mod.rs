@@ -210,6 +210,18 @@ pub trait Store: Send + Sync + 'static {
     /// read.
     fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32, StoreError>>;
 
+    /// How many partitions of `topic` this store handle knows of without I/O: read when it was
+    /// opened and raised by its own appends; `None` if the backend keeps no such snapshot.
+    ///
+    /// [`BusBuilder::build`](crate::BusBuilder::build) refuses a topic configured with fewer
+    /// partitions than this (`build` cannot wait for I/O). The bus asks
+    /// [`partitions`](Store::partitions) again when it starts, for what other writers added
+    /// since, and refuses to publish then.
+    fn known_partitions(&self, topic: &str) -> Option<u32> {
+        let _ = topic;
+        None
+    }
+
     /// The offset the next event of the partition will get (0 for an empty log).
     fn head<'a>(&'a self, topic: &'a str, partition: u32)
         -> BoxFuture<'a, Result<u64, StoreError>>;
@@ -309,6 +321,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
         (**self).partitions(topic)
+    }
+    fn known_partitions(&self, topic: &str) -> Option<u32> {
+        (**self).known_partitions(topic)
     }
     fn offset_at<'a>(
         &'a self,
@@ -457,6 +472,43 @@ pub(crate) fn by_partition(events: &[StoredEvent]) -> Vec<Vec<usize>> {
             .push(i);
     }
     runs.into_values().collect()
+}
+
+/// The partition counts of the topics a SQL store handle knows of: loaded when it is opened,
+/// raised by its appends ([`Store::known_partitions`]).
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PartitionCounts(Arc<parking_lot::Mutex<std::collections::HashMap<String, u32>>>);
+
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+impl PartitionCounts {
+    /// From (topic, partition count) pairs as a store reads them.
+    pub(crate) fn load(pairs: impl IntoIterator<Item = (String, i64)>) -> Self {
+        let map = pairs
+            .into_iter()
+            .map(|(topic, n)| (topic, u32::try_from(n).unwrap_or(u32::MAX)))
+            .collect();
+        PartitionCounts(Arc::new(parking_lot::Mutex::new(map)))
+    }
+
+    /// Raises the counts to cover `events` (just appended).
+    pub(crate) fn raise(&self, events: &[StoredEvent]) {
+        let mut map = self.0.lock();
+        for e in events {
+            let n = e.partition.saturating_add(1);
+            match map.get_mut(e.topic.as_str()) {
+                Some(known) if *known >= n => {}
+                Some(known) => *known = n,
+                None => {
+                    map.insert(e.topic.clone(), n);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn get(&self, topic: &str) -> Option<u32> {
+        Some(self.0.lock().get(topic).copied().unwrap_or(0))
+    }
 }
 
 #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]

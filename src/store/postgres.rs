@@ -10,8 +10,8 @@ use uuid::Uuid;
 
 use super::codec::{headers_to_json, row};
 use super::{
-    by_partition, from_micros, micros, validate_identifier, DeadLetterRecord, GroupOffset, Store,
-    StoreError, StoredEvent,
+    by_partition, from_micros, micros, validate_identifier, DeadLetterRecord, GroupOffset,
+    PartitionCounts, Store, StoreError, StoredEvent,
 };
 
 /// A [`Store`] in a PostgreSQL database, in a schema of its own choosing (`public` by default).
@@ -35,6 +35,8 @@ pub struct PostgresStore {
     pool: PgPool,
     schema: Arc<str>,
     sql: Arc<Sql>,
+    /// Partition counts by topic, for [`Store::known_partitions`].
+    counts: PartitionCounts,
 }
 
 /// The statements, with the schema in their table names.
@@ -182,7 +184,14 @@ impl PostgresStore {
         validate_identifier(schema)?;
         let mut conn = pool.acquire().await.map_err(StoreError::backend)?;
         migrate(&mut conn, schema).await?;
+        let counts: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT topic, MAX(partition_no)::bigint + 1 FROM {schema}.tidings_heads GROUP BY topic"
+        )))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(StoreError::backend)?;
         Ok(PostgresStore {
+            counts: PartitionCounts::load(counts),
             pool,
             schema: Arc::from(schema),
             sql: Arc::new(Sql::new(schema)),
@@ -301,7 +310,9 @@ impl PostgresStore {
     async fn append_inner(&self, events: &mut [StoredEvent]) -> Result<(), StoreError> {
         // One statement: atomic on its own, one round trip.
         let mut conn = self.pool.acquire().await.map_err(StoreError::backend)?;
-        self.append_in(&mut conn, events).await
+        self.append_in(&mut conn, events).await?;
+        self.counts.raise(events);
+        Ok(())
     }
 }
 
@@ -372,6 +383,10 @@ impl Store for PostgresStore {
             rows.iter().map(stored).collect()
         }
         .boxed()
+    }
+
+    fn known_partitions(&self, topic: &str) -> Option<u32> {
+        self.counts.get(topic)
     }
 
     fn head<'a>(

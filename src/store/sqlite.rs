@@ -14,8 +14,8 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::codec::{headers_to_json, row};
 use super::{
-    by_partition, from_micros, micros, DeadLetterRecord, GroupOffset, Store, StoreError,
-    StoredEvent,
+    by_partition, from_micros, micros, DeadLetterRecord, GroupOffset, PartitionCounts, Store,
+    StoreError, StoredEvent,
 };
 
 /// Rows per INSERT statement: 11 parameters each stays well under SQLite's 32 766.
@@ -45,6 +45,8 @@ pub struct SqliteStore {
     /// One connection kept for writes: SQLite has one writer at a time anyway, and taking a
     /// connection from the pool for every append costs more than the append's statements.
     writer: Arc<tokio::sync::Mutex<Writer>>,
+    /// Partition counts by topic, for [`Store::known_partitions`].
+    counts: PartitionCounts,
 }
 
 /// The write connection, and whether a transaction may have been left open on it (a cancelled
@@ -119,8 +121,14 @@ impl SqliteStore {
         let mut migrator = sqlx::migrate!("src/store/migrations/sqlite");
         migrator.dangerous_set_table_name("_tidings_migrations");
         migrator.run(&pool).await.map_err(StoreError::backend)?;
+        let counts: Vec<(String, i64)> =
+            sqlx::query_as("SELECT topic, MAX(partition_no) + 1 FROM tidings_heads GROUP BY topic")
+                .fetch_all(&pool)
+                .await
+                .map_err(StoreError::backend)?;
         let writer = pool.acquire().await.map_err(StoreError::backend)?.detach();
         Ok(SqliteStore {
+            counts: PartitionCounts::load(counts),
             pool,
             writer: Arc::new(tokio::sync::Mutex::new(Writer {
                 conn: writer,
@@ -142,8 +150,9 @@ impl SqliteStore {
         writer.clean().await;
         writer.open_tx = true;
         let result = self.append_on(&mut writer.conn, events).await;
-        if result.is_err() {
-            writer.clean().await;
+        match result {
+            Ok(()) => self.counts.raise(events),
+            Err(_) => writer.clean().await,
         }
         writer.open_tx = false;
         result
@@ -273,6 +282,10 @@ impl Store for SqliteStore {
             rows.iter().map(stored).collect()
         }
         .boxed()
+    }
+
+    fn known_partitions(&self, topic: &str) -> Option<u32> {
+        self.counts.get(topic)
     }
 
     fn head<'a>(
