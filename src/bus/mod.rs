@@ -346,6 +346,12 @@ impl Bus {
     /// # Errors
     ///
     /// [`PublishError::Closed`], with the event, once [`shutdown`](Bus::shutdown) has begun.
+    /// With a [store](BusBuilder::store), also (each with the event, nothing appended):
+    /// [`PublishError::TooLarge`] over the [payload limit](BusBuilder::max_payload);
+    /// [`PublishError::Serialize`] if the event does not serialize, or if what it serializes
+    /// to does not deserialize back into `E` (a `NaN` or infinite float, which JSON writes as
+    /// `null`): such an event could never be read back from the log, so it is refused rather
+    /// than committed; [`PublishError::Store`] if the append failed.
     ///
     /// # Cancel safety
     ///
