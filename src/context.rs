@@ -73,6 +73,9 @@ impl Context {
     /// capacity to spare, or use [`try_publish`](Context::try_publish) and decide what to do
     /// when it is full.
     ///
+    /// An event whose type no group subscribes to is counted and warned about as by
+    /// [`Bus::publish`](crate::Bus::publish) ([`TopicStats::unrouted`](crate::TopicStats::unrouted)).
+    ///
     /// # Errors
     ///
     /// [`PublishError::Closed`] once the bus is shut down.

@@ -76,7 +76,9 @@ pub struct Redelivery {
 }
 
 impl Redelivery {
-    /// Redeliver after each of these delays in turn (no delays: never).
+    /// Redeliver after each of these delays in turn. At least one delay: an empty list would
+    /// never redeliver, and is a [`BuildError::InvalidSetting`](crate::BuildError::InvalidSetting)
+    /// from [`BusBuilder::build`](crate::BusBuilder::build) (leave redelivery unset instead).
     pub fn after(delays: impl IntoIterator<Item = Duration>) -> Self {
         Redelivery {
             delays: delays.into_iter().collect(),

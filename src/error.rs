@@ -99,7 +99,9 @@ pub enum PublishError<E> {
         /// The limit.
         limit: usize,
     },
-    /// With a store: the event could not be serialized. Nothing was published.
+    /// With a store: the event could not be serialized, or what it serializes to does not
+    /// deserialize back into its type, so no group could read it from the log (a non-finite
+    /// float: JSON has no `NaN` or infinity, serde_json writes `null`). Nothing was published.
     #[error("the event could not be serialized: {message}")]
     Serialize {
         /// The event.

@@ -14,6 +14,12 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Events published, over every topic, of a type no consumer group subscribes to (the sum
+    /// of [`TopicStats::unrouted`]).
+    pub fn unrouted(&self) -> u64 {
+        self.topics.iter().map(|t| t.unrouted).sum()
+    }
+
     /// The counters of one topic.
     pub fn topic(&self, topic: &str) -> Option<&TopicStats> {
         self.topics.iter().find(|t| t.topic == topic)
@@ -40,6 +46,10 @@ pub struct TopicStats {
     pub published: u64,
     /// Events accepted per partition (the next offset of each partition).
     pub published_per_partition: Vec<u64>,
+    /// Of `published`, events of a type no consumer group of this bus subscribes to: handled by
+    /// nobody (in memory, gone; with a store, in the log). Usually a typo in a topic name or a
+    /// missing subscription; the first event of each such type also logs a warning.
+    pub unrouted: u64,
     /// One entry per consumer group subscribed to this topic.
     pub groups: Vec<GroupStats>,
 }

@@ -124,6 +124,9 @@ pub(crate) struct Topic {
     /// Counters of each group's worker, by slot then partition.
     pub(crate) worker_stats: Box<[Box<[WorkerStats]>]>,
     round_robin: AtomicU32,
+    /// Events published on this topic that no consumer group of this bus takes (their type has
+    /// no subscriber). Written only on that path.
+    pub(crate) unrouted: AtomicU64,
 }
 
 /// Counters a partition worker keeps; written by that worker only. Aligned to its own cache
@@ -161,6 +164,7 @@ impl Topic {
             groups: groups.into_boxed_slice(),
             worker_stats,
             round_robin: AtomicU32::new(0),
+            unrouted: AtomicU64::new(0),
         }
     }
 

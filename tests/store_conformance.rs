@@ -72,6 +72,7 @@ conformance!(
     retention_by_age_trims_old_events,
     a_topic_with_fewer_partitions_than_its_log_is_a_build_error,
     dead_letters_are_complete_once_the_bus_is_ready,
+    payloads_that_do_not_read_back_are_refused_at_publish,
 );
 
 async fn stress<F, Fut>(test: F)
@@ -1041,5 +1042,113 @@ async fn dead_letters_are_complete_once_the_bus_is_ready(b: Backend) {
     handled.sort();
     assert_eq!(handled, vec![(0, 1), (1, 1), (2, 1), (3, 1)]);
     assert!(bus.dead_letters("g").unwrap().is_empty());
+    bus.shutdown().await;
+}
+
+/// An event with a float: JSON has no NaN or infinity.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Event)]
+#[event(topic = "orders", key = order)]
+struct Priced {
+    order: u64,
+    price: f64,
+}
+
+/// Records the prices it handles.
+#[derive(Clone, Default)]
+struct Prices(Arc<parking_lot::Mutex<Vec<f64>>>);
+
+impl Handler<Priced> for Prices {
+    async fn handle(&mut self, e: &Envelope<Priced>, _: &Context) -> Result<(), HandlerError> {
+        self.0.lock().push(e.event().price);
+        Ok(())
+    }
+}
+
+async fn payloads_that_do_not_read_back_are_refused_at_publish(b: Backend) {
+    let prices = Prices::default();
+    let seen = prices.clone();
+    let bus = b
+        .builder()
+        .await
+        .topic(topic(1))
+        .subscribe::<Priced, _>("prices", move || seen.clone())
+        .build()
+        .unwrap();
+    bus.publish(Priced {
+        order: 1,
+        price: 1.5,
+    })
+    .await
+    .expect("a finite float publishes");
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        match bus
+            .publish(Priced {
+                order: 2,
+                price: bad,
+            })
+            .await
+        {
+            Err(PublishError::Serialize { event, message }) => {
+                assert_eq!(event.order, 2, "the event is handed back");
+                assert_eq!(event.price.to_bits(), bad.to_bits());
+                assert!(message.contains("Priced"), "{message}");
+            }
+            other => panic!("{bad}: expected Serialize, got {other:?}"),
+        }
+    }
+    // One bad event in a batch refuses the batch: all are handed back, none appended.
+    let batch = vec![
+        Priced {
+            order: 3,
+            price: 2.0,
+        },
+        Priced {
+            order: 4,
+            price: f64::NAN,
+        },
+        Priced {
+            order: 5,
+            price: 3.0,
+        },
+    ];
+    match bus.publish_all(batch).await {
+        Err(PublishError::Serialize { event, .. }) => {
+            let orders: Vec<u64> = event.iter().map(|e| e.order).collect();
+            assert_eq!(orders, [3, 4, 5]);
+        }
+        other => panic!("expected Serialize, got {other:?}"),
+    }
+    bus.publish(Priced {
+        order: 6,
+        price: -0.25,
+    })
+    .await
+    .expect("publishing goes on");
+    bus.settled().await;
+    assert_eq!(
+        *prices.0.lock(),
+        [1.5, -0.25],
+        "only readable events were published"
+    );
+    bus.shutdown().await;
+    let store = b.open().await;
+    let rows = store.read("orders", 0, 0, 100).await.unwrap();
+    assert_eq!(rows.len(), 2, "nothing else was appended");
+    // What was committed reads back: a new group replaying the log gets both, no dead letter.
+    let replayed = Prices::default();
+    let seen = replayed.clone();
+    let bus = b
+        .builder()
+        .await
+        .topic(topic(1))
+        .subscribe::<Priced, _>(
+            Subscription::new("replay").start_from(StartFrom::Earliest),
+            move || seen.clone(),
+        )
+        .build()
+        .unwrap();
+    bus.settled().await;
+    assert_eq!(*replayed.0.lock(), [1.5, -0.25]);
+    assert!(bus.dead_letters("replay").unwrap().is_empty());
     bus.shutdown().await;
 }

@@ -190,6 +190,21 @@ impl Subscription {
         for layer in &self.layers {
             layer.check.clone().map_err(invalid)?;
         }
+        if self
+            .redelivery
+            .as_ref()
+            .is_some_and(|r| r.delays.is_empty())
+        {
+            return Err(invalid(
+                "Redelivery::after got no delays, so it would never redeliver; give at least one delay, or leave redelivery unset".into(),
+            ));
+        }
+        if self.restart_backoff.initial > self.restart_backoff.max {
+            return Err(invalid(format!(
+                "RestartBackoff: the initial delay ({:?}) must not exceed the maximum ({:?})",
+                self.restart_backoff.initial, self.restart_backoff.max
+            )));
+        }
         let retries = self.has(LayerKind::Retry);
         if retries && self.max_deliveries.is_some() {
             return Err(invalid(
@@ -256,7 +271,8 @@ pub struct RestartBackoff {
 }
 
 impl RestartBackoff {
-    /// A backoff from `initial` doubling up to `max`.
+    /// A backoff from `initial` doubling up to `max`. `initial` must not exceed `max` (checked
+    /// by [`BusBuilder::build`]); zero restarts at once.
     pub fn new(initial: Duration, max: Duration) -> Self {
         RestartBackoff { initial, max }
     }
@@ -506,7 +522,8 @@ impl BusBuilder {
         self
     }
 
-    /// Default timeout of [`Bus::request`] (default 30 s).
+    /// Default timeout of [`Bus::request`] (default 30 s). Must be above zero (checked by
+    /// [`build`](BusBuilder::build)).
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
@@ -851,6 +868,21 @@ impl BusBuilder {
                     topic: config.name.clone(),
                 });
             }
+            match config.retention {
+                Retention::MaxAge(age) if age.is_zero() => {
+                    return Err(BuildError::InvalidSetting(format!(
+                        "topic {:?}: Retention::MaxAge must be above zero (zero deletes every event as soon as it is written)",
+                        config.name
+                    )))
+                }
+                Retention::MaxEvents(0) => {
+                    return Err(BuildError::InvalidSetting(format!(
+                        "topic {:?}: Retention::MaxEvents must be at least 1 (zero deletes every event as soon as it is written)",
+                        config.name
+                    )))
+                }
+                _ => {}
+            }
             if !seen.insert(config.name.as_str()) {
                 return Err(BuildError::DuplicateTopic {
                     topic: config.name.clone(),
@@ -878,6 +910,11 @@ impl BusBuilder {
             if !commands.insert(cmd.type_id) {
                 return Err(BuildError::DuplicateCommandHandler { command: cmd.name });
             }
+        }
+        if self.request_timeout.is_zero() {
+            return Err(BuildError::InvalidSetting(
+                "request_timeout must be above zero (every request would time out)".into(),
+            ));
         }
         if self.command_capacity == 0 {
             return Err(BuildError::InvalidSetting(

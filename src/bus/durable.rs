@@ -455,6 +455,13 @@ async fn run_appender(inner: Arc<BusInner>, mut rx: mpsc::Receiver<Append>) {
             Ok(()) => {
                 let mut rows = rows.into_iter();
                 for a in batch.drain(..) {
+                    if a.slots.is_empty() {
+                        // In the log, but no group of this bus takes the type: counted (the
+                        // warning was logged with the route).
+                        a.topic
+                            .unrouted
+                            .fetch_add(a.events.len() as u64, Ordering::Relaxed);
+                    }
                     let mut receipts = Vec::with_capacity(a.events.len());
                     for event in a.events {
                         let row = rows.next().expect("one row per event");

@@ -341,11 +341,23 @@ impl Bus {
     /// Returns once the event is accepted into the partition queue of every subscribed group,
     /// with its id, partition and offset. Waits while one of those queues is full (the slowest
     /// group sets the pace), unless the topic's overflow policy is [`Overflow::DropOldest`].
-    /// An event whose topic has no subscriber is accepted, numbered and counted.
+    /// An event whose type no group subscribes to (no [`subscribe`](BusBuilder::subscribe) of
+    /// its type, no [`subscribe_all`](BusBuilder::subscribe_all) of its topic: a typo in a
+    /// topic name, a subscription forgotten) is accepted and numbered, and handled by nobody
+    /// (with a store it is still appended to the log): it is counted in
+    /// [`TopicStats::unrouted`](crate::TopicStats::unrouted), and the first one of each type
+    /// logs a warning. The same holds for [`publish_all`](Bus::publish_all),
+    /// [`try_publish`](Bus::try_publish) and publishes from handlers.
     ///
     /// # Errors
     ///
     /// [`PublishError::Closed`], with the event, once [`shutdown`](Bus::shutdown) has begun.
+    /// With a [store](BusBuilder::store), also (each with the event, nothing appended):
+    /// [`PublishError::TooLarge`] over the [payload limit](BusBuilder::max_payload);
+    /// [`PublishError::Serialize`] if the event does not serialize, or if what it serializes
+    /// to does not deserialize back into `E` (a `NaN` or infinite float, which JSON writes as
+    /// `null`): such an event could never be read back from the log, so it is refused rather
+    /// than committed; [`PublishError::Store`] if the append failed.
     ///
     /// # Cancel safety
     ///
@@ -1013,9 +1025,33 @@ impl BusInner {
         if let Some(route) = self.dynamic_routes.get(&type_id) {
             return RouteRef::Dynamic(Arc::clone(&route));
         }
-        let route = Arc::new(self.compute_route(E::TOPIC, type_id));
-        self.dynamic_routes.insert(type_id, Arc::clone(&route));
-        RouteRef::Dynamic(route)
+        self.new_route::<E>(type_id)
+    }
+
+    /// The route of a type first published since the bus was built: computed and kept once per
+    /// type (under the map's entry lock, so two first publishers agree). A type no group takes
+    /// is logged here, so once per type per bus, whatever the number of its events.
+    #[cold]
+    fn new_route<E: Event>(&self, type_id: TypeId) -> RouteRef<'_> {
+        let entry = self.dynamic_routes.entry(type_id).or_insert_with(|| {
+                let route = self.compute_route(E::TOPIC, type_id);
+                if route.slots.is_empty() {
+                    let kept = if self.durable.is_some() {
+                        "appended to the store's log, but no group of this bus handles them"
+                    } else {
+                        "accepted and numbered, but no group handles them: they are dropped"
+                    };
+                    tracing::warn!(
+                        topic = E::TOPIC,
+                        event_type = E::NAME,
+                        "tidings: {} is published on topic {:?}, where no consumer group subscribes to it: its events are {kept} (counted in TopicStats::unrouted; a typo in a topic name?). Logged once per type.",
+                        E::NAME,
+                        E::TOPIC,
+                    );
+                }
+                Arc::new(route)
+            });
+        RouteRef::Dynamic(Arc::clone(entry.value()))
     }
 
     pub(crate) fn compute_route(&self, topic: &str, type_id: TypeId) -> Route {
@@ -1038,7 +1074,6 @@ impl BusInner {
                     .unsubscribed_topics
                     .entry(topic.to_owned())
                     .or_insert_with(|| {
-                        tracing::debug!(topic, "publishing to a topic with no subscriber");
                         let config = TopicConfig::new(topic);
                         // With a store, a fixed count: it must not change between runs.
                         let partitions = if self.durable.is_some() {
@@ -1151,6 +1186,9 @@ impl BusInner {
         });
         if !route.slots.is_empty() {
             self.pending.fetch_add(route.slots.len(), Ordering::SeqCst);
+        } else {
+            // No group takes this type: counted (the warning was logged with the route).
+            topic.unrouted.fetch_add(1, Ordering::Relaxed);
         }
         let part = &topic.partitions[partition as usize];
         let mut dropped = 0;
@@ -1362,6 +1400,7 @@ impl BusInner {
                 partitions: topic.partitions.len() as u32,
                 published: published.iter().sum(),
                 published_per_partition: published,
+                unrouted: topic.unrouted.load(Relaxed),
                 groups,
             });
         }

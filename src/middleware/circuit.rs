@@ -34,6 +34,8 @@ use crate::handler::{HandlerError, HandlerResult};
 #[derive(Clone)]
 pub struct CircuitBreaker {
     breaker: Arc<dyn Breaker>,
+    /// What is wrong with the settings given to [`CircuitBreaker::new`], reported at build.
+    invalid: Option<String>,
 }
 
 trait Breaker: Send + Sync {
@@ -90,14 +92,26 @@ impl failsafe::Instrument for Log {
 type Consecutive = ConsecutiveFailures<backoff::Constant>;
 
 impl CircuitBreaker {
-    /// Opens after `failures` consecutive failed calls (at least 1), for `open_for` each time;
-    /// a success resets the count. For a growing or jittered open time, or a success-rate
+    /// Opens after `failures` consecutive failed calls, for `open_for` each time; a success
+    /// resets the count. `failures` must be at least 1 and `open_for` above zero: otherwise
+    /// [`BusBuilder::build`](crate::BusBuilder::build) fails with
+    /// [`BuildError::InvalidSetting`](crate::BuildError::InvalidSetting), naming the
+    /// subscription and the setting. For a growing or jittered open time, or a success-rate
     /// policy, build a failsafe state machine and use [`from_failsafe`](Self::from_failsafe).
     pub fn new(failures: u32, open_for: Duration) -> Self {
+        let invalid = if failures == 0 {
+            Some("CircuitBreaker: failures must be at least 1 (the consecutive failed calls that open the circuit)".to_owned())
+        } else if open_for.is_zero() {
+            Some("CircuitBreaker: open_for must be above zero (an open circuit that closes at once breaks nothing)".to_owned())
+        } else {
+            None
+        };
+        // Refused at build when invalid; the machine made here for it is never used.
         let policy: Consecutive =
             failure_policy::consecutive_failures(failures.max(1), backoff::constant(open_for));
         CircuitBreaker {
             breaker: Arc::new(StateMachine::new(policy, Log)),
+            invalid,
         }
     }
 
@@ -110,6 +124,7 @@ impl CircuitBreaker {
     {
         CircuitBreaker {
             breaker: Arc::new(machine),
+            invalid: None,
         }
     }
 
@@ -142,5 +157,12 @@ impl Middleware for CircuitBreaker {
             Err(_) => self.breaker.on_error(),
         }
         result
+    }
+
+    fn check(&self) -> Result<(), String> {
+        match &self.invalid {
+            Some(reason) => Err(reason.clone()),
+            None => Ok(()),
+        }
     }
 }

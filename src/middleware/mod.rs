@@ -118,8 +118,16 @@ pub trait Middleware: Clone + Send + 'static {
         LayerKind::Other
     }
 
-    /// Checks the layer's settings when the bus is built.
-    #[doc(hidden)]
+    /// Checks the layer's settings when the bus is built: `Err(reason)` makes
+    /// [`BusBuilder::build`](crate::BusBuilder::build) fail with
+    /// [`BuildError::InvalidSetting`](crate::BuildError::InvalidSetting), naming the
+    /// subscription and the reason. Constructors can stay infallible (and chain fluently in
+    /// [`Subscription::layer`](crate::Subscription::layer)): a value out of range is kept and
+    /// reported here instead of being accepted silently. Default: no check.
+    ///
+    /// # Errors
+    ///
+    /// A sentence saying which setting is wrong and why.
     fn check(&self) -> Result<(), String> {
         Ok(())
     }

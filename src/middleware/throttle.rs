@@ -29,17 +29,26 @@ use crate::handler::HandlerResult;
 #[derive(Clone, Debug)]
 pub struct Throttle {
     limiter: Arc<DefaultDirectRateLimiter>,
+    /// The settings as given, checked when the bus is built.
+    calls: u32,
+    period: Duration,
 }
 
 impl Throttle {
-    /// At most `calls` calls per second (at least 1).
+    /// At most `calls` calls per second. `calls` must be at least 1: zero is a
+    /// [`BuildError::InvalidSetting`](crate::BuildError::InvalidSetting) from
+    /// [`BusBuilder::build`](crate::BusBuilder::build), naming the subscription.
     pub fn per_second(calls: u32) -> Self {
         Throttle::new(calls, Duration::from_secs(1))
     }
 
-    /// At most `calls` calls per `period` (at least one call; a zero period is taken as one
-    /// nanosecond).
+    /// At most `calls` calls per `period`. `calls` must be at least 1 and `period` above zero:
+    /// otherwise [`BusBuilder::build`](crate::BusBuilder::build) fails with
+    /// [`BuildError::InvalidSetting`](crate::BuildError::InvalidSetting), naming the
+    /// subscription and the setting.
     pub fn new(calls: u32, period: Duration) -> Self {
+        // Out-of-range settings are refused at build (see `check`); the limiter made here for
+        // them is never used.
         let burst = NonZeroU32::new(calls.max(1)).unwrap_or(NonZeroU32::MIN);
         let each = (period / burst.get()).max(Duration::from_nanos(1));
         let quota = Quota::with_period(each)
@@ -47,6 +56,8 @@ impl Throttle {
             .allow_burst(burst);
         Throttle {
             limiter: Arc::new(RateLimiter::direct(quota)),
+            calls,
+            period,
         }
     }
 }
@@ -55,5 +66,18 @@ impl Middleware for Throttle {
     async fn call(&mut self, env: &AnyEnvelope, mut next: Next<'_>) -> HandlerResult {
         self.limiter.until_ready().await;
         next.run(env).await
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.calls == 0 {
+            return Err(format!(
+                "Throttle: calls must be at least 1 (got 0 per {:?}); a throttle that lets nothing through would stop the group",
+                self.period
+            ));
+        }
+        if self.period.is_zero() {
+            return Err("Throttle: the period must be above zero".into());
+        }
+        Ok(())
     }
 }

@@ -33,7 +33,10 @@ pub struct Timeout {
 }
 
 impl Timeout {
-    /// A deadline `limit` after the call first waits.
+    /// A deadline `limit` after the call first waits. `limit` must be above zero: a zero
+    /// deadline fails every call that waits, and is a
+    /// [`BuildError::InvalidSetting`](crate::BuildError::InvalidSetting) from
+    /// [`BusBuilder::build`](crate::BusBuilder::build), naming the subscription.
     pub fn new(limit: Duration) -> Self {
         Timeout { limit }
     }
@@ -53,5 +56,15 @@ impl Middleware for Timeout {
             Ok(result) => result,
             Err(_) => Err(HandlerError::msg(format!("timed out after {limit:?}"))),
         }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.limit.is_zero() {
+            return Err(
+                "Timeout: the limit must be above zero (a zero deadline fails every call that waits)"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 }

@@ -12,13 +12,29 @@ use super::{from_micros, StoredEvent};
 use crate::envelope::{AnyEnvelope, Headers, Metadata};
 use crate::event::{DynEvent, Event};
 
-/// Serializes `event` as JSON; `Err(size)` if it is larger than `limit` bytes.
+/// Serializes `event` as JSON, as a store keeps it; an error if it is larger than `limit` bytes,
+/// or if the bytes do not deserialize back into `E`.
+///
+/// The round trip is what makes a committed event readable by every group: a payload a group
+/// reading the log (catch-up, replay, restart) could not turn back into the event must never be
+/// committed. serde_json writes a non-finite float (`NaN`, `±inf`) as `null`, which does not
+/// read back as an `f64`; a hand-written `Serialize` that disagrees with its `Deserialize`
+/// is caught the same way. Deserializing is enough (nothing is compared, `Event` has no
+/// `PartialEq`): the reader deserializes exactly so (typetag hands the payload to `E`'s own
+/// `Deserialize`). Only the durable path pays for it; a bus without a store serializes
+/// nothing.
 pub(crate) fn encode<E: Event>(event: &E, limit: usize) -> Result<Vec<u8>, EncodeError> {
     let payload = serde_json::to_vec(event).map_err(|e| EncodeError::Serialize(e.to_string()))?;
     if payload.len() > limit {
         return Err(EncodeError::TooLarge {
             size: payload.len(),
         });
+    }
+    if let Err(e) = serde_json::from_slice::<E>(&payload) {
+        return Err(EncodeError::Serialize(format!(
+            "{} serializes to JSON that does not deserialize back ({e}), so no group could read it from the store; JSON has no NaN or infinity (serde_json writes them as null): keep float fields finite",
+            E::NAME
+        )));
     }
     Ok(payload)
 }

@@ -437,9 +437,10 @@ pub enum Retention {
     /// Keep every event (the default).
     #[default]
     KeepAll,
-    /// Delete events older than this.
+    /// Delete events older than this (above zero: zero is a build error).
     MaxAge(Duration),
-    /// Keep at most this many of the newest events of each partition.
+    /// Keep at most this many of the newest events of each partition (at least 1: zero is a
+    /// build error).
     MaxEvents(u64),
 }
 
