@@ -1145,7 +1145,7 @@ impl<C: Command> Deadlines<C> {
                     for queued in std::mem::take(&mut self.backlog) {
                         if now >= queued.deadline {
                             let _ = queued.reply.send(Err(self.timed_out(queued.timeout)));
-                            self.bus.inner.finish(1);
+                            self.bus.inner.finish_requests(1);
                         } else {
                             next = Some(next.map_or(queued.deadline, |n| n.min(queued.deadline)));
                             kept.push_back(queued);
@@ -1200,7 +1200,7 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
         } = request;
         if tokio::time::Instant::now() >= deadline {
             let _ = reply.send(Err(deadlines.timed_out(timeout)));
-            bus.inner.finish(1);
+            bus.inner.finish_requests(1);
             continue;
         }
         let mut current = Current {
@@ -1252,7 +1252,7 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
             }
             None => tracing::debug!(command = name, "reply discarded: the request had timed out"),
         }
-        bus.inner.finish(1);
+        bus.inner.finish_requests(1);
         if panicked {
             // Deadlines of queued requests are kept during the restart backoff too.
             deadlines
@@ -1269,12 +1269,12 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
     while let Ok(message) = deadlines.requests.try_recv() {
         if let Some(request) = message {
             let _ = request.reply.send(Err(RequestError::Closed));
-            bus.inner.finish(1);
+            bus.inner.finish_requests(1);
         }
     }
     for request in deadlines.backlog.drain(..) {
         let _ = request.reply.send(Err(RequestError::Closed));
-        bus.inner.finish(1);
+        bus.inner.finish_requests(1);
     }
 }
 
