@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use stores::{Backend, Log, Placed};
+use stores::{Backend, Cancelled, Log, Placed};
 use tidings::prelude::*;
 use tidings::{Redelivery, Retry, Store};
 
@@ -100,7 +100,7 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 /// The first event fails and waits an hour for its next attempt when the bus shuts down; two
-/// more of its key wait behind it. The shutdown ends the wait without dead-lettering it, and
+/// more of its key wait behind it, and an event of a type the group does not take. The shutdown ends the wait without dead-lettering it, and
 /// the group's offset stays before it: after the restart all three are handled, in order, once,
 /// and the dead-letter queue (in memory and in the store) is empty.
 async fn an_event_waiting_for_its_retry_at_shutdown_is_handled_after_the_restart(b: Backend) {
@@ -118,6 +118,9 @@ async fn an_event_waiting_for_its_retry_at_shutdown_is_handled_after_the_restart
         first.calls.load(Ordering::SeqCst) == 1
     })
     .await;
+    // An event of another type after them, which the group passes by: its offset is not
+    // passed either.
+    bus.publish(Cancelled { order: 1 }).await.unwrap();
     let report = bus.shutdown().await;
     assert_eq!(report.failed, 0, "not given up on: {report:?}");
     assert_eq!(report.abandoned, 0, "{report:?}");
@@ -144,7 +147,7 @@ async fn an_event_waiting_for_its_retry_at_shutdown_is_handled_after_the_restart
     assert_eq!((report.handled, report.failed), (3, 0));
     let store = b.open().await;
     assert!(store.dead_letters("g").await.unwrap().is_empty());
-    assert_eq!(store.committed("g", "orders", 0).await.unwrap(), Some(3));
+    assert_eq!(store.committed("g", "orders", 0).await.unwrap(), Some(4));
 }
 
 /// An event fails and is dead-lettered with redeliveries after an hour and after another hour;
