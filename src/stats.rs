@@ -144,7 +144,7 @@ pub struct ShutdownReport {
     /// each event queued or in flight, once per group (a handler still running at the
     /// deadline, blocked on its thread, counts as not finished), and each request not answered.
     /// In memory, `handled + failed + dropped + abandoned` is what was delivered to the groups.
-    /// With a store, a group that was still reading the log is not counted: what it did not
-    /// read, and what was abandoned, is in the log and handled after the next start.
+    /// With a store, a group still busy reading the log at the deadline counts one; what it
+    /// did not read, and what was abandoned, is in the log and handled after the next start.
     pub abandoned: u64,
 }

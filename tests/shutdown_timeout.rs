@@ -99,8 +99,18 @@ impl Handler<Job> for Slow {
 /// time; the shutdown times out once some are handled: every delivery is either handled or
 /// abandoned, never both, never neither.
 async fn abandoned_is_exact(events: u64, partitions: u32, groups: usize, batch: usize) {
+    abandoned_is_exact_on(Bus::builder(), events, partitions, groups, batch).await;
+}
+
+async fn abandoned_is_exact_on(
+    builder: tidings::BusBuilder,
+    events: u64,
+    partitions: u32,
+    groups: usize,
+    batch: usize,
+) {
     let handled = Arc::new(AtomicU64::new(0));
-    let mut builder = Bus::builder().topic(
+    let mut builder = builder.topic(
         TopicConfig::new("jobs")
             .partitions(partitions)
             .capacity(events as usize),
@@ -158,4 +168,11 @@ async fn abandoned_counts_each_unfinished_event_once_four_partitions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_counts_each_unfinished_event_once_fanned_out_to_two_groups() {
     abandoned_is_exact(600, 2, 2, 16).await;
+}
+
+/// With a store, every event is queued for the group as it commits (the queue has room for all):
+/// the same count holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_counts_each_unfinished_event_once_with_a_store() {
+    abandoned_is_exact_on(Bus::builder().store(MemoryStore::new()), 400, 2, 2, 64).await;
 }

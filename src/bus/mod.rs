@@ -986,13 +986,13 @@ impl BusInner {
         // After a full drain nothing was abandoned (a request refused at this moment may be
         // counted for an instant, so do not read the counters). Otherwise, what was never
         // finished: events queued or in flight (in memory, counted per event above; with a
-        // store, the deliveries still counted pending, but not the groups that were reading
-        // the log: what they did not read waits there), and requests not answered.
+        // store, what is still counted pending: workers release their events one by one once
+        // shutdown began, and a group still busy reading the log counts one), and requests not
+        // answered.
         report.abandoned = if drained {
             0
         } else if self.durable.is_some() {
-            let pending = self.pending.load(Ordering::SeqCst);
-            pending.saturating_sub(self.lagging_markers()) as u64
+            self.pending.load(Ordering::SeqCst) as u64
         } else {
             unfinished + self.requests.load(Ordering::SeqCst) as u64
         };
@@ -1004,17 +1004,6 @@ impl BusInner {
             "tidings bus shut down"
         );
         report
-    }
-
-    /// With a store: the groups whose worker still holds a pending count for reading the log.
-    fn lagging_markers(&self) -> usize {
-        let mut n = 0;
-        for topic in &self.topics {
-            for part in topic.partitions.iter() {
-                n += part.lock().queues.iter().filter(|q| q.marker).count();
-            }
-        }
-        n
     }
 
     fn route<E: Event>(&self) -> RouteRef<'_> {
