@@ -55,7 +55,10 @@ pub enum DeadLetterPolicy {
 /// [`Overflow::DropOldest`](crate::Overflow::DropOldest), which could drop a redelivered event.
 ///
 /// Scheduled redeliveries are not counted by [`Bus::settled`](crate::Bus::settled) (the bus is
-/// idle while they wait); shutdown cancels them and the entries stay in the queue.
+/// idle while they wait); shutdown cancels them and the entries stay in the queue. With a
+/// [store](crate::BusBuilder::store) the schedule survives the restart: the entry is read back
+/// with its redelivery count and its next redelivery is due its delay after the last failure
+/// (at once if that time passed while the bus was down); the rest of the schedule follows.
 ///
 /// ```
 /// use std::time::Duration;
@@ -395,8 +398,13 @@ impl DeadLetterQueue {
         {
             self.carried.fetch_add(1, Ordering::Relaxed);
         }
+        // Its next redelivery is due on the schedule it was on: the delay counts from its last
+        // failure, the time the bus was down included (after a long stop, at once).
+        let waited = SystemTime::now()
+            .duration_since(failures.1)
+            .unwrap_or_default();
         let seq = self.push_locked(
-            &mut state, envelope, error, kind, attempts, failures, handler, false,
+            &mut state, envelope, error, kind, attempts, failures, handler, false, waited,
         );
         state.total -= 1;
         // A head never attempted (its head was discarded, or the process stopped while its
@@ -480,7 +488,15 @@ impl DeadLetterQueue {
     ) -> u64 {
         let mut state = self.state.lock();
         self.push_locked(
-            &mut state, envelope, error, kind, attempts, failures, handler, released,
+            &mut state,
+            envelope,
+            error,
+            kind,
+            attempts,
+            failures,
+            handler,
+            released,
+            Duration::ZERO,
         )
     }
 
@@ -495,6 +511,7 @@ impl DeadLetterQueue {
         (first_failure, last_failure): (SystemTime, SystemTime),
         handler: &'static str,
         released: bool,
+        waited: Duration,
     ) -> u64 {
         let seq = state.next_seq;
         state.next_seq += 1;
@@ -554,7 +571,7 @@ impl DeadLetterQueue {
         if let Some(redelivery) = &self.redelivery {
             if kind == ErrorKind::Transient && parked_behind.is_none() && attempts > 0 {
                 if let Some(&delay) = redelivery.delays.get(redeliveries as usize) {
-                    self.schedule(seq, delay, redeliveries + 1, true);
+                    self.schedule(seq, delay.saturating_sub(waited), redeliveries + 1, true);
                 }
             }
         }
@@ -616,6 +633,7 @@ impl DeadLetterQueue {
             (now, now),
             handler,
             false,
+            Duration::ZERO,
         );
         Gate::Parked
     }

@@ -150,6 +150,11 @@ pub struct ShutdownReport {
     /// Event-handler panics caught.
     pub panics: u64,
     /// Deliveries and requests not finished when a
-    /// [`shutdown_timeout`](crate::Bus::shutdown_timeout) ran out (0 after a full drain).
+    /// [`shutdown_timeout`](crate::Bus::shutdown_timeout) ran out (0 after a full drain):
+    /// each event queued or in flight, once per group (a handler still running at the
+    /// deadline, blocked on its thread, counts as not finished), and each request not answered.
+    /// In memory, `handled + failed + dropped + abandoned` is what was delivered to the groups.
+    /// With a store, a group still busy reading the log at the deadline counts one; what it
+    /// did not read, and what was abandoned, is in the log and handled after the next start.
     pub abandoned: u64,
 }

@@ -338,6 +338,10 @@ struct Worker<D> {
     /// events handled in it with their offset (effectively-once).
     store: Option<Arc<dyn crate::store::Store>>,
     marks: bool,
+    /// With a store: the shutdown cut an event's retries short and it was left in the log for
+    /// the next start; the group's offset stays before it, so the worker handles nothing after
+    /// it in this partition.
+    held: bool,
 }
 
 /// How one event ended for this group.
@@ -548,6 +552,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
         bus: bus.clone(),
         store: bus.inner.durable.as_ref().map(|d| Arc::clone(&d.store)),
         marks: bus.inner.durable.is_some() && options.delivery == DeliveryMode::EffectivelyOnce,
+        held: false,
     };
     let stats = &topic.worker_stats[slot][partition as usize];
     let fast = worker.layers.is_empty() && !sequenced;
@@ -676,14 +681,32 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
         {
             NextDurable::Closed => break,
             NextDurable::Batch => {
-                let n = batch.len();
-                done.reserve(n);
+                let mut unfinished = batch.len();
+                done.reserve(unfinished);
                 while let Some(item) = batch.pop_front() {
-                    worker
-                        .process(item, &mut ctx, sequenced, &mut done, stats)
-                        .await;
+                    if worker.held {
+                        // Behind an event left in the log: read again after the next start.
+                        done.push(item);
+                    } else {
+                        worker
+                            .process(item, &mut ctx, sequenced, &mut done, stats)
+                            .await;
+                    }
+                    if bus.inner.cancel.is_cancelled() {
+                        // Shutting down: finished one by one, so that a shutdown timeout
+                        // counts exactly what is left.
+                        bus.inner.finish(unfinished - batch.len());
+                        unfinished = batch.len();
+                    }
                 }
-                bus.inner.finish(n);
+                if unfinished > 0 {
+                    bus.inner.finish(unfinished);
+                }
+                if worker.held && may_catch_up {
+                    // Nothing more is read or queued for this group in this partition.
+                    may_catch_up = false;
+                    part.give_up_catch_up(slot, &bus.inner);
+                }
             }
             NextDurable::CatchUp(until) => {
                 feed.until = until;
@@ -722,6 +745,12 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                                 .process(item, &mut ctx, sequenced, &mut done, stats)
                                 .await;
                             done.clear();
+                            if worker.held {
+                                // Left in the log (retries stopped by shutdown): so is the rest.
+                                may_catch_up = false;
+                                part.give_up_catch_up(slot, &bus.inner);
+                                break;
+                            }
                         }
                         Ok(Some(Caught::Bad(env, error))) => {
                             if worker.dead_letters.holds(partition, env.offset())
@@ -821,6 +850,13 @@ impl<D: Dispatch> Worker<D> {
                 }
             }
             Outcome::Failed { error, attempts } => {
+                if self.leaves_in_log(&env, stats) {
+                    // Its offset is not passed: the event is read again after the restart.
+                    self.held = true;
+                    tracing::info!(topic = %self.end.topic.name, group = %self.end.group, partition = self.end.partition, offset, event_id = %id, error = %error, "tidings: retries stopped by shutdown; the event stays in the log and is handled after the next start");
+                    done.push(env.inner);
+                    return;
+                }
                 self.give_up(&env, error, attempts, released);
                 if self.store.is_some() && !self.save_dead_letter(&env).await {
                     // Not saved (the bus stopped): its offset is not passed.
@@ -831,6 +867,18 @@ impl<D: Dispatch> Worker<D> {
         }
         advance(stats, offset);
         done.push(env.inner);
+    }
+
+    /// With a store: whether a failed event is left in the log instead of dead-lettered. So it
+    /// is when the shutdown cut its retries short (the log is the buffer: it is handled after
+    /// the restart), unless it is acknowledged on receipt (at-most-once) or is a dead letter
+    /// already (a redrive, whose entry stays saved), or the group's offset passed it already.
+    fn leaves_in_log(&self, env: &AnyEnvelope, stats: &crate::topic::WorkerStats) -> bool {
+        self.store.is_some()
+            && self.track.interrupted.load(Relaxed)
+            && self.delivery != DeliveryMode::AtMostOnce
+            && env.offset() >= stats.next_offset.load(Relaxed)
+            && !self.dead_letters.holds(env.partition(), env.offset())
     }
 
     /// With a store, after an event was handled: its dead letter's row goes (a redriven
@@ -1066,7 +1114,7 @@ impl<C: Command> Deadlines<C> {
                     for queued in std::mem::take(&mut self.backlog) {
                         if now >= queued.deadline {
                             let _ = queued.reply.send(Err(self.timed_out(queued.timeout)));
-                            self.bus.inner.finish(1);
+                            self.bus.inner.finish_requests(1);
                         } else {
                             next = Some(next.map_or(queued.deadline, |n| n.min(queued.deadline)));
                             kept.push_back(queued);
@@ -1121,7 +1169,7 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
         } = request;
         if tokio::time::Instant::now() >= deadline {
             let _ = reply.send(Err(deadlines.timed_out(timeout)));
-            bus.inner.finish(1);
+            bus.inner.finish_requests(1);
             continue;
         }
         let mut current = Current {
@@ -1173,7 +1221,7 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
             }
             None => tracing::debug!(command = name, "reply discarded: the request had timed out"),
         }
-        bus.inner.finish(1);
+        bus.inner.finish_requests(1);
         if panicked {
             // Deadlines of queued requests are kept during the restart backoff too.
             deadlines
@@ -1190,12 +1238,12 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
     while let Ok(message) = deadlines.requests.try_recv() {
         if let Some(request) = message {
             let _ = request.reply.send(Err(RequestError::Closed));
-            bus.inner.finish(1);
+            bus.inner.finish_requests(1);
         }
     }
     for request in deadlines.backlog.drain(..) {
         let _ = request.reply.send(Err(RequestError::Closed));
-        bus.inner.finish(1);
+        bus.inner.finish_requests(1);
     }
 }
 

@@ -670,6 +670,7 @@ impl BusBuilder {
             commands,
             request_timeout: self.request_timeout,
             pending: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
             settling: AtomicUsize::new(0),
             idle: Notify::new(),
             intake_open: AtomicBool::new(true),

@@ -29,6 +29,9 @@ use crate::middleware::Window;
 use crate::stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
 use crate::topic::{default_partitions, Overflow, Partition, PartitionState, Topic, TopicConfig};
 
+/// Past a shutdown's deadline, how long aborted workers are given to stop.
+const ABORT_GRACE: Duration = Duration::from_millis(100);
+
 /// How many times `publish` yields to the scheduler on a full queue before it sleeps.
 const FULL_QUEUE_SPINS: u32 = 8;
 
@@ -263,6 +266,8 @@ pub(crate) struct BusInner {
     request_timeout: Duration,
     /// Deliveries and requests accepted but not yet finished.
     pending: AtomicUsize,
+    /// Of those, requests (so that a shutdown report tells them from deliveries).
+    requests: AtomicUsize,
     /// Callers waiting in `settled`, woken through `idle`.
     settling: AtomicUsize,
     idle: Notify,
@@ -286,7 +291,7 @@ struct PendingGuard<'a>(Option<&'a BusInner>);
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         if let Some(inner) = self.0 {
-            inner.finish(1);
+            inner.finish_requests(1);
         }
     }
 }
@@ -685,6 +690,7 @@ impl Bus {
         // Counted as pending before intake is checked, so that shutdown either sees this
         // request and waits for it, or this request sees shutdown and backs off; the guard
         // uncounts it on every way out until the handler task owns it.
+        inner.requests.fetch_add(1, Ordering::SeqCst);
         inner.pending.fetch_add(1, Ordering::SeqCst);
         let mut counted = PendingGuard(Some(inner));
         if cause.is_none() && !inner.intake_open.load(Ordering::SeqCst) {
@@ -895,7 +901,25 @@ impl Bus {
 
     /// Like [`shutdown`](Bus::shutdown), but gives up draining after `timeout`: workers are
     /// aborted and the events still queued or in flight are counted as
-    /// [`abandoned`](ShutdownReport::abandoned).
+    /// [`abandoned`](ShutdownReport::abandoned) (each once per group; 0 only after a full
+    /// drain), with the requests not answered.
+    ///
+    /// Past the deadline nothing is waited for long: aborted workers are given 100 ms to stop,
+    /// then left behind; with a store, the last offset commit gets what is left of `timeout`,
+    /// at least a second.
+    ///
+    /// # Blocking handlers
+    ///
+    /// An aborted worker stops at its handler's next `.await`. A handler that blocks its thread
+    /// instead (`std::thread::sleep`, blocking I/O, a long computation) cannot be interrupted:
+    /// no thread can be preempted. On a multi-thread runtime the report still comes back at the
+    /// deadline: the blocked worker is left on its thread (it stops at its next `.await` once
+    /// the call returns; an event it finishes meanwhile was already reported abandoned), and
+    /// its event is counted abandoned. On a `current_thread` runtime the blocked handler holds
+    /// the runtime's only thread: no timer fires and the shutdown does not run until it
+    /// returns, so the report comes late. Run blocking work in
+    /// [`spawn_blocking`](tokio::task::spawn_blocking) (or `block_in_place` on a multi-thread
+    /// runtime) and await it.
     pub async fn shutdown_timeout(&self, timeout: Duration) -> ShutdownReport {
         self.shutdown_inner(Some(timeout)).await
     }
@@ -948,7 +972,7 @@ impl BusInner {
             }
         }
         self.cancel.cancel();
-        let drained = match timeout {
+        let mut drained = match timeout {
             None => {
                 self.settled().await;
                 true
@@ -956,12 +980,37 @@ impl BusInner {
             Some(t) => tokio::time::timeout(t, self.settled()).await.is_ok(),
         };
         self.close_queues();
-        let tasks = std::mem::take(&mut *lock(&self.tasks));
-        for task in tasks {
-            if !drained {
-                task.abort();
+        let mut tasks = std::mem::take(&mut *lock(&self.tasks));
+        match timeout {
+            None => {
+                for task in tasks {
+                    let _ = task.await;
+                }
             }
-            let _ = task.await;
+            Some(t) => {
+                // Past the deadline nothing is waited for long. An aborted task stops at its
+                // next await; a handler blocking its thread cannot be stopped (a thread cannot
+                // be preempted): it is left running, and its event is reported abandoned.
+                if !drained {
+                    for task in &tasks {
+                        task.abort();
+                    }
+                }
+                let left = t.saturating_sub(started.elapsed()).max(ABORT_GRACE);
+                let joined =
+                    tokio::time::timeout(left, futures::future::join_all(tasks.iter_mut())).await;
+                if joined.is_err() {
+                    drained = false;
+                    let running = tasks.iter().filter(|task| !task.is_finished()).count();
+                    for task in &tasks {
+                        task.abort();
+                    }
+                    tracing::warn!(
+                        running,
+                        "tidings: shutdown timeout: workers still running were abandoned (a handler blocking its thread cannot be stopped)"
+                    );
+                }
+            }
         }
         if let Some(d) = &self.durable {
             // Publishing is over: stop the appender and commit the groups' offsets (within what
@@ -986,27 +1035,33 @@ impl BusInner {
                 }
             }
         }
-        // After a full drain nothing was abandoned (a request refused at this moment may be
-        // counted for an instant, so do not read the counter). Otherwise what is still counted
-        // was never finished: queued, in flight when aborted, or requests whose handler stopped.
-        let abandoned = if drained {
-            0
-        } else {
-            self.pending.load(Ordering::SeqCst) as u64
-        };
         let stats = self.stats();
-        let mut report = ShutdownReport {
-            abandoned,
-            ..ShutdownReport::default()
-        };
+        let mut report = ShutdownReport::default();
+        let mut unfinished = 0;
         for topic in &stats.topics {
             for group in &topic.groups {
                 report.handled += group.handled;
                 report.failed += group.failed;
                 report.dropped += group.dropped;
                 report.panics += group.panics;
+                // In memory: delivered, and neither handled, failed nor dropped (read in the
+                // same snapshot as those counts, so that they add up exactly).
+                unfinished += group.lag;
             }
         }
+        // After a full drain nothing was abandoned (a request refused at this moment may be
+        // counted for an instant, so do not read the counters). Otherwise, what was never
+        // finished: events queued or in flight (in memory, counted per event above; with a
+        // store, what is still counted pending: workers release their events one by one once
+        // shutdown began, and a group still busy reading the log counts one), and requests not
+        // answered.
+        report.abandoned = if drained {
+            0
+        } else if self.durable.is_some() {
+            self.pending.load(Ordering::SeqCst) as u64
+        } else {
+            unfinished + self.requests.load(Ordering::SeqCst) as u64
+        };
         tracing::info!(
             handled = report.handled,
             failed = report.failed,
@@ -1287,6 +1342,12 @@ impl BusInner {
         {
             self.idle.notify_waiters();
         }
+    }
+
+    /// Marks `n` requests as finished (answered, or refused).
+    pub(crate) fn finish_requests(&self, n: usize) {
+        self.requests.fetch_sub(n, Ordering::SeqCst);
+        self.finish(n);
     }
 
     pub(crate) fn record_failure(&self, failure: impl FnOnce() -> Failure) {

@@ -198,6 +198,12 @@ impl<'a> Next<'a> {
     pub(crate) fn note_duplicate(&self) {
         self.track.duplicate.store(true, Ordering::Relaxed);
     }
+
+    /// Notes that the shutdown cut the event's retries short: with a store, the worker leaves
+    /// it in the log for the next start instead of dead-lettering it.
+    pub(crate) fn note_interrupted(&self) {
+        self.track.interrupted.store(true, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Next<'_> {
@@ -276,6 +282,8 @@ pub(crate) struct Track {
     pub(crate) attempts: AtomicU32,
     /// A layer acknowledged the event as a duplicate without handling it.
     pub(crate) duplicate: std::sync::atomic::AtomicBool,
+    /// The shutdown cut the event's retries short (see [`Retry`](crate::Retry)).
+    pub(crate) interrupted: std::sync::atomic::AtomicBool,
 }
 
 fn micros(t: SystemTime) -> u64 {
@@ -300,6 +308,7 @@ impl Track {
         self.last_failure.store(0, Ordering::Relaxed);
         self.attempts.store(0, Ordering::Relaxed);
         self.duplicate.store(false, Ordering::Relaxed);
+        self.interrupted.store(false, Ordering::Relaxed);
     }
 
     pub(crate) fn note_failure(&self) {

@@ -28,10 +28,16 @@ use crate::handler::{HandlerError, HandlerResult};
 ///   [sequenced](crate::DeadLetterPolicy::Sequenced) dead-letter queue, which parks the failed
 ///   key (and only it), and [`Redelivery`](crate::Redelivery), which redrives it after delays.
 /// - **Shutdown**: when the bus begins to shut down while an event waits for its next attempt,
-///   the wait ends and the event goes to the dead-letter queue with its last error (it is
-///   neither lost nor handled twice); while the bus drains, a failed event is not retried after
-///   a delay but dead-lettered at once (immediate retries still happen). The entries stay
-///   readable through [`Bus::dead_letters`](crate::Bus::dead_letters) after shutdown.
+///   the wait ends; while the bus drains, a failed event is not retried after a delay either
+///   (immediate retries still happen). What becomes of such an event:
+///   - without a store, it goes to the dead-letter queue with its last error (it is neither
+///     lost nor handled twice); the entries stay readable through
+///     [`Bus::dead_letters`](crate::Bus::dead_letters) after shutdown;
+///   - with a [store](crate::BusBuilder::store), the log is the buffer: the event is not
+///     dead-lettered, and the group's offset stays before it, so it is read again and handled
+///     after the next start (at-least-once: its attempts start over). The events of its
+///     partition after it are not handled by this group during the drain either (they too
+///     wait in the log). An event redriven from the dead-letter queue stays a dead letter.
 ///
 /// ```
 /// use std::time::Duration;
@@ -158,12 +164,16 @@ impl Retry {
             let delay = self.jittered(tries);
             let ctx = next.context();
             if ctx.is_shutting_down() && !delay.is_zero() {
+                next.note_interrupted();
                 return Err(interrupted(err, tries));
             }
             tracing::debug!(event_id = %env.id(), attempt = first + tries - 1, ?delay, error = %err, "retrying after backoff");
             tokio::select! {
                 biased;
-                () = ctx.shutting_down() => return Err(interrupted(err, tries)),
+                () = ctx.shutting_down() => {
+                    next.note_interrupted();
+                    return Err(interrupted(err, tries));
+                }
                 () = tokio::time::sleep(delay) => {}
             }
             tries += 1;
