@@ -1,10 +1,10 @@
 //! `PostgresStore`: the PostgreSQL store, on sqlx.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures::future::{BoxFuture, FutureExt};
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
 
@@ -159,20 +159,92 @@ impl Sql {
 }
 
 impl PostgresStore {
+    /// How long [`connect`](Self::connect) and [`connect_in_schema`](Self::connect_in_schema)
+    /// try to open a connection before they give up (a server that is down or unreachable):
+    /// 5 s. Choose another bound with [`connect_with`](Self::connect_with).
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// The pool options [`connect`](Self::connect) uses: at most 8 connections, and
+    /// [`DEFAULT_CONNECT_TIMEOUT`](Self::DEFAULT_CONNECT_TIMEOUT) as the acquire timeout.
+    /// Start from them to change one setting with [`connect_with`](Self::connect_with).
+    pub fn pool_options() -> PgPoolOptions {
+        PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Self::DEFAULT_CONNECT_TIMEOUT)
+    }
+
     /// Connects to `url` and migrates the `public` schema.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Backend`] if the URL is invalid, if no connection could be opened within
+    /// [`DEFAULT_CONNECT_TIMEOUT`](Self::DEFAULT_CONNECT_TIMEOUT) (a server that is down), or if
+    /// the migrations fail.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_in_schema(url, "public").await
     }
 
     /// Connects to `url` and keeps the tables in `schema` (created if missing, then migrated).
     /// The name is validated: ASCII letters, digits and `_`.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect); [`StoreError::Config`] for an invalid schema name.
     pub async fn connect_in_schema(url: &str, schema: &str) -> Result<Self, StoreError> {
         validate_identifier(schema)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .connect(url)
+        let options: PgConnectOptions = url.parse().map_err(StoreError::backend)?;
+        Self::connect_with(options, Self::pool_options(), schema).await
+    }
+
+    /// Connects with these connection and pool options and keeps the tables in `schema`
+    /// (created if missing, then migrated).
+    ///
+    /// Opening the first connection takes at most the pool's
+    /// [`acquire_timeout`](PgPoolOptions::acquire_timeout) (sqlx retries a refused connection
+    /// until then, for a server that is starting); the same bound applies later whenever an
+    /// operation waits for a connection of the pool. Start from
+    /// [`pool_options`](Self::pool_options) to keep the other defaults:
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use tidings::PostgresStore;
+    ///
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = PostgresStore::connect_with(
+    ///     "postgres://postgres@127.0.0.1:5432/app".parse()?,
+    ///     PostgresStore::pool_options().acquire_timeout(Duration::from_secs(1)),
+    ///     "public",
+    /// )
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for an invalid schema name; [`StoreError::Backend`] if no
+    /// connection could be opened in time (its message says how long it tried) or the
+    /// migrations fail.
+    pub async fn connect_with(
+        options: PgConnectOptions,
+        pool: PgPoolOptions,
+        schema: &str,
+    ) -> Result<Self, StoreError> {
+        validate_identifier(schema)?;
+        let timeout = pool.get_acquire_timeout();
+        let (host, port) = (options.get_host().to_owned(), options.get_port());
+        let pool = pool
+            .connect_with(options)
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(|error| match error {
+                sqlx::Error::PoolTimedOut => StoreError::backend(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no connection to PostgreSQL at {host}:{port} within {timeout:?} \
+                         (is the server up and reachable?)"
+                    ),
+                )),
+                other => StoreError::backend(other),
+            })?;
         Self::from_pool(pool, schema).await
     }
 
@@ -320,7 +392,12 @@ async fn migrate(conn: &mut PgConnection, schema: &str) -> Result<(), StoreError
         .map_err(StoreError::backend)?;
     let mut migrator = sqlx::migrate!("src/store/migrations/postgres");
     migrator.dangerous_set_table_name("_tidings_migrations");
-    let result = migrator.run(&mut *conn).await.map_err(StoreError::backend);
+    // `run_direct` on the connection, not `run` (generic over `Acquire`): the future of `run`
+    // is `Send` only for some lifetimes, which made `connect` impossible to `tokio::spawn`.
+    let result = migrator
+        .run_direct(None, &mut *conn, false)
+        .await
+        .map_err(StoreError::backend);
     sqlx::query("RESET search_path")
         .execute(&mut *conn)
         .await

@@ -81,7 +81,16 @@ impl SqliteStore {
         Self::open_with(options).await
     }
 
-    /// Opens the database described by a URL such as `sqlite://events.db` or `sqlite::memory:`.
+    /// Opens the database described by a URL such as `sqlite://events.db` (created if missing)
+    /// and migrates it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for an in-memory or temporary database, in any of its forms
+    /// (`sqlite::memory:`, `sqlite://:memory:`, `sqlite:file::memory:?cache=shared`,
+    /// `?mode=memory`, an empty file name): it would not be durable, so use
+    /// [`MemoryStore`](crate::MemoryStore). [`StoreError::Backend`] if the URL is invalid or the
+    /// database cannot be opened or migrated.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(StoreError::backend)?
@@ -92,13 +101,22 @@ impl SqliteStore {
     /// Opens a database with these options (plus WAL, `synchronous = FULL` and a busy timeout)
     /// and migrates it.
     ///
-    /// An in-memory SQLite database is refused (each connection would see its own): use
-    /// [`MemoryStore`](crate::MemoryStore).
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for an in-memory or temporary database, however the options
+    /// describe it (each connection would see its own, and nothing would survive the process):
+    /// use [`MemoryStore`](crate::MemoryStore). [`StoreError::Backend`] if the database cannot
+    /// be opened or migrated.
     pub async fn open_with(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let refused = || {
+            StoreError::Config(
+                "an in-memory or temporary SQLite database is not durable (and each connection \
+                 may see its own); give a file, or use MemoryStore"
+                    .into(),
+            )
+        };
         if options.get_filename() == Path::new(":memory:") {
-            return Err(StoreError::Config(
-                "an in-memory SQLite database is not durable and is private to one connection; use MemoryStore".into(),
-            ));
+            return Err(refused());
         }
         let options = options
             .journal_mode(SqliteJournalMode::Wal)
@@ -109,6 +127,18 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(StoreError::backend)?;
+        // Every other form (`in_memory(true)`, which `mode=memory` and `sqlite::memory:` set, a
+        // `file::memory:` or `file:x?mode=memory` URI as the file name, an empty name): SQLite
+        // itself says whether the main database has a file. Nothing was written to disk.
+        let file: String =
+            sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                .fetch_one(&pool)
+                .await
+                .map_err(StoreError::backend)?;
+        if file.is_empty() {
+            pool.close().await;
+            return Err(refused());
+        }
         Self::from_pool(pool).await
     }
 
