@@ -465,14 +465,6 @@ pub(crate) fn micros(t: SystemTime) -> i64 {
     }
 }
 
-pub(crate) fn from_micros(us: i64) -> SystemTime {
-    if us >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_micros(us as u64)
-    } else {
-        SystemTime::UNIX_EPOCH - Duration::from_micros(us.unsigned_abs())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,6 +488,6 @@ mod tests {
     #[test]
     fn times_round_trip_through_micros() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
-        assert_eq!(from_micros(micros(t)), t);
+        assert_eq!(codec::checked_from_micros(micros(t)), Some(t));
     }
 }

@@ -8,10 +8,10 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRo
 use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
 
-use super::codec::{headers_to_json, row};
+use super::codec::{headers_to_json, placed_dead_letters, position, Columns};
 use super::{
-    by_partition, from_micros, micros, validate_identifier, DeadLetterRecord, GroupOffset, Store,
-    StoreError, StoredEvent,
+    by_partition, micros, validate_identifier, DeadLetterRecord, GroupOffset, Store, StoreError,
+    StoredEvent,
 };
 
 /// A [`Store`] in a PostgreSQL database, in a schema of its own choosing (`public` by default).
@@ -405,21 +405,58 @@ async fn migrate(conn: &mut PgConnection, schema: &str) -> Result<(), StoreError
     result
 }
 
-fn stored(r: &PgRow) -> Result<StoredEvent, StoreError> {
-    let get = |e: sqlx::Error| StoreError::backend(e);
-    row(
-        r.try_get("topic").map_err(get)?,
-        r.try_get::<i32, _>("partition_no").map_err(get)? as i64,
-        r.try_get("log_offset").map_err(get)?,
-        r.try_get("event_id").map_err(get)?,
-        r.try_get("name").map_err(get)?,
-        r.try_get::<i32, _>("version").map_err(get)? as i64,
-        r.try_get("timestamp_us").map_err(get)?,
-        r.try_get("correlation_id").map_err(get)?,
-        r.try_get("causation_id").map_err(get)?,
-        r.try_get::<&str, _>("headers").map_err(get)?,
-        r.try_get("payload").map_err(get)?,
-    )
+/// A row of `tidings_events` (or the event of a `tidings_dead_letters` row) read back, column
+/// by column: a value out of range (a negative version, say) marks the row unreadable (a dead
+/// letter for each group reading it, which goes on) instead of failing the whole read. Only a
+/// row whose place in the log cannot be read is an error ([`StoreError::Corrupt`]).
+fn stored(r: &PgRow) -> Result<(StoredEvent, Columns), StoreError> {
+    let (topic, partition, offset) = position(
+        r.try_get("topic"),
+        r.try_get::<i32, _>("partition_no").map(i64::from),
+        r.try_get("log_offset"),
+    )?;
+    let mut c = Columns::default();
+    let event = StoredEvent {
+        topic,
+        partition,
+        offset,
+        id: c.get("event_id", r.try_get("event_id")),
+        name: c.get("name", r.try_get("name")),
+        version: c.int("version", r.try_get::<i32, _>("version").map(i64::from)),
+        timestamp: c.time("timestamp_us", r.try_get("timestamp_us")),
+        correlation_id: c.get("correlation_id", r.try_get("correlation_id")),
+        causation_id: c.get("causation_id", r.try_get("causation_id")),
+        headers: c.headers(r.try_get::<&str, _>("headers")),
+        payload: c.get("payload", r.try_get("payload")),
+    };
+    Ok((c.finish(event), c))
+}
+
+/// A row of `tidings_dead_letters` read back. Its event is read as by [`stored`]; a bookkeeping
+/// column that cannot be read (attempts out of range, say) gets a placeholder and the entry's
+/// error says so, so that one broken row does not fail the restore of every dead letter.
+fn dead_letter(r: &PgRow) -> Result<DeadLetterRecord, StoreError> {
+    let (event, mut c) = stored(r)?;
+    let mut record = DeadLetterRecord {
+        group: c.get("group_name", r.try_get("group_name")),
+        event,
+        error: c.get("error", r.try_get("error")),
+        permanent: c.get("permanent", r.try_get("permanent")),
+        attempts: c.int("attempts", r.try_get::<i32, _>("attempts").map(i64::from)),
+        first_failure: c.time("first_failure_us", r.try_get("first_failure_us")),
+        last_failure: c.time("last_failure_us", r.try_get("last_failure_us")),
+        handler: c.get("handler", r.try_get("handler")),
+        redeliveries: c.int(
+            "redeliveries",
+            r.try_get::<i32, _>("redeliveries").map(i64::from),
+        ),
+    };
+    if let Some(errors) = c.errors() {
+        record.error.push_str(&format!(
+            " (the stored dead letter cannot be fully read: {errors})"
+        ));
+    }
+    Ok(record)
 }
 
 impl Store for PostgresStore {
@@ -446,7 +483,7 @@ impl Store for PostgresStore {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(StoreError::backend)?;
-            rows.iter().map(stored).collect()
+            rows.iter().map(|r| stored(r).map(|(e, _)| e)).collect()
         }
         .boxed()
     }
@@ -642,22 +679,7 @@ impl Store for PostgresStore {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(StoreError::backend)?;
-            rows.iter()
-                .map(|r| {
-                    let get = |e: sqlx::Error| StoreError::backend(e);
-                    Ok(DeadLetterRecord {
-                        group: r.try_get("group_name").map_err(get)?,
-                        event: stored(r)?,
-                        error: r.try_get("error").map_err(get)?,
-                        permanent: r.try_get("permanent").map_err(get)?,
-                        attempts: r.try_get::<i32, _>("attempts").map_err(get)? as u32,
-                        first_failure: from_micros(r.try_get("first_failure_us").map_err(get)?),
-                        last_failure: from_micros(r.try_get("last_failure_us").map_err(get)?),
-                        handler: r.try_get("handler").map_err(get)?,
-                        redeliveries: r.try_get::<i32, _>("redeliveries").map_err(get)? as u32,
-                    })
-                })
-                .collect()
+            Ok(placed_dead_letters(group, rows.iter().map(dead_letter)))
         }
         .boxed()
     }

@@ -12,11 +12,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
 
-use super::codec::{headers_to_json, row};
-use super::{
-    by_partition, from_micros, micros, DeadLetterRecord, GroupOffset, Store, StoreError,
-    StoredEvent,
-};
+use super::codec::{headers_to_json, placed_dead_letters, position, Columns};
+use super::{by_partition, micros, DeadLetterRecord, GroupOffset, Store, StoreError, StoredEvent};
 
 /// Rows per INSERT statement: 11 parameters each stays well under SQLite's 32 766.
 const ROWS_PER_INSERT: usize = 500;
@@ -254,21 +251,56 @@ impl SqliteStore {
     }
 }
 
-fn stored(r: &SqliteRow) -> Result<StoredEvent, StoreError> {
-    let get = |e: sqlx::Error| StoreError::backend(e);
-    row(
-        r.try_get("topic").map_err(get)?,
-        r.try_get("partition_no").map_err(get)?,
-        r.try_get("log_offset").map_err(get)?,
-        r.try_get("event_id").map_err(get)?,
-        r.try_get("name").map_err(get)?,
-        r.try_get("version").map_err(get)?,
-        r.try_get("timestamp_us").map_err(get)?,
-        r.try_get("correlation_id").map_err(get)?,
-        r.try_get("causation_id").map_err(get)?,
-        r.try_get::<&str, _>("headers").map_err(get)?,
-        r.try_get("payload").map_err(get)?,
-    )
+/// A row of `tidings_events` (or the event of a `tidings_dead_letters` row) read back, column
+/// by column: a column SQLite's loose typing let a wrong value into (an id of the wrong length or
+/// as text, a version as text or out of range, a time as a real) marks the row unreadable (a
+/// dead letter for each group reading it, which goes on) instead of failing the whole read.
+/// Only a row whose place in the log cannot be read is an error ([`StoreError::Corrupt`]).
+fn stored(r: &SqliteRow) -> Result<(StoredEvent, Columns), StoreError> {
+    let (topic, partition, offset) = position(
+        r.try_get("topic"),
+        r.try_get("partition_no"),
+        r.try_get("log_offset"),
+    )?;
+    let mut c = Columns::default();
+    let event = StoredEvent {
+        topic,
+        partition,
+        offset,
+        id: c.get("event_id", r.try_get("event_id")),
+        name: c.get("name", r.try_get("name")),
+        version: c.int("version", r.try_get("version")),
+        timestamp: c.time("timestamp_us", r.try_get("timestamp_us")),
+        correlation_id: c.get("correlation_id", r.try_get("correlation_id")),
+        causation_id: c.get("causation_id", r.try_get("causation_id")),
+        headers: c.headers(r.try_get::<&str, _>("headers")),
+        payload: c.get("payload", r.try_get("payload")),
+    };
+    Ok((c.finish(event), c))
+}
+
+/// A row of `tidings_dead_letters` read back. Its event is read as by [`stored`]; a bookkeeping
+/// column that cannot be read (attempts out of range, say) gets a placeholder and the entry's
+/// error says so, so that one broken row does not fail the restore of every dead letter.
+fn dead_letter(r: &SqliteRow) -> Result<DeadLetterRecord, StoreError> {
+    let (event, mut c) = stored(r)?;
+    let mut record = DeadLetterRecord {
+        group: c.get("group_name", r.try_get("group_name")),
+        event,
+        error: c.get("error", r.try_get("error")),
+        permanent: c.get("permanent", r.try_get("permanent")),
+        attempts: c.int("attempts", r.try_get("attempts")),
+        first_failure: c.time("first_failure_us", r.try_get("first_failure_us")),
+        last_failure: c.time("last_failure_us", r.try_get("last_failure_us")),
+        handler: c.get("handler", r.try_get("handler")),
+        redeliveries: c.int("redeliveries", r.try_get("redeliveries")),
+    };
+    if let Some(errors) = c.errors() {
+        record.error.push_str(&format!(
+            " (the stored dead letter cannot be fully read: {errors})"
+        ));
+    }
+    Ok(record)
 }
 
 impl Store for SqliteStore {
@@ -300,7 +332,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::backend)?;
-            rows.iter().map(stored).collect()
+            rows.iter().map(|r| stored(r).map(|(e, _)| e)).collect()
         }
         .boxed()
     }
@@ -536,22 +568,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::backend)?;
-            rows.iter()
-                .map(|r| {
-                    let get = |e: sqlx::Error| StoreError::backend(e);
-                    Ok(DeadLetterRecord {
-                        group: r.try_get("group_name").map_err(get)?,
-                        event: stored(r)?,
-                        error: r.try_get("error").map_err(get)?,
-                        permanent: r.try_get("permanent").map_err(get)?,
-                        attempts: r.try_get::<i64, _>("attempts").map_err(get)? as u32,
-                        first_failure: from_micros(r.try_get("first_failure_us").map_err(get)?),
-                        last_failure: from_micros(r.try_get("last_failure_us").map_err(get)?),
-                        handler: r.try_get("handler").map_err(get)?,
-                        redeliveries: r.try_get::<i64, _>("redeliveries").map_err(get)? as u32,
-                    })
-                })
-                .collect()
+            Ok(placed_dead_letters(group, rows.iter().map(dead_letter)))
         }
         .boxed()
     }
