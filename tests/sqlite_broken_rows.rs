@@ -1,8 +1,9 @@
-#![cfg(feature = "sqlite")]
 //! SQLite's loose typing lets any value into any column: rows the bus would never write, broken
 //! column by column. Each is a dead letter of every group reading it, with an error naming the
 //! column; the good events around it in the same page are handled; the partition goes on. Only
 //! a row with no readable place in the log is an error, and it says "corrupt", not "down".
+#![cfg(feature = "sqlite")]
+
 mod stores;
 
 use std::time::Duration;
@@ -197,21 +198,17 @@ async fn sqlite_dead_letters_with_a_column_of_the_wrong_type_are_restored() {
     let store = SqliteStore::open(dir.path().join("events.db"))
         .await
         .unwrap();
-    let failing = |store: SqliteStore, log: &Log| {
-        let log = log.clone();
+    let failing = |store: SqliteStore| {
         Bus::builder()
             .store(store)
             .topic(topic())
-            .subscribe_all(
-                "orders",
-                Subscription::new("g").max_deliveries(1),
-                move || Failing(log.clone()),
-            )
+            .subscribe_all("orders", Subscription::new("g").max_deliveries(1), || {
+                Failing
+            })
             .build()
             .unwrap()
     };
-    let log = Log::default();
-    let bus = failing(store.clone(), &log);
+    let bus = failing(store.clone());
     for seq in 0..4 {
         bus.publish(Placed { order: 1, seq }).await.unwrap();
     }
@@ -234,7 +231,7 @@ async fn sqlite_dead_letters_with_a_column_of_the_wrong_type_are_restored() {
         .expect("one broken row does not fail them all");
     assert_eq!(records.len(), 4);
 
-    let bus = failing(store.clone(), &log);
+    let bus = failing(store.clone());
     tokio::time::timeout(Duration::from_secs(10), bus.settled())
         .await
         .expect("settles");
@@ -263,7 +260,7 @@ async fn sqlite_dead_letters_with_a_column_of_the_wrong_type_are_restored() {
 }
 
 /// Fails every event.
-struct Failing(Log);
+struct Failing;
 impl AnyHandler for Failing {
     async fn handle(&mut self, _: &AnyEnvelope, _: &Context) -> Result<(), HandlerError> {
         Err(HandlerError::permanent("down"))

@@ -1,8 +1,10 @@
 //! Opening a store: configurations that would not be durable are refused, and a server that is
 //! down is reported within a bounded time.
 
+#[cfg(feature = "postgres")]
 use std::time::{Duration, Instant};
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 use tidings::StoreError;
 
 /// Every way of naming an in-memory (or temporary) SQLite database is refused with a
@@ -53,6 +55,12 @@ async fn in_memory_sqlite_databases_are_refused_in_every_form() {
     match SqliteStore::open(":memory:").await {
         Err(StoreError::Config(_)) => {}
         other => panic!(":memory: {other:?}"),
+    }
+    // The application's own pool on an in-memory database.
+    let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
+    match SqliteStore::from_pool(pool).await {
+        Err(StoreError::Config(_)) => {}
+        other => panic!("from_pool on memory: {other:?}"),
     }
     // A file is still a file, by path or by URL.
     let path = dir.path().join("events.db");

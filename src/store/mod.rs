@@ -31,8 +31,9 @@
 //! runs the [`Upcaster`]s registered for its (name, version) until it reaches the current
 //! version, then turns the payload back into the Rust type through typetag's registry. A row
 //! that cannot be read back (unknown type, a version without an upcaster, a payload that fails
-//! to deserialize) goes to the reading group's dead-letter queue with the error, and the group
-//! goes on.
+//! to deserialize, a column holding a value of the wrong type or out of range) goes to the
+//! reading group's dead-letter queue with the error, and the group goes on. Only a row whose
+//! place in the log (topic, partition, offset) cannot be read is [`StoreError::Corrupt`].
 
 use std::fmt;
 use std::sync::Arc;

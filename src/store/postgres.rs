@@ -250,6 +250,11 @@ impl PostgresStore {
 
     /// A store on the application's own pool, with its tables in `schema` (created if missing,
     /// then migrated).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for an invalid schema name; [`StoreError::Backend`] if no
+    /// connection can be had from the pool or the migrations fail.
     pub async fn from_pool(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
         validate_identifier(schema)?;
         let mut conn = pool.acquire().await.map_err(StoreError::backend)?;

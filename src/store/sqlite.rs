@@ -71,6 +71,11 @@ impl std::fmt::Debug for SqliteStore {
 
 impl SqliteStore {
     /// Opens (or creates) the database file at `path` and migrates it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for `":memory:"` (see [`open_with`](Self::open_with));
+    /// [`StoreError::Backend`] if the file cannot be opened or migrated.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -105,15 +110,8 @@ impl SqliteStore {
     /// use [`MemoryStore`](crate::MemoryStore). [`StoreError::Backend`] if the database cannot
     /// be opened or migrated.
     pub async fn open_with(options: SqliteConnectOptions) -> Result<Self, StoreError> {
-        let refused = || {
-            StoreError::Config(
-                "an in-memory or temporary SQLite database is not durable (and each connection \
-                 may see its own); give a file, or use MemoryStore"
-                    .into(),
-            )
-        };
         if options.get_filename() == Path::new(":memory:") {
-            return Err(refused());
+            return Err(in_memory_refused());
         }
         let options = options
             .journal_mode(SqliteJournalMode::Wal)
@@ -124,25 +122,29 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(StoreError::backend)?;
-        // Every other form (`in_memory(true)`, which `mode=memory` and `sqlite::memory:` set, a
-        // `file::memory:` or `file:x?mode=memory` URI as the file name, an empty name): SQLite
-        // itself says whether the main database has a file. Nothing was written to disk.
-        let file: String =
-            sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
-                .fetch_one(&pool)
-                .await
-                .map_err(StoreError::backend)?;
-        if file.is_empty() {
-            pool.close().await;
-            return Err(refused());
-        }
         Self::from_pool(pool).await
     }
 
     /// A store on the application's own pool; runs the migrations. Its tables are named
     /// `tidings_*`; the migrations are tracked in `_tidings_migrations`, apart from the
     /// application's own.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for a pool on an in-memory or temporary database (as
+    /// [`open_with`](Self::open_with)); [`StoreError::Backend`] if the migrations fail.
     pub async fn from_pool(pool: SqlitePool) -> Result<Self, StoreError> {
+        // Whatever the form (`in_memory(true)`, which `mode=memory` and `sqlite::memory:` set, a
+        // `file::memory:` or `file:x?mode=memory` URI as the file name, an empty name), SQLite
+        // itself says whether the main database has a file.
+        let file: String =
+            sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                .fetch_one(&pool)
+                .await
+                .map_err(StoreError::backend)?;
+        if file.is_empty() {
+            return Err(in_memory_refused());
+        }
         let mut migrator = sqlx::migrate!("src/store/migrations/sqlite");
         migrator.dangerous_set_table_name("_tidings_migrations");
         migrator.run(&pool).await.map_err(StoreError::backend)?;
@@ -249,6 +251,15 @@ impl SqliteStore {
             .map_err(StoreError::backend)?;
         Ok(())
     }
+}
+
+/// Why an in-memory database is refused.
+fn in_memory_refused() -> StoreError {
+    StoreError::Config(
+        "an in-memory or temporary SQLite database is not durable (and each connection may see \
+         its own); give a file, or use MemoryStore"
+            .into(),
+    )
 }
 
 /// A row of `tidings_events` (or the event of a `tidings_dead_letters` row) read back, column
