@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use stores::{publish_orders, record, record_with, Backend, Cancelled, Log, Placed};
 use tidings::prelude::*;
-use tidings::{PublishError, StartFrom, Store, Undecodable, Upcaster, Uuid};
+use tidings::{PublishError, StartFrom, Store, StoreError, Undecodable, Upcaster, Uuid};
 
 /// Runs a test body `TIDINGS_STRESS` times (default once), in parallel, each on a fresh backend.
 macro_rules! conformance {
@@ -103,6 +103,7 @@ macro_rules! sql_conformance {
 sql_conformance!(
     rows_with_out_of_range_integers_are_dead_letters_and_the_page_goes_on,
     dead_letters_with_broken_columns_are_restored_with_the_others,
+    offsets_out_of_range_are_reported_as_corrupt_not_wrapped,
 );
 
 async fn stress<F, Fut>(test: F)
@@ -1052,4 +1053,46 @@ async fn dead_letters_with_broken_columns_are_restored_with_the_others(b: Backen
     settle(&bus).await;
     assert_eq!(log.of("g"), vec![(0, 0), (0, 5), (0, 6), (0, 1), (0, 4)]);
     bus.shutdown().await;
+}
+
+async fn offsets_out_of_range_are_reported_as_corrupt_not_wrapped(b: Backend) {
+    // A negative head or committed offset was read as a huge one: a group would have passed
+    // every event, an append would have written at a wrapped offset.
+    let store = b.open().await;
+    let mut rows = vec![stores::placed_row(0, 1, 0)];
+    store.append(&mut rows).await.unwrap();
+    store
+        .commit(&[tidings::GroupOffset {
+            group: "g".into(),
+            topic: "orders".into(),
+            partition: 0,
+            next_offset: 1,
+        }])
+        .await
+        .unwrap();
+    drop(store);
+    b.execute("UPDATE {t}tidings_heads SET next_offset = -5")
+        .await;
+    b.execute("UPDATE {t}tidings_offsets SET next_offset = -1")
+        .await;
+    let store = b.open().await;
+    let corrupt = |r: Result<String, StoreError>, what: &str| match r {
+        Err(StoreError::Corrupt(m)) => assert!(m.contains("out of range"), "{what}: {m}"),
+        other => panic!("{what}: {other:?}"),
+    };
+    corrupt(store.head("orders", 0).await.map(|h| h.to_string()), "head");
+    corrupt(
+        store
+            .committed("g", "orders", 0)
+            .await
+            .map(|c| format!("{c:?}")),
+        "committed",
+    );
+    corrupt(
+        store
+            .offset_at("orders", 0, SystemTime::now() + Duration::from_secs(60))
+            .await
+            .map(|o| o.to_string()),
+        "offset_at past the last event (the head)",
+    );
 }

@@ -373,6 +373,28 @@ pub(crate) fn position(
     Ok((topic, partition, offset))
 }
 
+/// A number that gives a place in the log (a head, a committed offset, a partition count), as a
+/// query read it: a value that does not decode or does not fit in `T` (a negative offset, say)
+/// is [`StoreError::Corrupt`](super::StoreError::Corrupt) data, naming `what`; any other error is
+/// the store's ([`StoreError::Backend`](super::StoreError::Backend)).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) fn place<T: TryFrom<i64>>(
+    value: Result<Option<i64>, sqlx::Error>,
+    what: impl FnOnce() -> String,
+) -> Result<Option<T>, super::StoreError> {
+    let corrupt = |why: String| super::StoreError::Corrupt(format!("{}: {why}", what()));
+    match value {
+        Ok(None) => Ok(None),
+        Ok(Some(v)) => T::try_from(v)
+            .map(Some)
+            .map_err(|_| corrupt(format!("{v} is out of range"))),
+        Err(e @ (sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_))) => {
+            Err(corrupt(cause(&e)))
+        }
+        Err(e) => Err(super::StoreError::backend(e)),
+    }
+}
+
 /// Why a column could not be read (sqlx's own message without its "error occurred while
 /// decoding column" preamble: the column is named already).
 #[cfg(any(feature = "sqlite", feature = "postgres"))]

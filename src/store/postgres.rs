@@ -8,7 +8,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRo
 use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
 
-use super::codec::{headers_to_json, placed_dead_letters, position, Columns};
+use super::codec::{headers_to_json, place, placed_dead_letters, position, Columns};
 use super::{
     by_partition, micros, validate_identifier, DeadLetterRecord, GroupOffset, Store, StoreError,
     StoredEvent,
@@ -499,25 +499,28 @@ impl Store for PostgresStore {
         partition: u32,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         async move {
-            let head: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.head.clone()))
+            let head = sqlx::query_scalar(AssertSqlSafe(self.sql.head.clone()))
                 .bind(topic)
                 .bind(partition as i32)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
-            Ok(head.unwrap_or(0) as u64)
+                .await;
+            Ok(place(head, || {
+                format!("the head of {topic:?} partition {partition}")
+            })?
+            .unwrap_or(0))
         }
         .boxed()
     }
 
     fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
         async move {
-            let n: Option<i32> = sqlx::query_scalar(AssertSqlSafe(self.sql.partitions.clone()))
-                .bind(topic)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
-            Ok(n.unwrap_or(0) as u32)
+            let n =
+                sqlx::query_scalar::<_, Option<i32>>(AssertSqlSafe(self.sql.partitions.clone()))
+                    .bind(topic)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map(|n| n.map(i64::from));
+            Ok(place(n, || format!("the partitions of {topic:?}"))?.unwrap_or(0))
         }
         .boxed()
     }
@@ -529,15 +532,16 @@ impl Store for PostgresStore {
         at: SystemTime,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         async move {
-            let first: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.offset_at.clone()))
+            let first = sqlx::query_scalar(AssertSqlSafe(self.sql.offset_at.clone()))
                 .bind(topic)
                 .bind(partition as i32)
                 .bind(micros(at))
                 .fetch_one(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
-            match first {
-                Some(offset) => Ok(offset as u64),
+                .await;
+            match place(first, || {
+                format!("an offset of {topic:?} partition {partition}")
+            })? {
+                Some(offset) => Ok(offset),
                 None => self.head(topic, partition).await,
             }
         }
@@ -551,14 +555,15 @@ impl Store for PostgresStore {
         partition: u32,
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         async move {
-            let offset: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.committed.clone()))
+            let offset = sqlx::query_scalar(AssertSqlSafe(self.sql.committed.clone()))
                 .bind(group)
                 .bind(topic)
                 .bind(partition as i32)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
-            Ok(offset.map(|o| o as u64))
+                .await;
+            place(offset, || {
+                format!("the offset of group {group:?} in {topic:?} partition {partition}")
+            })
         }
         .boxed()
     }

@@ -12,7 +12,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
 
-use super::codec::{headers_to_json, placed_dead_letters, position, Columns};
+use super::codec::{headers_to_json, place, placed_dead_letters, position, Columns};
 use super::{by_partition, micros, DeadLetterRecord, GroupOffset, Store, StoreError, StoredEvent};
 
 /// Rows per INSERT statement: 11 parameters each stays well under SQLite's 32 766.
@@ -195,15 +195,17 @@ impl SqliteStore {
             let (topic, partition) = (&events[run[0]].topic, events[run[0]].partition);
             // Read inside the write transaction: another writer (process, store handle, the
             // application) may have appended since.
-            let head: Option<i64> = sqlx::query_scalar(
+            let head = sqlx::query_scalar(
                 "SELECT next_offset FROM tidings_heads WHERE topic = ? AND partition_no = ?",
             )
             .bind(topic)
             .bind(partition as i64)
             .fetch_optional(&mut *conn)
-            .await
-            .map_err(StoreError::backend)?;
-            let head = head.unwrap_or(0) as u64;
+            .await;
+            let head: u64 = place(head, || {
+                format!("the head of {topic:?} partition {partition}")
+            })?
+            .unwrap_or(0);
             heads.push((topic.clone(), partition, head + run.len() as u64));
             for (offset, &i) in (head..).zip(run.iter()) {
                 events[i].offset = offset;
@@ -354,29 +356,30 @@ impl Store for SqliteStore {
         partition: u32,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         async move {
-            let head: Option<i64> = sqlx::query_scalar(
+            let head = sqlx::query_scalar(
                 "SELECT next_offset FROM tidings_heads WHERE topic = ? AND partition_no = ?",
             )
             .bind(topic)
             .bind(partition as i64)
             .fetch_optional(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-            Ok(head.unwrap_or(0) as u64)
+            .await;
+            Ok(place(head, || {
+                format!("the head of {topic:?} partition {partition}")
+            })?
+            .unwrap_or(0))
         }
         .boxed()
     }
 
     fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
         async move {
-            let n: Option<i64> = sqlx::query_scalar(
+            let n = sqlx::query_scalar(
                 "SELECT MAX(partition_no) + 1 FROM tidings_heads WHERE topic = ?",
             )
             .bind(topic)
             .fetch_one(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-            Ok(n.unwrap_or(0) as u32)
+            .await;
+            Ok(place(n, || format!("the partitions of {topic:?}"))?.unwrap_or(0))
         }
         .boxed()
     }
@@ -388,7 +391,7 @@ impl Store for SqliteStore {
         at: SystemTime,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         async move {
-            let first: Option<i64> = sqlx::query_scalar(
+            let first = sqlx::query_scalar(
                 "SELECT MIN(log_offset) FROM tidings_events \
                  WHERE topic = ? AND partition_no = ? AND timestamp_us >= ?",
             )
@@ -396,10 +399,11 @@ impl Store for SqliteStore {
             .bind(partition as i64)
             .bind(micros(at))
             .fetch_one(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-            match first {
-                Some(offset) => Ok(offset as u64),
+            .await;
+            match place(first, || {
+                format!("an offset of {topic:?} partition {partition}")
+            })? {
+                Some(offset) => Ok(offset),
                 None => self.head(topic, partition).await,
             }
         }
@@ -413,7 +417,7 @@ impl Store for SqliteStore {
         partition: u32,
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         async move {
-            let offset: Option<i64> = sqlx::query_scalar(
+            let offset = sqlx::query_scalar(
                 "SELECT next_offset FROM tidings_offsets \
                  WHERE group_name = ? AND topic = ? AND partition_no = ?",
             )
@@ -421,9 +425,10 @@ impl Store for SqliteStore {
             .bind(topic)
             .bind(partition as i64)
             .fetch_optional(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-            Ok(offset.map(|o| o as u64))
+            .await;
+            place(offset, || {
+                format!("the offset of group {group:?} in {topic:?} partition {partition}")
+            })
         }
         .boxed()
     }
