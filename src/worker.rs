@@ -759,6 +759,12 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                                 advance(stats, env.offset());
                             }
                         }
+                        Err(error @ crate::store::StoreError::Corrupt(_)) => {
+                            // Not an outage: a row without a place in the log (a broken row
+                            // with a readable place is a dead letter instead).
+                            tracing::error!(topic = %topic.name, group = %group, partition, %error, "tidings: the log holds data the store cannot place; the partition waits until it is repaired, retrying");
+                            backoff.wait(&bus.inner.cancel).await;
+                        }
                         Err(error) => {
                             tracing::error!(topic = %topic.name, group = %group, partition, %error, "tidings: reading the log failed; retrying");
                             backoff.wait(&bus.inner.cancel).await;

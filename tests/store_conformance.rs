@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use stores::{publish_orders, record, record_with, Backend, Cancelled, Log, Placed};
 use tidings::prelude::*;
-use tidings::{BuildError, PublishError, StartFrom, Store, Undecodable, Upcaster, Uuid};
+use tidings::{
+    BuildError, PublishError, StartFrom, Store, StoreError, Undecodable, Upcaster, Uuid,
+};
 
 /// Runs a test body `TIDINGS_STRESS` times (default once), in parallel, each on a fresh backend.
 macro_rules! conformance {
@@ -73,6 +75,41 @@ conformance!(
     a_topic_with_fewer_partitions_than_its_log_is_a_build_error,
     dead_letters_are_complete_once_the_bus_is_ready,
     payloads_that_do_not_read_back_are_refused_at_publish,
+);
+
+/// Rows broken by hand in the database (values SQL lets in and the bus never writes): on the
+/// backends that have columns to break. The memory store holds typed values; it has none.
+macro_rules! sql_conformance {
+    ($($name:ident),* $(,)?) => {
+        #[cfg(feature = "sqlite")]
+        mod sqlite_rows {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::stress(|_| async { super::$name(super::Backend::sqlite()).await }).await;
+                }
+            )*
+        }
+        #[cfg(feature = "postgres")]
+        mod postgres_rows {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::stress(|i| async move {
+                        let b = super::Backend::postgres(&format!("{}_{}", stringify!($name), i)).await;
+                        super::$name(b).await
+                    })
+                    .await;
+                }
+            )*
+        }
+    };
+}
+
+sql_conformance!(
+    rows_with_out_of_range_integers_are_dead_letters_and_the_page_goes_on,
+    dead_letters_with_broken_columns_are_restored_with_the_others,
+    offsets_out_of_range_are_reported_as_corrupt_not_wrapped,
 );
 
 async fn stress<F, Fut>(test: F)
@@ -1151,4 +1188,187 @@ async fn payloads_that_do_not_read_back_are_refused_at_publish(b: Backend) {
     assert_eq!(*replayed.0.lock(), [1.5, -0.25]);
     assert!(bus.dead_letters("replay").unwrap().is_empty());
     bus.shutdown().await;
+}
+
+/// Settles, or fails the test if the bus does not get there (a partition stalled on a row).
+async fn settle(bus: &Bus) {
+    tokio::time::timeout(Duration::from_secs(10), bus.settled())
+        .await
+        .expect("the bus settles: no partition is stalled");
+}
+
+async fn rows_with_out_of_range_integers_are_dead_letters_and_the_page_goes_on(b: Backend) {
+    let store = b.open().await;
+    let mut rows: Vec<_> = (0..6).map(|seq| stores::placed_row(0, 1, seq)).collect();
+    store.append(&mut rows).await.unwrap();
+    drop(store);
+    // Versions no u32 holds (they were truncated and read as another version).
+    b.execute("UPDATE {t}tidings_events SET version = -1 WHERE log_offset = 1")
+        .await;
+    b.execute("UPDATE {t}tidings_events SET version = -2147483648 WHERE log_offset = 4")
+        .await;
+
+    let log = Log::default();
+    let l = log.clone();
+    let builder = b.builder().await.topic(topic(1));
+    let builder = record_with(
+        builder,
+        Subscription::new("typed").start_from(StartFrom::Earliest),
+        &log,
+    );
+    let bus = builder
+        .subscribe_all(
+            "orders",
+            Subscription::new("all").start_from(StartFrom::Earliest),
+            move || All(l.clone()),
+        )
+        .build()
+        .unwrap();
+    settle(&bus).await;
+    // The good events of the same page, before and after the broken rows, are handled.
+    let good = vec![(1, 0), (1, 2), (1, 3), (1, 5)];
+    assert_eq!(log.of("typed"), good);
+    assert_eq!(log.of("all"), good);
+    for group in ["typed", "all"] {
+        let entries = bus.dead_letters(group).unwrap().list();
+        let offsets: Vec<u64> = entries.iter().map(|e| e.envelope.offset()).collect();
+        assert_eq!(offsets, vec![1, 4], "{group}: {entries:?}");
+        for (entry, (seq, value)) in entries.iter().zip([(1, "-1"), (4, "-2147483648")]) {
+            let raw = entry.envelope.downcast_ref::<Undecodable>().unwrap();
+            assert_eq!(raw.name, "Placed");
+            assert_eq!(raw.payload, format!(r#"{{"order":1,"seq":{seq}}}"#));
+            assert!(
+                entry.error.contains("version")
+                    && entry.error.contains(&format!("{value} is out of range")),
+                "{group}: {}",
+                entry.error
+            );
+        }
+    }
+    let g = &bus.stats().topics[0].groups;
+    assert!(g.iter().all(|g| g.lag == 0), "{g:?}");
+    bus.shutdown().await;
+}
+
+/// Fails seq 1 to 4 while the flag is up.
+struct FailFourWhile(Arc<std::sync::atomic::AtomicBool>, Log);
+impl Handler<Placed> for FailFourWhile {
+    async fn handle(&mut self, e: &Envelope<Placed>, _: &Context) -> Result<(), HandlerError> {
+        let seq = e.event().seq;
+        if self.0.load(Ordering::SeqCst) && (1..=4).contains(&seq) {
+            return Err(HandlerError::permanent("down"));
+        }
+        self.1 .0.lock().push(("g".into(), e.event().order, seq));
+        Ok(())
+    }
+}
+
+async fn dead_letters_with_broken_columns_are_restored_with_the_others(b: Backend) {
+    let log = Log::default();
+    let build = |builder: tidings::BusBuilder, failing: bool| {
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(failing));
+        let log = log.clone();
+        builder
+            .topic(topic(1))
+            .subscribe::<Placed, _>(Subscription::new("g").max_deliveries(1), move || {
+                FailFourWhile(flag.clone(), log.clone())
+            })
+            .build()
+            .unwrap()
+    };
+    let bus = build(b.builder().await, true);
+    publish_orders(&bus, 1, 6).await;
+    settle(&bus).await;
+    assert_eq!(bus.dead_letters("g").unwrap().len(), 4);
+    bus.shutdown().await;
+    // A count out of range, an event's version out of range, and a dead letter that has no
+    // place in the log any more.
+    b.execute("UPDATE {t}tidings_dead_letters SET attempts = -1 WHERE log_offset = 1")
+        .await;
+    b.execute("UPDATE {t}tidings_dead_letters SET version = -1 WHERE log_offset = 2")
+        .await;
+    b.execute("UPDATE {t}tidings_dead_letters SET partition_no = -1 WHERE log_offset = 3")
+        .await;
+
+    let bus = build(b.builder().await, false);
+    bus.publish(Placed { order: 0, seq: 6 }).await.unwrap();
+    settle(&bus).await;
+    // The group started and goes on.
+    assert_eq!(log.of("g"), vec![(0, 0), (0, 5), (0, 6)]);
+    let dlq = bus.dead_letters("g").unwrap();
+    let entries = dlq.list();
+    let offsets: Vec<u64> = entries.iter().map(|e| e.envelope.offset()).collect();
+    // The one that cannot be placed stays in the store (logged), the others are back.
+    assert_eq!(offsets, vec![1, 2, 4], "{entries:?}");
+    // Its event is intact: the error says what could not be read, and it can be redriven.
+    assert!(
+        entries[0].error.contains("down")
+            && entries[0].error.contains("attempts")
+            && entries[0].error.contains("-1 is out of range"),
+        "{}",
+        entries[0].error
+    );
+    assert_eq!(entries[0].envelope.downcast_ref::<Placed>().unwrap().seq, 1);
+    // Its event cannot be read back: an `Undecodable`, with why.
+    let raw = entries[1].envelope.downcast_ref::<Undecodable>().unwrap();
+    assert_eq!(raw.name, "Placed");
+    assert!(
+        entries[1].error.contains("version") && entries[1].error.contains("-1 is out of range"),
+        "{}",
+        entries[1].error
+    );
+    assert!(dlq.redrive(entries[1].seq).await.is_err());
+    // Untouched.
+    assert_eq!(entries[2].envelope.downcast_ref::<Placed>().unwrap().seq, 4);
+    assert_eq!(
+        (entries[2].attempts, entries[2].error.as_str()),
+        (1, "down")
+    );
+    dlq.redrive(entries[0].seq).await.unwrap();
+    dlq.redrive(entries[2].seq).await.unwrap();
+    settle(&bus).await;
+    assert_eq!(log.of("g"), vec![(0, 0), (0, 5), (0, 6), (0, 1), (0, 4)]);
+    bus.shutdown().await;
+}
+
+async fn offsets_out_of_range_are_reported_as_corrupt_not_wrapped(b: Backend) {
+    // A negative head or committed offset was read as a huge one: a group would have passed
+    // every event, an append would have written at a wrapped offset.
+    let store = b.open().await;
+    let mut rows = vec![stores::placed_row(0, 1, 0)];
+    store.append(&mut rows).await.unwrap();
+    store
+        .commit(&[tidings::GroupOffset {
+            group: "g".into(),
+            topic: "orders".into(),
+            partition: 0,
+            next_offset: 1,
+        }])
+        .await
+        .unwrap();
+    drop(store);
+    b.execute("UPDATE {t}tidings_heads SET next_offset = -5")
+        .await;
+    b.execute("UPDATE {t}tidings_offsets SET next_offset = -1")
+        .await;
+    let store = b.open().await;
+    let corrupt = |r: Result<String, StoreError>, what: &str| match r {
+        Err(StoreError::Corrupt(m)) => assert!(m.contains("out of range"), "{what}: {m}"),
+        other => panic!("{what}: {other:?}"),
+    };
+    corrupt(store.head("orders", 0).await.map(|h| h.to_string()), "head");
+    corrupt(
+        store
+            .committed("g", "orders", 0)
+            .await
+            .map(|c| format!("{c:?}")),
+        "committed",
+    );
+    corrupt(
+        store
+            .offset_at("orders", 0, SystemTime::now() + Duration::from_secs(60))
+            .await
+            .map(|o| o.to_string()),
+        "offset_at past the last event (the head)",
+    );
 }

@@ -728,7 +728,9 @@ impl Feed {
             }
         }
         let row = self.rows.pop_front().expect("not empty");
-        if !accepts(&row.name) {
+        // A row whose type name could not be read (left empty) may be this subscription's:
+        // every group reading the partition dead-letters it.
+        if !row.name.is_empty() && !accepts(&row.name) {
             return Ok(Some(Caught::Skip(row.offset)));
         }
         Ok(Some(match decoder.decode(&row) {

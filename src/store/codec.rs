@@ -8,7 +8,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{from_micros, StoredEvent};
+use std::time::{Duration, SystemTime};
+
+use super::StoredEvent;
 use crate::envelope::{AnyEnvelope, Headers, Metadata};
 use crate::event::{DynEvent, Event};
 
@@ -50,6 +52,7 @@ pub(crate) fn headers_to_json(headers: &Headers) -> String {
     serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned())
 }
 
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn headers_from_json(json: &str) -> Result<Headers, String> {
     let pairs: Vec<(String, String)> =
         serde_json::from_str(json).map_err(|e| format!("headers: {e}"))?;
@@ -257,6 +260,9 @@ impl Decoder {
     }
 
     fn decode_event(&self, row: &StoredEvent) -> Result<Box<dyn DynEvent>, String> {
+        if let Some(errors) = row.headers.get(UNREADABLE_ROW) {
+            return Err(format!("the stored row cannot be read: {errors}"));
+        }
         if let Some(raw) = row.headers.get(UNREADABLE_HEADERS) {
             return Err(format!("the stored headers are not valid JSON: {raw:?}"));
         }
@@ -361,37 +367,184 @@ pub(crate) fn stored_event_of(env: &AnyEnvelope) -> Result<StoredEvent, String> 
 /// The header a row gets when its stored headers are not valid JSON (with them as its value).
 pub(crate) const UNREADABLE_HEADERS: &str = "tidings.unreadable-headers";
 
-/// Converts a row's stored fields (as the SQL backends read them) into a [`StoredEvent`].
+/// The header a row gets when some of its columns cannot be read (a value of the wrong type or
+/// out of range, which SQLite's loose typing lets in), with why as its value: like
+/// [`UNREADABLE_HEADERS`], the decoder refuses it, so each group reading it dead-letters it as
+/// an [`Undecodable`] and goes on.
+pub(crate) const UNREADABLE_ROW: &str = "tidings.unreadable-row";
+
+/// The place of a row in the log, read from its columns: without it the row cannot even be
+/// dead-lettered (or skipped), so a value that cannot be read is corruption.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) fn position(
+    topic: Result<String, sqlx::Error>,
+    partition: Result<i64, sqlx::Error>,
+    offset: Result<i64, sqlx::Error>,
+) -> Result<(String, u32, u64), super::StoreError> {
+    let corrupt = |what: String| super::StoreError::Corrupt(what);
+    let topic =
+        topic.map_err(|e| corrupt(format!("a row's topic cannot be read: {}", cause(&e))))?;
+    let partition = partition
+        .map_err(|e| cause(&e))
+        .and_then(|p| u32::try_from(p).map_err(|_| format!("{p} is not a partition number")))
+        .map_err(|e| {
+            corrupt(format!(
+                "a row of {topic:?} has an unreadable partition: {e}"
+            ))
+        })?;
+    let offset = offset
+        .map_err(|e| cause(&e))
+        .and_then(|o| u64::try_from(o).map_err(|_| format!("{o} is not an offset")))
+        .map_err(|e| {
+            corrupt(format!(
+                "a row of {topic:?} partition {partition} has an unreadable offset: {e}"
+            ))
+        })?;
+    Ok((topic, partition, offset))
+}
+
+/// A number that gives a place in the log (a head, a committed offset, a partition count), as a
+/// query read it: a value that does not decode or does not fit in `T` (a negative offset, say)
+/// is [`StoreError::Corrupt`](super::StoreError::Corrupt) data, naming `what`; any other error is
+/// the store's ([`StoreError::Backend`](super::StoreError::Backend)).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) fn place<T: TryFrom<i64>>(
+    value: Result<Option<i64>, sqlx::Error>,
+    what: impl FnOnce() -> String,
+) -> Result<Option<T>, super::StoreError> {
+    let corrupt = |why: String| super::StoreError::Corrupt(format!("{}: {why}", what()));
+    match value {
+        Ok(None) => Ok(None),
+        Ok(Some(v)) => T::try_from(v)
+            .map(Some)
+            .map_err(|_| corrupt(format!("{v} is out of range"))),
+        Err(e @ (sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_))) => {
+            Err(corrupt(cause(&e)))
+        }
+        Err(e) => Err(super::StoreError::backend(e)),
+    }
+}
+
+/// Why a column could not be read (sqlx's own message without its "error occurred while
+/// decoding column" preamble: the column is named already).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+fn cause(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::ColumnDecode { source, .. } => source.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Reads the other columns of a row one by one: a column that cannot be read (or holds an
+/// integer out of its range) is remembered and a placeholder takes its place, so that one broken
+/// row becomes a dead letter instead of failing the whole read.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[derive(Default)]
+pub(crate) struct Columns {
+    errors: Vec<String>,
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+impl Columns {
+    /// The column's value, or its type's default if it cannot be read.
+    pub(crate) fn get<T: Default>(&mut self, column: &str, value: Result<T, sqlx::Error>) -> T {
+        value.unwrap_or_else(|e| {
+            self.errors.push(format!("column {column}: {}", cause(&e)));
+            T::default()
+        })
+    }
+
+    /// An integer column whose values must fit in `T` (a version, a count): 0 in its place if
+    /// it does not.
+    pub(crate) fn int<T>(&mut self, column: &str, value: Result<i64, sqlx::Error>) -> T
+    where
+        T: TryFrom<i64> + Default,
+    {
+        let value = self.get(column, value.map(Some)).map(|v| {
+            T::try_from(v).map_err(|_| {
+                format!(
+                    "column {column}: {v} is out of range for {}",
+                    std::any::type_name::<T>()
+                )
+            })
+        });
+        match value {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => {
+                self.errors.push(e);
+                T::default()
+            }
+            None => T::default(),
+        }
+    }
+
+    /// A time column in microseconds since the Unix epoch (the epoch in its place if it cannot
+    /// be read or is out of range).
+    pub(crate) fn time(&mut self, column: &str, value: Result<i64, sqlx::Error>) -> SystemTime {
+        match self.get(column, value.map(Some)) {
+            Some(us) => checked_from_micros(us).unwrap_or_else(|| {
+                self.errors.push(format!(
+                    "column {column}: {us} µs is out of range for a time"
+                ));
+                SystemTime::UNIX_EPOCH
+            }),
+            None => SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    /// The headers column, stored as JSON. Headers that are text but not JSON are kept under
+    /// [`UNREADABLE_HEADERS`].
+    pub(crate) fn headers(&mut self, value: Result<&str, sqlx::Error>) -> Headers {
+        match value {
+            Ok(json) => headers_from_json(json)
+                .unwrap_or_else(|_| Headers::new().with(UNREADABLE_HEADERS, json)),
+            Err(e) => {
+                self.errors.push(format!("column headers: {}", cause(&e)));
+                Headers::new()
+            }
+        }
+    }
+
+    /// What could not be read, if anything.
+    pub(crate) fn errors(&self) -> Option<String> {
+        (!self.errors.is_empty()).then(|| self.errors.join("; "))
+    }
+
+    /// The row, marked [`UNREADABLE_ROW`] if a column could not be read.
+    pub(crate) fn finish(&self, mut event: StoredEvent) -> StoredEvent {
+        if let Some(errors) = self.errors() {
+            event.headers.insert(UNREADABLE_ROW, errors);
+        }
+        event
+    }
+}
+
+/// The dead letters of `group` whose place in the log could be read. One that cannot be placed
+/// is left in the store, with an error logged: it must not keep every other dead letter of the
+/// group from being restored (and the group from starting).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) fn placed_dead_letters(
+    group: &str,
+    records: impl Iterator<Item = Result<super::DeadLetterRecord, super::StoreError>>,
+) -> Vec<super::DeadLetterRecord> {
+    records
+        .filter_map(|record| {
+            record
+                .map_err(|error| {
+                    tracing::error!(group, %error, "tidings: a dead letter in the store cannot be placed in its topic's log; it is left in the store and not restored");
+                })
+                .ok()
+        })
+        .collect()
+}
+
+/// `us` microseconds from the Unix epoch, if a [`SystemTime`] can hold it.
 #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn row(
-    topic: String,
-    partition: i64,
-    offset: i64,
-    id: uuid::Uuid,
-    name: String,
-    version: i64,
-    timestamp_us: i64,
-    correlation_id: uuid::Uuid,
-    causation_id: Option<uuid::Uuid>,
-    headers: &str,
-    payload: Vec<u8>,
-) -> Result<StoredEvent, super::StoreError> {
-    // A row whose headers cannot be read is still a row: it goes to the dead-letter queue (the
-    // decoder refuses it), the group goes on.
-    let headers = headers_from_json(headers)
-        .unwrap_or_else(|_| Headers::new().with(UNREADABLE_HEADERS, headers));
-    Ok(StoredEvent {
-        topic,
-        partition: partition as u32,
-        offset: offset as u64,
-        id,
-        name,
-        version: version as u32,
-        timestamp: from_micros(timestamp_us),
-        correlation_id,
-        causation_id,
-        headers,
-        payload,
-    })
+pub(crate) fn checked_from_micros(us: i64) -> Option<SystemTime> {
+    let d = Duration::from_micros(us.unsigned_abs());
+    if us >= 0 {
+        SystemTime::UNIX_EPOCH.checked_add(d)
+    } else {
+        SystemTime::UNIX_EPOCH.checked_sub(d)
+    }
 }

@@ -31,9 +31,11 @@
 //! runs the [`Upcaster`]s registered for its (name, version) until it reaches the current
 //! version, then turns the payload back into the Rust type through typetag's registry. A row
 //! that cannot be read back (unknown type, a version without an upcaster, a payload that fails
-//! to deserialize, a registered type of another topic) goes to the reading group's dead-letter
-//! queue with the error, and the group goes on. A typed group (`subscribe::<E, _>`) reads only
-//! the rows named `E::NAME` and passes the others by, known or not; a
+//! to deserialize, a registered type of another topic, a column holding a value of the wrong
+//! type or out of range) goes to the reading group's dead-letter queue with the error, and the
+//! group goes on. Only a row whose place in the log (topic, partition, offset) cannot be read is
+//! [`StoreError::Corrupt`]. A typed group (`subscribe::<E, _>`) reads only the rows named
+//! `E::NAME` and passes the others by, known or not; a
 //! [`subscribe_all`](crate::BusBuilder::subscribe_all) group reads every row of its topic.
 
 use std::fmt;
@@ -520,14 +522,6 @@ pub(crate) fn micros(t: SystemTime) -> i64 {
     }
 }
 
-pub(crate) fn from_micros(us: i64) -> SystemTime {
-    if us >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_micros(us as u64)
-    } else {
-        SystemTime::UNIX_EPOCH - Duration::from_micros(us.unsigned_abs())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -551,6 +545,6 @@ mod tests {
     #[test]
     fn times_round_trip_through_micros() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
-        assert_eq!(from_micros(micros(t)), t);
+        assert_eq!(codec::checked_from_micros(micros(t)), Some(t));
     }
 }

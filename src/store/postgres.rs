@@ -1,17 +1,17 @@
 //! `PostgresStore`: the PostgreSQL store, on sqlx.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures::future::{BoxFuture, FutureExt};
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
 
-use super::codec::{headers_to_json, row};
+use super::codec::{headers_to_json, place, placed_dead_letters, position, Columns};
 use super::{
-    by_partition, from_micros, micros, validate_identifier, DeadLetterRecord, GroupOffset,
-    PartitionCounts, Store, StoreError, StoredEvent,
+    by_partition, micros, validate_identifier, DeadLetterRecord, GroupOffset, PartitionCounts,
+    Store, StoreError, StoredEvent,
 };
 
 /// A [`Store`] in a PostgreSQL database, in a schema of its own choosing (`public` by default).
@@ -161,25 +161,102 @@ impl Sql {
 }
 
 impl PostgresStore {
+    /// How long [`connect`](Self::connect) and [`connect_in_schema`](Self::connect_in_schema)
+    /// try to open a connection before they give up (a server that is down or unreachable):
+    /// 5 s. Choose another bound with [`connect_with`](Self::connect_with).
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// The pool options [`connect`](Self::connect) uses: at most 8 connections, and
+    /// [`DEFAULT_CONNECT_TIMEOUT`](Self::DEFAULT_CONNECT_TIMEOUT) as the acquire timeout.
+    /// Start from them to change one setting with [`connect_with`](Self::connect_with).
+    pub fn pool_options() -> PgPoolOptions {
+        PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Self::DEFAULT_CONNECT_TIMEOUT)
+    }
+
     /// Connects to `url` and migrates the `public` schema.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Backend`] if the URL is invalid, if no connection could be opened within
+    /// [`DEFAULT_CONNECT_TIMEOUT`](Self::DEFAULT_CONNECT_TIMEOUT) (a server that is down), or if
+    /// the migrations fail.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_in_schema(url, "public").await
     }
 
     /// Connects to `url` and keeps the tables in `schema` (created if missing, then migrated).
     /// The name is validated: ASCII letters, digits and `_`.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect); [`StoreError::Config`] for an invalid schema name.
     pub async fn connect_in_schema(url: &str, schema: &str) -> Result<Self, StoreError> {
         validate_identifier(schema)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .connect(url)
+        let options: PgConnectOptions = url.parse().map_err(StoreError::backend)?;
+        Self::connect_with(options, Self::pool_options(), schema).await
+    }
+
+    /// Connects with these connection and pool options and keeps the tables in `schema`
+    /// (created if missing, then migrated).
+    ///
+    /// Opening the first connection takes at most the pool's
+    /// [`acquire_timeout`](PgPoolOptions::acquire_timeout) (sqlx retries a refused connection
+    /// until then, for a server that is starting); the same bound applies later whenever an
+    /// operation waits for a connection of the pool. Start from
+    /// [`pool_options`](Self::pool_options) to keep the other defaults:
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use tidings::PostgresStore;
+    ///
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = PostgresStore::connect_with(
+    ///     "postgres://postgres@127.0.0.1:5432/app".parse()?,
+    ///     PostgresStore::pool_options().acquire_timeout(Duration::from_secs(1)),
+    ///     "public",
+    /// )
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for an invalid schema name; [`StoreError::Backend`] if no
+    /// connection could be opened in time (its message says how long it tried) or the
+    /// migrations fail.
+    pub async fn connect_with(
+        options: PgConnectOptions,
+        pool: PgPoolOptions,
+        schema: &str,
+    ) -> Result<Self, StoreError> {
+        validate_identifier(schema)?;
+        let timeout = pool.get_acquire_timeout();
+        let (host, port) = (options.get_host().to_owned(), options.get_port());
+        let pool = pool
+            .connect_with(options)
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(|error| match error {
+                sqlx::Error::PoolTimedOut => StoreError::backend(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no connection to PostgreSQL at {host}:{port} within {timeout:?} \
+                         (is the server up and reachable?)"
+                    ),
+                )),
+                other => StoreError::backend(other),
+            })?;
         Self::from_pool(pool, schema).await
     }
 
     /// A store on the application's own pool, with its tables in `schema` (created if missing,
     /// then migrated).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for an invalid schema name; [`StoreError::Backend`] if no
+    /// connection can be had from the pool or the migrations fail.
     pub async fn from_pool(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
         validate_identifier(schema)?;
         let mut conn = pool.acquire().await.map_err(StoreError::backend)?;
@@ -331,7 +408,12 @@ async fn migrate(conn: &mut PgConnection, schema: &str) -> Result<(), StoreError
         .map_err(StoreError::backend)?;
     let mut migrator = sqlx::migrate!("src/store/migrations/postgres");
     migrator.dangerous_set_table_name("_tidings_migrations");
-    let result = migrator.run(&mut *conn).await.map_err(StoreError::backend);
+    // `run_direct` on the connection, not `run` (generic over `Acquire`): the future of `run`
+    // is `Send` only for some lifetimes, which made `connect` impossible to `tokio::spawn`.
+    let result = migrator
+        .run_direct(None, &mut *conn, false)
+        .await
+        .map_err(StoreError::backend);
     sqlx::query("RESET search_path")
         .execute(&mut *conn)
         .await
@@ -339,21 +421,58 @@ async fn migrate(conn: &mut PgConnection, schema: &str) -> Result<(), StoreError
     result
 }
 
-fn stored(r: &PgRow) -> Result<StoredEvent, StoreError> {
-    let get = |e: sqlx::Error| StoreError::backend(e);
-    row(
-        r.try_get("topic").map_err(get)?,
-        r.try_get::<i32, _>("partition_no").map_err(get)? as i64,
-        r.try_get("log_offset").map_err(get)?,
-        r.try_get("event_id").map_err(get)?,
-        r.try_get("name").map_err(get)?,
-        r.try_get::<i32, _>("version").map_err(get)? as i64,
-        r.try_get("timestamp_us").map_err(get)?,
-        r.try_get("correlation_id").map_err(get)?,
-        r.try_get("causation_id").map_err(get)?,
-        r.try_get::<&str, _>("headers").map_err(get)?,
-        r.try_get("payload").map_err(get)?,
-    )
+/// A row of `tidings_events` (or the event of a `tidings_dead_letters` row) read back, column
+/// by column: a value out of range (a negative version, say) marks the row unreadable (a dead
+/// letter for each group reading it, which goes on) instead of failing the whole read. Only a
+/// row whose place in the log cannot be read is an error ([`StoreError::Corrupt`]).
+fn stored(r: &PgRow) -> Result<(StoredEvent, Columns), StoreError> {
+    let (topic, partition, offset) = position(
+        r.try_get("topic"),
+        r.try_get::<i32, _>("partition_no").map(i64::from),
+        r.try_get("log_offset"),
+    )?;
+    let mut c = Columns::default();
+    let event = StoredEvent {
+        topic,
+        partition,
+        offset,
+        id: c.get("event_id", r.try_get("event_id")),
+        name: c.get("name", r.try_get("name")),
+        version: c.int("version", r.try_get::<i32, _>("version").map(i64::from)),
+        timestamp: c.time("timestamp_us", r.try_get("timestamp_us")),
+        correlation_id: c.get("correlation_id", r.try_get("correlation_id")),
+        causation_id: c.get("causation_id", r.try_get("causation_id")),
+        headers: c.headers(r.try_get::<&str, _>("headers")),
+        payload: c.get("payload", r.try_get("payload")),
+    };
+    Ok((c.finish(event), c))
+}
+
+/// A row of `tidings_dead_letters` read back. Its event is read as by [`stored`]; a bookkeeping
+/// column that cannot be read (attempts out of range, say) gets a placeholder and the entry's
+/// error says so, so that one broken row does not fail the restore of every dead letter.
+fn dead_letter(r: &PgRow) -> Result<DeadLetterRecord, StoreError> {
+    let (event, mut c) = stored(r)?;
+    let mut record = DeadLetterRecord {
+        group: c.get("group_name", r.try_get("group_name")),
+        event,
+        error: c.get("error", r.try_get("error")),
+        permanent: c.get("permanent", r.try_get("permanent")),
+        attempts: c.int("attempts", r.try_get::<i32, _>("attempts").map(i64::from)),
+        first_failure: c.time("first_failure_us", r.try_get("first_failure_us")),
+        last_failure: c.time("last_failure_us", r.try_get("last_failure_us")),
+        handler: c.get("handler", r.try_get("handler")),
+        redeliveries: c.int(
+            "redeliveries",
+            r.try_get::<i32, _>("redeliveries").map(i64::from),
+        ),
+    };
+    if let Some(errors) = c.errors() {
+        record.error.push_str(&format!(
+            " (the stored dead letter cannot be fully read: {errors})"
+        ));
+    }
+    Ok(record)
 }
 
 impl Store for PostgresStore {
@@ -380,7 +499,7 @@ impl Store for PostgresStore {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(StoreError::backend)?;
-            rows.iter().map(stored).collect()
+            rows.iter().map(|r| stored(r).map(|(e, _)| e)).collect()
         }
         .boxed()
     }
@@ -395,25 +514,28 @@ impl Store for PostgresStore {
         partition: u32,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         async move {
-            let head: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.head.clone()))
+            let head = sqlx::query_scalar(AssertSqlSafe(self.sql.head.clone()))
                 .bind(topic)
                 .bind(partition as i32)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
-            Ok(head.unwrap_or(0) as u64)
+                .await;
+            Ok(place(head, || {
+                format!("the head of {topic:?} partition {partition}")
+            })?
+            .unwrap_or(0))
         }
         .boxed()
     }
 
     fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
         async move {
-            let n: Option<i32> = sqlx::query_scalar(AssertSqlSafe(self.sql.partitions.clone()))
-                .bind(topic)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
-            Ok(n.unwrap_or(0) as u32)
+            let n =
+                sqlx::query_scalar::<_, Option<i32>>(AssertSqlSafe(self.sql.partitions.clone()))
+                    .bind(topic)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map(|n| n.map(i64::from));
+            Ok(place(n, || format!("the partitions of {topic:?}"))?.unwrap_or(0))
         }
         .boxed()
     }
@@ -425,15 +547,16 @@ impl Store for PostgresStore {
         at: SystemTime,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         async move {
-            let first: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.offset_at.clone()))
+            let first = sqlx::query_scalar(AssertSqlSafe(self.sql.offset_at.clone()))
                 .bind(topic)
                 .bind(partition as i32)
                 .bind(micros(at))
                 .fetch_one(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
-            match first {
-                Some(offset) => Ok(offset as u64),
+                .await;
+            match place(first, || {
+                format!("an offset of {topic:?} partition {partition}")
+            })? {
+                Some(offset) => Ok(offset),
                 None => self.head(topic, partition).await,
             }
         }
@@ -447,14 +570,15 @@ impl Store for PostgresStore {
         partition: u32,
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         async move {
-            let offset: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.sql.committed.clone()))
+            let offset = sqlx::query_scalar(AssertSqlSafe(self.sql.committed.clone()))
                 .bind(group)
                 .bind(topic)
                 .bind(partition as i32)
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
-            Ok(offset.map(|o| o as u64))
+                .await;
+            place(offset, || {
+                format!("the offset of group {group:?} in {topic:?} partition {partition}")
+            })
         }
         .boxed()
     }
@@ -580,22 +704,7 @@ impl Store for PostgresStore {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(StoreError::backend)?;
-            rows.iter()
-                .map(|r| {
-                    let get = |e: sqlx::Error| StoreError::backend(e);
-                    Ok(DeadLetterRecord {
-                        group: r.try_get("group_name").map_err(get)?,
-                        event: stored(r)?,
-                        error: r.try_get("error").map_err(get)?,
-                        permanent: r.try_get("permanent").map_err(get)?,
-                        attempts: r.try_get::<i32, _>("attempts").map_err(get)? as u32,
-                        first_failure: from_micros(r.try_get("first_failure_us").map_err(get)?),
-                        last_failure: from_micros(r.try_get("last_failure_us").map_err(get)?),
-                        handler: r.try_get("handler").map_err(get)?,
-                        redeliveries: r.try_get::<i32, _>("redeliveries").map_err(get)? as u32,
-                    })
-                })
-                .collect()
+            Ok(placed_dead_letters(group, rows.iter().map(dead_letter)))
         }
         .boxed()
     }

@@ -12,10 +12,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
 
-use super::codec::{headers_to_json, row};
+use super::codec::{headers_to_json, place, placed_dead_letters, position, Columns};
 use super::{
-    by_partition, from_micros, micros, DeadLetterRecord, GroupOffset, PartitionCounts, Store,
-    StoreError, StoredEvent,
+    by_partition, micros, DeadLetterRecord, GroupOffset, PartitionCounts, Store, StoreError,
+    StoredEvent,
 };
 
 /// Rows per INSERT statement: 11 parameters each stays well under SQLite's 32 766.
@@ -76,6 +76,11 @@ impl std::fmt::Debug for SqliteStore {
 
 impl SqliteStore {
     /// Opens (or creates) the database file at `path` and migrates it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for `":memory:"` (see [`open_with`](Self::open_with));
+    /// [`StoreError::Backend`] if the file cannot be opened or migrated.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -83,7 +88,16 @@ impl SqliteStore {
         Self::open_with(options).await
     }
 
-    /// Opens the database described by a URL such as `sqlite://events.db` or `sqlite::memory:`.
+    /// Opens the database described by a URL such as `sqlite://events.db` (created if missing)
+    /// and migrates it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for an in-memory or temporary database, in any of its forms
+    /// (`sqlite::memory:`, `sqlite://:memory:`, `sqlite:file::memory:?cache=shared`,
+    /// `?mode=memory`, an empty file name): it would not be durable, so use
+    /// [`MemoryStore`](crate::MemoryStore). [`StoreError::Backend`] if the URL is invalid or the
+    /// database cannot be opened or migrated.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(StoreError::backend)?
@@ -94,13 +108,15 @@ impl SqliteStore {
     /// Opens a database with these options (plus WAL, `synchronous = FULL` and a busy timeout)
     /// and migrates it.
     ///
-    /// An in-memory SQLite database is refused (each connection would see its own): use
-    /// [`MemoryStore`](crate::MemoryStore).
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for an in-memory or temporary database, however the options
+    /// describe it (each connection would see its own, and nothing would survive the process):
+    /// use [`MemoryStore`](crate::MemoryStore). [`StoreError::Backend`] if the database cannot
+    /// be opened or migrated.
     pub async fn open_with(options: SqliteConnectOptions) -> Result<Self, StoreError> {
         if options.get_filename() == Path::new(":memory:") {
-            return Err(StoreError::Config(
-                "an in-memory SQLite database is not durable and is private to one connection; use MemoryStore".into(),
-            ));
+            return Err(in_memory_refused());
         }
         let options = options
             .journal_mode(SqliteJournalMode::Wal)
@@ -117,7 +133,23 @@ impl SqliteStore {
     /// A store on the application's own pool; runs the migrations. Its tables are named
     /// `tidings_*`; the migrations are tracked in `_tidings_migrations`, apart from the
     /// application's own.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for a pool on an in-memory or temporary database (as
+    /// [`open_with`](Self::open_with)); [`StoreError::Backend`] if the migrations fail.
     pub async fn from_pool(pool: SqlitePool) -> Result<Self, StoreError> {
+        // Whatever the form (`in_memory(true)`, which `mode=memory` and `sqlite::memory:` set, a
+        // `file::memory:` or `file:x?mode=memory` URI as the file name, an empty name), SQLite
+        // itself says whether the main database has a file.
+        let file: String =
+            sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                .fetch_one(&pool)
+                .await
+                .map_err(StoreError::backend)?;
+        if file.is_empty() {
+            return Err(in_memory_refused());
+        }
         let mut migrator = sqlx::migrate!("src/store/migrations/sqlite");
         migrator.dangerous_set_table_name("_tidings_migrations");
         migrator.run(&pool).await.map_err(StoreError::backend)?;
@@ -175,15 +207,17 @@ impl SqliteStore {
             let (topic, partition) = (&events[run[0]].topic, events[run[0]].partition);
             // Read inside the write transaction: another writer (process, store handle, the
             // application) may have appended since.
-            let head: Option<i64> = sqlx::query_scalar(
+            let head = sqlx::query_scalar(
                 "SELECT next_offset FROM tidings_heads WHERE topic = ? AND partition_no = ?",
             )
             .bind(topic)
             .bind(partition as i64)
             .fetch_optional(&mut *conn)
-            .await
-            .map_err(StoreError::backend)?;
-            let head = head.unwrap_or(0) as u64;
+            .await;
+            let head: u64 = place(head, || {
+                format!("the head of {topic:?} partition {partition}")
+            })?
+            .unwrap_or(0);
             heads.push((topic.clone(), partition, head + run.len() as u64));
             for (offset, &i) in (head..).zip(run.iter()) {
                 events[i].offset = offset;
@@ -233,21 +267,65 @@ impl SqliteStore {
     }
 }
 
-fn stored(r: &SqliteRow) -> Result<StoredEvent, StoreError> {
-    let get = |e: sqlx::Error| StoreError::backend(e);
-    row(
-        r.try_get("topic").map_err(get)?,
-        r.try_get("partition_no").map_err(get)?,
-        r.try_get("log_offset").map_err(get)?,
-        r.try_get("event_id").map_err(get)?,
-        r.try_get("name").map_err(get)?,
-        r.try_get("version").map_err(get)?,
-        r.try_get("timestamp_us").map_err(get)?,
-        r.try_get("correlation_id").map_err(get)?,
-        r.try_get("causation_id").map_err(get)?,
-        r.try_get::<&str, _>("headers").map_err(get)?,
-        r.try_get("payload").map_err(get)?,
+/// Why an in-memory database is refused.
+fn in_memory_refused() -> StoreError {
+    StoreError::Config(
+        "an in-memory or temporary SQLite database is not durable (and each connection may see \
+         its own); give a file, or use MemoryStore"
+            .into(),
     )
+}
+
+/// A row of `tidings_events` (or the event of a `tidings_dead_letters` row) read back, column
+/// by column: a column SQLite's loose typing let a wrong value into (an id of the wrong length or
+/// as text, a version as text or out of range, a time as a real) marks the row unreadable (a
+/// dead letter for each group reading it, which goes on) instead of failing the whole read.
+/// Only a row whose place in the log cannot be read is an error ([`StoreError::Corrupt`]).
+fn stored(r: &SqliteRow) -> Result<(StoredEvent, Columns), StoreError> {
+    let (topic, partition, offset) = position(
+        r.try_get("topic"),
+        r.try_get("partition_no"),
+        r.try_get("log_offset"),
+    )?;
+    let mut c = Columns::default();
+    let event = StoredEvent {
+        topic,
+        partition,
+        offset,
+        id: c.get("event_id", r.try_get("event_id")),
+        name: c.get("name", r.try_get("name")),
+        version: c.int("version", r.try_get("version")),
+        timestamp: c.time("timestamp_us", r.try_get("timestamp_us")),
+        correlation_id: c.get("correlation_id", r.try_get("correlation_id")),
+        causation_id: c.get("causation_id", r.try_get("causation_id")),
+        headers: c.headers(r.try_get::<&str, _>("headers")),
+        payload: c.get("payload", r.try_get("payload")),
+    };
+    Ok((c.finish(event), c))
+}
+
+/// A row of `tidings_dead_letters` read back. Its event is read as by [`stored`]; a bookkeeping
+/// column that cannot be read (attempts out of range, say) gets a placeholder and the entry's
+/// error says so, so that one broken row does not fail the restore of every dead letter.
+fn dead_letter(r: &SqliteRow) -> Result<DeadLetterRecord, StoreError> {
+    let (event, mut c) = stored(r)?;
+    let mut record = DeadLetterRecord {
+        group: c.get("group_name", r.try_get("group_name")),
+        event,
+        error: c.get("error", r.try_get("error")),
+        permanent: c.get("permanent", r.try_get("permanent")),
+        attempts: c.int("attempts", r.try_get("attempts")),
+        first_failure: c.time("first_failure_us", r.try_get("first_failure_us")),
+        last_failure: c.time("last_failure_us", r.try_get("last_failure_us")),
+        handler: c.get("handler", r.try_get("handler")),
+        redeliveries: c.int("redeliveries", r.try_get("redeliveries")),
+    };
+    if let Some(errors) = c.errors() {
+        record.error.push_str(&format!(
+            " (the stored dead letter cannot be fully read: {errors})"
+        ));
+    }
+    Ok(record)
 }
 
 impl Store for SqliteStore {
@@ -279,7 +357,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::backend)?;
-            rows.iter().map(stored).collect()
+            rows.iter().map(|r| stored(r).map(|(e, _)| e)).collect()
         }
         .boxed()
     }
@@ -294,29 +372,30 @@ impl Store for SqliteStore {
         partition: u32,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         async move {
-            let head: Option<i64> = sqlx::query_scalar(
+            let head = sqlx::query_scalar(
                 "SELECT next_offset FROM tidings_heads WHERE topic = ? AND partition_no = ?",
             )
             .bind(topic)
             .bind(partition as i64)
             .fetch_optional(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-            Ok(head.unwrap_or(0) as u64)
+            .await;
+            Ok(place(head, || {
+                format!("the head of {topic:?} partition {partition}")
+            })?
+            .unwrap_or(0))
         }
         .boxed()
     }
 
     fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
         async move {
-            let n: Option<i64> = sqlx::query_scalar(
+            let n = sqlx::query_scalar(
                 "SELECT MAX(partition_no) + 1 FROM tidings_heads WHERE topic = ?",
             )
             .bind(topic)
             .fetch_one(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-            Ok(n.unwrap_or(0) as u32)
+            .await;
+            Ok(place(n, || format!("the partitions of {topic:?}"))?.unwrap_or(0))
         }
         .boxed()
     }
@@ -328,7 +407,7 @@ impl Store for SqliteStore {
         at: SystemTime,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         async move {
-            let first: Option<i64> = sqlx::query_scalar(
+            let first = sqlx::query_scalar(
                 "SELECT MIN(log_offset) FROM tidings_events \
                  WHERE topic = ? AND partition_no = ? AND timestamp_us >= ?",
             )
@@ -336,10 +415,11 @@ impl Store for SqliteStore {
             .bind(partition as i64)
             .bind(micros(at))
             .fetch_one(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-            match first {
-                Some(offset) => Ok(offset as u64),
+            .await;
+            match place(first, || {
+                format!("an offset of {topic:?} partition {partition}")
+            })? {
+                Some(offset) => Ok(offset),
                 None => self.head(topic, partition).await,
             }
         }
@@ -353,7 +433,7 @@ impl Store for SqliteStore {
         partition: u32,
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         async move {
-            let offset: Option<i64> = sqlx::query_scalar(
+            let offset = sqlx::query_scalar(
                 "SELECT next_offset FROM tidings_offsets \
                  WHERE group_name = ? AND topic = ? AND partition_no = ?",
             )
@@ -361,9 +441,10 @@ impl Store for SqliteStore {
             .bind(topic)
             .bind(partition as i64)
             .fetch_optional(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-            Ok(offset.map(|o| o as u64))
+            .await;
+            place(offset, || {
+                format!("the offset of group {group:?} in {topic:?} partition {partition}")
+            })
         }
         .boxed()
     }
@@ -519,22 +600,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::backend)?;
-            rows.iter()
-                .map(|r| {
-                    let get = |e: sqlx::Error| StoreError::backend(e);
-                    Ok(DeadLetterRecord {
-                        group: r.try_get("group_name").map_err(get)?,
-                        event: stored(r)?,
-                        error: r.try_get("error").map_err(get)?,
-                        permanent: r.try_get("permanent").map_err(get)?,
-                        attempts: r.try_get::<i64, _>("attempts").map_err(get)? as u32,
-                        first_failure: from_micros(r.try_get("first_failure_us").map_err(get)?),
-                        last_failure: from_micros(r.try_get("last_failure_us").map_err(get)?),
-                        handler: r.try_get("handler").map_err(get)?,
-                        redeliveries: r.try_get::<i64, _>("redeliveries").map_err(get)? as u32,
-                    })
-                })
-                .collect()
+            Ok(placed_dead_letters(group, rows.iter().map(dead_letter)))
         }
         .boxed()
     }

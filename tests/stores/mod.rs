@@ -93,6 +93,37 @@ impl Backend {
         }
     }
 
+    /// Runs `sql` straight on the backend's database (what the bus would never write), `{t}`
+    /// standing for where its tables are (the schema on PostgreSQL). SQL backends only: the
+    /// memory store holds typed values, it has no column to break.
+    pub async fn execute(&self, sql: &str) {
+        match self {
+            Backend::Memory(_) => panic!("the memory store runs no SQL"),
+            #[cfg(feature = "sqlite")]
+            Backend::Sqlite(dir) => {
+                let store = tidings::SqliteStore::open(dir.path().join("events.db"))
+                    .await
+                    .expect("open SQLite");
+                sqlx::query(sqlx::AssertSqlSafe(sql.replace("{t}", "")))
+                    .execute(store.pool())
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                store.pool().close().await;
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres { url, schema } => {
+                let pool = sqlx::PgPool::connect(url).await.expect("PostgreSQL");
+                sqlx::query(sqlx::AssertSqlSafe(
+                    sql.replace("{t}", &format!("{schema}.")),
+                ))
+                .execute(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                pool.close().await;
+            }
+        }
+    }
+
     /// A builder on this backend's store (opened again).
     pub async fn builder(&self) -> BusBuilder {
         Bus::builder().store(self.open().await)
