@@ -382,6 +382,150 @@ async fn postgres_a_late_commit_is_never_skipped() {
     assert_eq!(pg.committed("g", "orders", p).await.unwrap(), Some(4));
 }
 
+/// What a [`Seen`] handler saw: (group, partition, offset, order, seq).
+type SeenLog = Arc<parking_lot::Mutex<Vec<(String, u32, u64, u64, u64)>>>;
+
+/// Records every `Placed` with its place in the log.
+struct Seen(String, SeenLog);
+
+impl Handler<Placed> for Seen {
+    async fn handle(&mut self, e: &Envelope<Placed>, _: &Context) -> Result<(), HandlerError> {
+        let p = e.event();
+        self.1
+            .lock()
+            .push((self.0.clone(), e.partition(), e.offset(), p.order, p.seq));
+        Ok(())
+    }
+}
+
+/// PostgreSQL: an application transaction (`append_in`) holding partitions 0 and 1 stalls only
+/// the publishes to them. Publishes to partitions 2 and 3 complete while it is open (one to
+/// partition 0 is waiting all along); after its commit the held partitions' publishes complete,
+/// and every group sees every event of every partition once, in offset order, with no hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_held_partition_does_not_stall_the_others() {
+    let pg = stores::Backend::postgres_store("held_partitions").await;
+    let seen = SeenLog::default();
+    let mut builder = Bus::builder().store(pg.clone()).topic(topic(4));
+    for group in ["a", "b"] {
+        let seen = seen.clone();
+        builder = builder.subscribe::<Placed, _>(Subscription::new(group), move || {
+            Seen(group.to_owned(), seen.clone())
+        });
+    }
+    let bus = builder.build().unwrap();
+    // One order per partition (keys map to partitions by hash); every partition gets events.
+    let mut key = [None; 4];
+    let mut order = 0;
+    while key.iter().any(Option::is_none) {
+        let r = bus.publish(Placed { order, seq: 0 }).await.unwrap();
+        key[r.partition as usize].get_or_insert(order);
+        order += 1;
+    }
+    let key = key.map(Option::unwrap);
+
+    // The application's transaction holds partitions 0 and 1.
+    let mut held = pg.pool().begin().await.unwrap();
+    let mut rows = vec![
+        stores::placed_row(0, key[0], 1000),
+        stores::placed_row(1, key[1], 1000),
+    ];
+    pg.append_in(&mut held, &mut rows).await.unwrap();
+
+    // Publishes to partition 0 wait for it.
+    let to_held = tokio::spawn({
+        let bus = bus.clone();
+        async move {
+            for seq in 1..=5 {
+                bus.publish(Placed { order: key[0], seq }).await.unwrap();
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // 200 publishes to partitions 2 and 3, from 4 publishers, complete meanwhile.
+    let free: Vec<_> = [2usize, 3, 2, 3]
+        .into_iter()
+        .enumerate()
+        .map(|(t, p)| {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                for i in 0..50u64 {
+                    let r = bus
+                        .publish(Placed {
+                            order: key[p],
+                            seq: 1 + t as u64 * 100 + i,
+                        })
+                        .await
+                        .unwrap();
+                    assert_eq!(r.partition as usize, p);
+                }
+            })
+        })
+        .collect();
+    let done = tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(free)).await;
+    let completed = done.is_ok();
+    let waiting = !to_held.is_finished();
+    held.commit().await.unwrap();
+    assert!(
+        completed,
+        "publishes to partitions 2 and 3 stalled behind the held partitions 0 and 1"
+    );
+    for r in done.unwrap() {
+        r.unwrap();
+    }
+    assert!(
+        waiting,
+        "a publish to a held partition completed before its commit"
+    );
+    tokio::time::timeout(Duration::from_secs(10), to_held)
+        .await
+        .expect("publishes to partition 0 complete after the commit")
+        .unwrap();
+    // A last publish to partition 1 brings the application's event there to the groups.
+    bus.publish(Placed {
+        order: key[1],
+        seq: 1001,
+    })
+    .await
+    .unwrap();
+    bus.settled().await;
+    bus.shutdown().await;
+
+    let seen = seen.lock().clone();
+    for group in ["a", "b"] {
+        for p in 0..4u32 {
+            let offsets: Vec<u64> = seen
+                .iter()
+                .filter(|s| s.0 == group && s.1 == p)
+                .map(|s| s.2)
+                .collect();
+            let head = pg.head("orders", p).await.unwrap();
+            assert_eq!(
+                offsets,
+                (0..head).collect::<Vec<_>>(),
+                "group {group}, partition {p}: every event once, in offset order"
+            );
+        }
+        // Beside the first events: the application's two, 5 + 1 to the held partitions, 200.
+        let mut after_first: Vec<(u32, u64)> = seen
+            .iter()
+            .filter(|s| s.0 == group && s.4 > 0)
+            .map(|s| (s.1, s.4))
+            .collect();
+        after_first.sort();
+        let mut expected: Vec<(u32, u64)> = [(0, 1000), (1, 1000), (1, 1001)]
+            .into_iter()
+            .chain((1..=5).map(|seq| (0, seq)))
+            .chain(
+                (0..4u64)
+                    .flat_map(|t| (0..50).map(move |i| ([2, 3][t as usize % 2], 1 + t * 100 + i))),
+            )
+            .collect();
+        expected.sort();
+        assert_eq!(after_first, expected, "group {group}");
+    }
+}
+
 /// A row whose headers column does not parse is dead-lettered; the group goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_row_with_unreadable_headers_is_dead_lettered() {
