@@ -603,6 +603,7 @@ fn enqueue(inner: &Arc<BusInner>, lanes: &mut HashMap<PartKey, Arc<Lane>>, a: Ap
 /// for the held partitions), everything waiting in one transaction, until it is empty.
 async fn run_lane(inner: Arc<BusInner>, lane: Arc<Lane>, after: Vec<CancellationToken>) {
     let d = inner.durable.as_ref().expect("a durable bus");
+    let _finish = Finish(Arc::clone(&lane));
     for done in after {
         done.cancelled().await;
     }
@@ -642,7 +643,22 @@ async fn run_lane(inner: Arc<BusInner>, lane: Arc<Lane>, after: Vec<Cancellation
             }
         }
     }
-    lane.done.cancel();
+}
+
+/// Marks its lane done when its task ends; if the task ended early (a panic), what the lane
+/// still holds goes back to its publishers, and the lane takes nothing more.
+struct Finish(Arc<Lane>);
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let left = {
+            let mut state = self.0.state.lock();
+            state.closed = true;
+            std::mem::take(&mut state.queue)
+        };
+        fail(left.into(), &AppendError::Closed);
+        self.0.done.cancel();
+    }
 }
 
 /// The publishes of `batch` are committed (`rows` in their order, with their offsets): hands

@@ -214,9 +214,10 @@ pub enum TryAppend {
 /// ([`PostgresStore::append_in`](crate::PostgresStore::append_in), in its own transaction).
 /// Offsets stay dense and in commit order. A bus hands its groups the events it appended
 /// itself right away; events appended by others reach them when the bus next appends to that
-/// partition (it sees the gap and reads the log), or at the latest when it restarts. Consumer
-/// groups should be run by one bus at a time: two buses running the same group would both
-/// handle its events.
+/// partition (it sees the gap and reads the log), or at the latest when it restarts. A writer
+/// holding a partition (an open transaction that appended to it) holds up only this bus's
+/// publishes to that partition (see above). Consumer groups should be run by one bus at a time:
+/// two buses running the same group would both handle its events.
 pub trait Store: Send + Sync + 'static {
     /// Appends `events` to their partitions' logs in one transaction, writing the offset each got
     /// into its `offset` field (in slice order within a partition).

@@ -20,7 +20,12 @@ use super::{
 /// Appends reserve their offsets by updating the partition's row in `tidings_heads`, which stays
 /// locked until the append commits: two appends to one partition commit in offset order, so a
 /// reader never sees offset `n` before `n - 1` is committed and never skips an event that
-/// committed late. Appends to other partitions do not wait for each other.
+/// committed late. Appends to other partitions do not wait for each other: the bus appends with
+/// [`Store::try_append`], which takes the heads with `FOR UPDATE SKIP LOCKED` in the same single
+/// statement, so a head held by another transaction (an application's [`append_in`]) holds up
+/// only the publishes to that partition (see [`Store`]).
+///
+/// [`append_in`]: PostgresStore::append_in
 ///
 /// ```no_run
 /// use tidings::{Bus, PostgresStore};
@@ -235,8 +240,9 @@ impl PostgresStore {
     ///
     /// A bus on the same store hands events to its groups when its own appends commit; events
     /// appended here reach them when that bus next appends to the partition (it sees the gap
-    /// and reads the log), or at the latest when it restarts. A bus appending to a partition
-    /// whose head this transaction holds waits for it: keep the transaction short.
+    /// and reads the log), or at the latest when it restarts. A bus's publishes to a partition
+    /// whose head this transaction holds wait for it (its publishes to other partitions go
+    /// on): keep the transaction short.
     pub async fn append_in(
         &self,
         conn: &mut PgConnection,
