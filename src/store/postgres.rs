@@ -23,7 +23,7 @@ use super::{
 /// committed late. Appends to other partitions do not wait for each other: the bus appends with
 /// [`Store::try_append`], which takes the heads with `FOR UPDATE SKIP LOCKED` in the same single
 /// statement, so a head held by another transaction (an application's [`append_in`]) holds up
-/// only the publishes to that partition (see [`Store`]).
+/// only the publishes to that partition (see [`Store`]). Needs PostgreSQL 12 or later.
 ///
 /// [`append_in`]: PostgresStore::append_in
 ///
