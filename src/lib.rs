@@ -45,7 +45,7 @@ pub use store::PostgresStore;
 pub use store::SqliteStore;
 pub use store::{
     DeadLetterRecord, GroupOffset, MemoryStore, Retention, StartFrom, Store, StoreError,
-    StoredEvent, Undecodable, UpcastError, Upcaster, DEFAULT_MAX_PAYLOAD,
+    StoredEvent, TryAppend, Undecodable, UpcastError, Upcaster, DEFAULT_MAX_PAYLOAD,
 };
 pub use topic::{Overflow, TopicConfig, DEFAULT_CAPACITY};
 

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use stores::{publish_orders, record, record_with, Backend, Cancelled, Log, Placed};
 use tidings::prelude::*;
 use tidings::{
-    BuildError, PublishError, StartFrom, Store, StoreError, Undecodable, Upcaster, Uuid,
+    BuildError, PublishError, StartFrom, Store, StoreError, TryAppend, Undecodable, Upcaster, Uuid,
 };
 
 /// Runs a test body `TIDINGS_STRESS` times (default once), in parallel, each on a fresh backend.
@@ -71,6 +71,7 @@ conformance!(
     discarded_dead_letters_do_not_come_back,
     effectively_once_marks_survive_a_restart,
     events_appended_outside_the_bus_reach_its_groups,
+    try_append_appends_all_or_names_the_busy_partitions,
     retention_by_age_trims_old_events,
     a_topic_with_fewer_partitions_than_its_log_is_a_build_error,
     dead_letters_are_complete_once_the_bus_is_ready,
@@ -952,6 +953,53 @@ async fn events_appended_outside_the_bus_reach_its_groups(b: Backend) {
     bus.settled().await;
     assert_eq!(log.of("g"), (0..4).map(|s| (1, s)).collect::<Vec<_>>());
     bus.shutdown().await;
+}
+
+async fn try_append_appends_all_or_names_the_busy_partitions(b: Backend) {
+    // With no other transaction, `try_append` appends like `append` (dense offsets after the
+    // other writer's); a partition never written to may be named busy (PostgreSQL: creating
+    // its head could wait), and then nothing of the call is appended.
+    let store = b.open().await;
+    store
+        .append(&mut [stores::placed_row(0, 1, 0), stores::placed_row(0, 1, 1)])
+        .await
+        .unwrap();
+    let mut rows = vec![stores::placed_row(0, 1, 2), stores::placed_row(0, 1, 3)];
+    assert_eq!(
+        store.try_append(&mut rows).await.unwrap(),
+        TryAppend::Appended
+    );
+    assert_eq!((rows[0].offset, rows[1].offset), (2, 3));
+    let mut rows = vec![stores::placed_row(0, 1, 4), stores::placed_row(1, 2, 0)];
+    match store.try_append(&mut rows).await.unwrap() {
+        TryAppend::Appended => assert_eq!((rows[0].offset, rows[1].offset), (4, 0)),
+        TryAppend::Busy(busy) => {
+            assert_eq!(busy, vec![("orders".to_owned(), 1)]);
+            assert_eq!(
+                store.head("orders", 0).await.unwrap(),
+                4,
+                "appended in part"
+            );
+            assert_eq!(
+                store.head("orders", 1).await.unwrap(),
+                0,
+                "appended in part"
+            );
+            assert!(rows.iter().all(|r| !r.payload.is_empty()), "payloads kept");
+            store.append(&mut rows).await.unwrap();
+        }
+        other => panic!("{other:?}"),
+    }
+    let offsets =
+        |rows: Vec<tidings::StoredEvent>| rows.iter().map(|r| r.offset).collect::<Vec<_>>();
+    assert_eq!(
+        offsets(store.read("orders", 0, 0, 10).await.unwrap()),
+        vec![0, 1, 2, 3, 4]
+    );
+    assert_eq!(
+        offsets(store.read("orders", 1, 0, 10).await.unwrap()),
+        vec![0]
+    );
 }
 
 async fn retention_by_age_trims_old_events(b: Backend) {

@@ -382,6 +382,252 @@ async fn postgres_a_late_commit_is_never_skipped() {
     assert_eq!(pg.committed("g", "orders", p).await.unwrap(), Some(4));
 }
 
+/// What a [`Seen`] handler saw: (group, partition, offset, order, seq).
+type SeenLog = Arc<parking_lot::Mutex<Vec<(String, u32, u64, u64, u64)>>>;
+
+/// Records every `Placed` with its place in the log.
+struct Seen(String, SeenLog);
+
+impl Handler<Placed> for Seen {
+    async fn handle(&mut self, e: &Envelope<Placed>, _: &Context) -> Result<(), HandlerError> {
+        let p = e.event();
+        self.1
+            .lock()
+            .push((self.0.clone(), e.partition(), e.offset(), p.order, p.seq));
+        Ok(())
+    }
+}
+
+/// A bus on `pg` with topic "orders" in 4 partitions and groups "a" and "b" recording what
+/// they see; each partition has had a first event (seq 0) of the order returned for it.
+async fn bus_on_four_partitions(pg: &tidings::PostgresStore) -> (Bus, SeenLog, [u64; 4]) {
+    let seen = SeenLog::default();
+    let mut builder = Bus::builder().store(pg.clone()).topic(topic(4));
+    for group in ["a", "b"] {
+        let seen = seen.clone();
+        builder = builder.subscribe::<Placed, _>(Subscription::new(group), move || {
+            Seen(group.to_owned(), seen.clone())
+        });
+    }
+    let bus = builder.build().unwrap();
+    // One order per partition (keys map to partitions by hash).
+    let mut key = [None; 4];
+    let mut order = 0;
+    while key.iter().any(Option::is_none) {
+        let r = bus.publish(Placed { order, seq: 0 }).await.unwrap();
+        key[r.partition as usize].get_or_insert(order);
+        order += 1;
+    }
+    (bus, seen, key.map(Option::unwrap))
+}
+
+/// Each group saw every event of every partition once, in offset order, with no hole. Returns
+/// what they saw.
+async fn every_event_once_in_offset_order(
+    pg: &tidings::PostgresStore,
+    seen: &SeenLog,
+) -> Vec<(String, u32, u64, u64, u64)> {
+    let seen = seen.lock().clone();
+    for group in ["a", "b"] {
+        for p in 0..4u32 {
+            let offsets: Vec<u64> = seen
+                .iter()
+                .filter(|s| s.0 == group && s.1 == p)
+                .map(|s| s.2)
+                .collect();
+            let head = pg.head("orders", p).await.unwrap();
+            assert_eq!(
+                offsets,
+                (0..head).collect::<Vec<_>>(),
+                "group {group}, partition {p}: every event once, in offset order"
+            );
+        }
+    }
+    seen
+}
+
+/// PostgreSQL: a `publish_all` across a held partition (0) and a free one (2) stays one
+/// transaction: it commits after the holder, with a later publish to partition 2 after it,
+/// while publishes to partition 3 go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_publish_all_across_a_held_partition_stays_one_transaction() {
+    let pg = stores::Backend::postgres_store("held_publish_all").await;
+    let (bus, seen, key) = bus_on_four_partitions(&pg).await;
+    let (zero, two) = (
+        pg.head("orders", 0).await.unwrap(),
+        pg.head("orders", 2).await.unwrap(),
+    );
+    let mut held = pg.pool().begin().await.unwrap();
+    pg.append_in(&mut held, &mut [stores::placed_row(0, key[0], 1000)])
+        .await
+        .unwrap();
+
+    let across = tokio::spawn({
+        let bus = bus.clone();
+        async move {
+            bus.publish_all([
+                Placed {
+                    order: key[0],
+                    seq: 1,
+                },
+                Placed {
+                    order: key[2],
+                    seq: 1,
+                },
+            ])
+            .await
+            .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = tokio::spawn({
+        let bus = bus.clone();
+        async move {
+            bus.publish(Placed {
+                order: key[2],
+                seq: 2,
+            })
+            .await
+            .unwrap()
+        }
+    });
+    let free = tokio::time::timeout(Duration::from_secs(10), async {
+        for seq in 1..=20 {
+            bus.publish(Placed { order: key[3], seq }).await.unwrap();
+        }
+    })
+    .await;
+    let waiting = (!across.is_finished(), !after.is_finished());
+    // Nothing of the publish_all is in the log yet, not even in the free partition.
+    let in_two = pg.read("orders", 2, 0, 100).await.unwrap().len();
+    held.commit().await.unwrap();
+    assert!(free.is_ok(), "publishes to partition 3 stalled");
+    assert_eq!(waiting, (true, true), "committed before the held partition");
+    assert_eq!(in_two as u64, two, "half of a publish_all was committed");
+    let across = tokio::time::timeout(Duration::from_secs(10), across)
+        .await
+        .unwrap()
+        .unwrap();
+    let after = tokio::time::timeout(Duration::from_secs(10), after)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        across
+            .iter()
+            .map(|r| (r.partition, r.offset))
+            .collect::<Vec<_>>(),
+        vec![(0, zero + 1), (2, two)]
+    );
+    assert_eq!((after.partition, after.offset), (2, two + 1));
+    bus.settled().await;
+    bus.shutdown().await;
+    let seen = every_event_once_in_offset_order(&pg, &seen).await;
+    // Beside the first events: the application's, the publish_all's two, one after, 20.
+    assert_eq!(
+        seen.iter().filter(|s| s.4 > 0).count(),
+        2 * (1 + 2 + 1 + 20)
+    );
+}
+
+/// PostgreSQL: an application transaction (`append_in`) holding partitions 0 and 1 stalls only
+/// the publishes to them. Publishes to partitions 2 and 3 complete while it is open (one to
+/// partition 0 is waiting all along); after its commit the held partitions' publishes complete,
+/// and every group sees every event of every partition once, in offset order, with no hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_held_partition_does_not_stall_the_others() {
+    let pg = stores::Backend::postgres_store("held_partitions").await;
+    let (bus, seen, key) = bus_on_four_partitions(&pg).await;
+
+    // The application's transaction holds partitions 0 and 1.
+    let mut held = pg.pool().begin().await.unwrap();
+    let mut rows = vec![
+        stores::placed_row(0, key[0], 1000),
+        stores::placed_row(1, key[1], 1000),
+    ];
+    pg.append_in(&mut held, &mut rows).await.unwrap();
+
+    // Publishes to partition 0 wait for it.
+    let to_held = tokio::spawn({
+        let bus = bus.clone();
+        async move {
+            for seq in 1..=5 {
+                bus.publish(Placed { order: key[0], seq }).await.unwrap();
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // 200 publishes to partitions 2 and 3, from 4 publishers, complete meanwhile.
+    let free: Vec<_> = [2usize, 3, 2, 3]
+        .into_iter()
+        .enumerate()
+        .map(|(t, p)| {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                for i in 0..50u64 {
+                    let r = bus
+                        .publish(Placed {
+                            order: key[p],
+                            seq: 1 + t as u64 * 100 + i,
+                        })
+                        .await
+                        .unwrap();
+                    assert_eq!(r.partition as usize, p);
+                }
+            })
+        })
+        .collect();
+    let done = tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(free)).await;
+    let completed = done.is_ok();
+    let waiting = !to_held.is_finished();
+    held.commit().await.unwrap();
+    assert!(
+        completed,
+        "publishes to partitions 2 and 3 stalled behind the held partitions 0 and 1"
+    );
+    for r in done.unwrap() {
+        r.unwrap();
+    }
+    assert!(
+        waiting,
+        "a publish to a held partition completed before its commit"
+    );
+    tokio::time::timeout(Duration::from_secs(10), to_held)
+        .await
+        .expect("publishes to partition 0 complete after the commit")
+        .unwrap();
+    // A last publish to partition 1 brings the application's event there to the groups.
+    bus.publish(Placed {
+        order: key[1],
+        seq: 1001,
+    })
+    .await
+    .unwrap();
+    bus.settled().await;
+    bus.shutdown().await;
+
+    let seen = every_event_once_in_offset_order(&pg, &seen).await;
+    for group in ["a", "b"] {
+        // Beside the first events: the application's two, 5 + 1 to the held partitions, 200.
+        let mut after_first: Vec<(u32, u64)> = seen
+            .iter()
+            .filter(|s| s.0 == group && s.4 > 0)
+            .map(|s| (s.1, s.4))
+            .collect();
+        after_first.sort();
+        let mut expected: Vec<(u32, u64)> = [(0, 1000), (1, 1000), (1, 1001)]
+            .into_iter()
+            .chain((1..=5).map(|seq| (0, seq)))
+            .chain(
+                (0..4u64)
+                    .flat_map(|t| (0..50).map(move |i| ([2, 3][t as usize % 2], 1 + t * 100 + i))),
+            )
+            .collect();
+        expected.sort();
+        assert_eq!(after_first, expected, "group {group}");
+    }
+}
+
 /// A row whose headers column does not parse is dead-lettered; the group goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_row_with_unreadable_headers_is_dead_lettered() {

@@ -164,6 +164,19 @@ impl StoreError {
     }
 }
 
+/// What [`Store::try_append`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TryAppend {
+    /// Every event was appended, as by [`Store::append`].
+    Appended,
+    /// Nothing was appended: these partitions, as (topic, partition), each once, could not be
+    /// taken without waiting: another transaction holds them (it appended to them and has not
+    /// committed yet). A backend may also name a partition it has never written to, whose
+    /// creation could wait ([`PostgresStore`](crate::PostgresStore) does). Never empty.
+    Busy(Vec<(String, u32)>),
+}
+
 /// What the bus keeps durably: the partition logs of its topics and the committed offsets of its
 /// consumer groups.
 ///
@@ -181,6 +194,23 @@ impl StoreError {
 /// - Appends to one partition become visible in offset order: a reader that sees offset `n`
 ///   sees every offset below it (PostgreSQL holds the partition's head row locked until the
 ///   append commits; SQLite and memory have one writer at a time).
+/// - [`try_append`](Store::try_append) never waits for a partition that another transaction
+///   holds: it appends everything, or nothing and names the [busy](TryAppend::Busy)
+///   partitions. A backend with one writer at a time (SQLite, memory) has nothing to report:
+///   the default implementation is [`append`](Store::append), and the bus then behaves exactly
+///   as with `append`.
+///
+/// # What the bus does with a busy partition
+///
+/// The bus appends through [`try_append`](Store::try_append), all waiting publishes in one call
+/// (group commit). When partitions are busy, the publishes touching them move to a *lane*: a
+/// task of their own that appends them with [`append`](Store::append) (waiting for the
+/// partition) and hands them to the groups once committed. The other publishes are appended
+/// again at once, and later publishes keep being group-committed, so one held partition stalls
+/// only the publishes to it. Until a lane has drained, every publish touching one of its
+/// partitions goes to it, after the ones already there: a partition is never appended by two
+/// tasks of the bus at once, its offsets are handed to the groups in commit order, and a
+/// `publish_all` stays one transaction across its partitions.
 ///
 /// # More than one writer
 ///
@@ -188,14 +218,34 @@ impl StoreError {
 /// ([`PostgresStore::append_in`](crate::PostgresStore::append_in), in its own transaction).
 /// Offsets stay dense and in commit order. A bus hands its groups the events it appended
 /// itself right away; events appended by others reach them when the bus next appends to that
-/// partition (it sees the gap and reads the log), or at the latest when it restarts. Consumer
-/// groups should be run by one bus at a time: two buses running the same group would both
-/// handle its events.
+/// partition (it sees the gap and reads the log), or at the latest when it restarts. A writer
+/// holding a partition (an open transaction that appended to it) holds up only this bus's
+/// publishes to that partition (see above). Consumer groups should be run by one bus at a time:
+/// two buses running the same group would both handle its events.
 pub trait Store: Send + Sync + 'static {
     /// Appends `events` to their partitions' logs in one transaction, writing the offset each got
     /// into its `offset` field (in slice order within a partition).
     fn append<'a>(&'a self, events: &'a mut [StoredEvent])
         -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Appends like [`append`](Store::append), unless another transaction holds one of the
+    /// partitions (it appended to it and has not committed yet): then nothing is appended, and
+    /// [`TryAppend::Busy`] names those partitions, without waiting for them. Events that are not
+    /// appended keep their payloads. Like `append`, one round trip where the backend can.
+    ///
+    /// The default implementation is [`append`](Store::append): a backend with one writer at a
+    /// time never reports a busy partition. See the trait's documentation for what the bus does
+    /// with one.
+    ///
+    /// # Errors
+    ///
+    /// As [`append`](Store::append); a busy partition is not an error.
+    fn try_append<'a>(
+        &'a self,
+        events: &'a mut [StoredEvent],
+    ) -> BoxFuture<'a, Result<TryAppend, StoreError>> {
+        Box::pin(async move { self.append(events).await.map(|()| TryAppend::Appended) })
+    }
 
     /// Up to `limit` events of a partition from offset `from` on, in offset order.
     fn read<'a>(
@@ -304,6 +354,12 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         events: &'a mut [StoredEvent],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         (**self).append(events)
+    }
+    fn try_append<'a>(
+        &'a self,
+        events: &'a mut [StoredEvent],
+    ) -> BoxFuture<'a, Result<TryAppend, StoreError>> {
+        (**self).try_append(events)
     }
     fn read<'a>(
         &'a self,

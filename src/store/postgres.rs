@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::codec::{headers_to_json, place, placed_dead_letters, position, Columns};
 use super::{
     by_partition, micros, validate_identifier, DeadLetterRecord, GroupOffset, PartitionCounts,
-    Store, StoreError, StoredEvent,
+    Store, StoreError, StoredEvent, TryAppend,
 };
 
 /// A [`Store`] in a PostgreSQL database, in a schema of its own choosing (`public` by default).
@@ -20,7 +20,12 @@ use super::{
 /// Appends reserve their offsets by updating the partition's row in `tidings_heads`, which stays
 /// locked until the append commits: two appends to one partition commit in offset order, so a
 /// reader never sees offset `n` before `n - 1` is committed and never skips an event that
-/// committed late. Appends to other partitions do not wait for each other.
+/// committed late. Appends to other partitions do not wait for each other: the bus appends with
+/// [`Store::try_append`], which takes the heads with `FOR UPDATE SKIP LOCKED` in the same single
+/// statement, so a head held by another transaction (an application's [`append_in`]) holds up
+/// only the publishes to that partition (see [`Store`]). Needs PostgreSQL 12 or later.
+///
+/// [`append_in`]: PostgresStore::append_in
 ///
 /// ```no_run
 /// use tidings::{Bus, PostgresStore};
@@ -43,6 +48,7 @@ pub struct PostgresStore {
 #[derive(Debug)]
 struct Sql {
     append: Arc<str>,
+    try_append: Arc<str>,
     read: Arc<str>,
     head: Arc<str>,
     offset_at: Arc<str>,
@@ -63,6 +69,21 @@ impl Sql {
     fn new(schema: &str) -> Self {
         let s = schema;
         let q = |sql: String| Arc::<str>::from(sql);
+        // The events, inserted at the offsets their partitions' heads (`h`) reserved.
+        let insert = format!(
+            "ins AS ( \
+               INSERT INTO {s}.tidings_events (topic, partition_no, log_offset, event_id, name, version, \
+                 timestamp_us, correlation_id, causation_id, headers, payload) \
+               SELECT r.topic, r.partition_no, h.next_offset - c.n + r.idx, r.event_id, r.name, r.version, \
+                 r.timestamp_us, r.correlation_id, r.causation_id, r.headers, r.payload \
+               FROM UNNEST($4::text[], $5::int[], $6::bigint[], $7::uuid[], $8::text[], $9::int[], \
+                 $10::bigint[], $11::uuid[], $12::uuid[], $13::text[], $14::bytea[]) \
+                 AS r(topic, partition_no, idx, event_id, name, version, timestamp_us, correlation_id, \
+                 causation_id, headers, payload) \
+               JOIN h ON h.topic = r.topic AND h.partition_no = r.partition_no \
+               JOIN counts c ON c.topic = r.topic AND c.partition_no = r.partition_no \
+             )"
+        );
         Sql {
             // One statement: reserve each partition's offsets by moving its head (the row stays
             // locked until the statement's transaction commits; heads are locked in (topic,
@@ -76,19 +97,33 @@ impl Sql {
                    SELECT topic, partition_no, n FROM counts ORDER BY topic, partition_no \
                    ON CONFLICT (topic, partition_no) DO UPDATE SET next_offset = t.next_offset + EXCLUDED.next_offset \
                    RETURNING t.topic, t.partition_no, t.next_offset \
-                 ), ins AS ( \
-                   INSERT INTO {s}.tidings_events (topic, partition_no, log_offset, event_id, name, version, \
-                     timestamp_us, correlation_id, causation_id, headers, payload) \
-                   SELECT r.topic, r.partition_no, h.next_offset - c.n + r.idx, r.event_id, r.name, r.version, \
-                     r.timestamp_us, r.correlation_id, r.causation_id, r.headers, r.payload \
-                   FROM UNNEST($4::text[], $5::int[], $6::bigint[], $7::uuid[], $8::text[], $9::int[], \
-                     $10::bigint[], $11::uuid[], $12::uuid[], $13::text[], $14::bytea[]) \
-                     AS r(topic, partition_no, idx, event_id, name, version, timestamp_us, correlation_id, \
-                     causation_id, headers, payload) \
-                   JOIN h ON h.topic = r.topic AND h.partition_no = r.partition_no \
-                   JOIN counts c ON c.topic = r.topic AND c.partition_no = r.partition_no \
-                 ) \
+                 ), {insert} \
                  SELECT topic, partition_no, next_offset FROM h"
+            )),
+            // The same in one statement, unless a head cannot be locked at once: `locked` takes
+            // the heads that are free (never waiting), `busy` are the others (held by another
+            // transaction, or not created yet: creating one could wait for another
+            // transaction creating it); with any busy nothing is appended and they are returned
+            // (with a NULL head).
+            try_append: q(format!(
+                "WITH counts AS ( \
+                   SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[]) AS c(topic, partition_no, n) \
+                 ), locked AS MATERIALIZED ( \
+                   SELECT t.topic, t.partition_no FROM {s}.tidings_heads t \
+                   JOIN counts c ON c.topic = t.topic AND c.partition_no = t.partition_no \
+                   FOR UPDATE OF t SKIP LOCKED \
+                 ), busy AS MATERIALIZED ( \
+                   SELECT c.topic, c.partition_no FROM counts c \
+                   WHERE NOT EXISTS (SELECT 1 FROM locked l \
+                     WHERE l.topic = c.topic AND l.partition_no = c.partition_no) \
+                 ), h AS ( \
+                   UPDATE {s}.tidings_heads AS t SET next_offset = t.next_offset + c.n FROM counts c \
+                   WHERE c.topic = t.topic AND c.partition_no = t.partition_no \
+                     AND NOT EXISTS (SELECT 1 FROM busy) \
+                   RETURNING t.topic, t.partition_no, t.next_offset \
+                 ), {insert} \
+                 SELECT topic, partition_no, next_offset FROM h \
+                 UNION ALL SELECT topic, partition_no, NULL::bigint FROM busy"
             )),
             read: q(format!(
                 "SELECT topic, partition_no, log_offset, event_id, name, version, timestamp_us, \
@@ -291,15 +326,28 @@ impl PostgresStore {
     ///
     /// A bus on the same store hands events to its groups when its own appends commit; events
     /// appended here reach them when that bus next appends to the partition (it sees the gap
-    /// and reads the log), or at the latest when it restarts. A bus appending to a partition
-    /// whose head this transaction holds waits for it: keep the transaction short.
+    /// and reads the log), or at the latest when it restarts. A bus's publishes to a partition
+    /// whose head this transaction holds wait for it (its publishes to other partitions go
+    /// on): keep the transaction short.
     pub async fn append_in(
         &self,
         conn: &mut PgConnection,
         events: &mut [StoredEvent],
     ) -> Result<(), StoreError> {
+        let statement = self.sql.append.clone();
+        self.append_with(conn, events, statement).await.map(|_| ())
+    }
+
+    /// Runs one of the append statements (`append`, or `try_append` that reports busy
+    /// partitions instead of waiting for them) on `conn`.
+    async fn append_with(
+        &self,
+        conn: &mut PgConnection,
+        events: &mut [StoredEvent],
+        statement: Arc<str>,
+    ) -> Result<TryAppend, StoreError> {
         if events.is_empty() {
-            return Ok(());
+            return Ok(TryAppend::Appended);
         }
         let runs = by_partition(events);
         let n = events.len();
@@ -337,7 +385,7 @@ impl PostgresStore {
                 payloads.push(std::mem::take(&mut e.payload));
             }
         }
-        let done = sqlx::query(AssertSqlSafe(self.sql.append.clone()))
+        let done = sqlx::query(AssertSqlSafe(statement))
             .bind(&run_topics)
             .bind(&run_partitions)
             .bind(&run_counts)
@@ -360,6 +408,21 @@ impl PostgresStore {
             events[i].payload = payloads.next().unwrap_or_default();
         }
         let heads = done.map_err(StoreError::backend)?;
+        // A busy partition comes back with a NULL head (and then nothing was appended).
+        let mut busy = Vec::new();
+        for r in &heads {
+            if r.try_get::<Option<i64>, _>(2)
+                .map_err(StoreError::backend)?
+                .is_none()
+            {
+                let topic: String = r.try_get(0).map_err(StoreError::backend)?;
+                let partition: i32 = r.try_get(1).map_err(StoreError::backend)?;
+                busy.push((topic, partition as u32));
+            }
+        }
+        if !busy.is_empty() {
+            return Ok(TryAppend::Busy(busy));
+        }
         for (run, (topic, partition, count)) in runs.iter().zip(
             run_topics
                 .iter()
@@ -381,15 +444,21 @@ impl PostgresStore {
                 events[i].offset = offset;
             }
         }
-        Ok(())
+        Ok(TryAppend::Appended)
     }
 
-    async fn append_inner(&self, events: &mut [StoredEvent]) -> Result<(), StoreError> {
+    async fn append_inner(
+        &self,
+        events: &mut [StoredEvent],
+        statement: Arc<str>,
+    ) -> Result<TryAppend, StoreError> {
         // One statement: atomic on its own, one round trip.
         let mut conn = self.pool.acquire().await.map_err(StoreError::backend)?;
-        self.append_in(&mut conn, events).await?;
-        self.counts.raise(events);
-        Ok(())
+        let appended = self.append_with(&mut conn, events, statement).await?;
+        if matches!(appended, TryAppend::Appended) {
+            self.counts.raise(events);
+        }
+        Ok(appended)
     }
 }
 
@@ -480,7 +549,18 @@ impl Store for PostgresStore {
         &'a self,
         events: &'a mut [StoredEvent],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.append_inner(events).boxed()
+        let statement = self.sql.append.clone();
+        self.append_inner(events, statement)
+            .map(|r| r.map(|_| ()))
+            .boxed()
+    }
+
+    fn try_append<'a>(
+        &'a self,
+        events: &'a mut [StoredEvent],
+    ) -> BoxFuture<'a, Result<TryAppend, StoreError>> {
+        let statement = self.sql.try_append.clone();
+        self.append_inner(events, statement).boxed()
     }
 
     fn read<'a>(
