@@ -36,6 +36,8 @@ use crate::topic::WorkerStats;
 
 /// Most marks in one transaction.
 const MAX_MARKS: usize = 8192;
+/// Least time between the starts of two commits of marks (unless many wait).
+const MIN_INTERVAL: Duration = Duration::from_millis(5);
 /// Times the committer yields to let other workers' marks join a transaction.
 const LINGER_YIELDS: u32 = 4;
 /// Marks a worker keeps unsent while its previous ones are being committed; beyond it, it
@@ -283,6 +285,7 @@ impl MarkBook {
 async fn run_mark_committer(inner: Arc<BusInner>, mut rx: mpsc::UnboundedReceiver<MarkFlush>) {
     let d = inner.durable.as_ref().expect("a durable bus");
     let mut batch: Vec<MarkFlush> = Vec::new();
+    let mut last = tokio::time::Instant::now();
     loop {
         let first = tokio::select! {
             biased;
@@ -293,7 +296,10 @@ async fn run_mark_committer(inner: Arc<BusInner>, mut rx: mpsc::UnboundedReceive
         let mut n = first.marks.len();
         batch.push(first);
         // Workers woken by the previous commit are sending their next marks right now: give
-        // them a few turns of the scheduler (no timer) so that they share this transaction.
+        // them a few turns of the scheduler so that they share this transaction; and commit
+        // no more often than every MIN_INTERVAL (each commit is an fsync that appends wait
+        // behind on SQLite), unless many marks wait.
+        let until = last + MIN_INTERVAL;
         let mut lingers = 0;
         while n < MAX_MARKS {
             match rx.try_recv() {
@@ -305,9 +311,25 @@ async fn run_mark_committer(inner: Arc<BusInner>, mut rx: mpsc::UnboundedReceive
                     lingers += 1;
                     tokio::task::yield_now().await;
                 }
-                Err(_) => break,
+                Err(_) if tokio::time::Instant::now() >= until || n >= MAX_MARKS / 4 => break,
+                Err(_) => {
+                    let more = tokio::select! {
+                        biased;
+                        r = rx.recv() => r,
+                        _ = tokio::time::sleep_until(until) => None,
+                        _ = d.stop.cancelled() => None,
+                    };
+                    match more {
+                        Some(flush) => {
+                            n += flush.marks.len();
+                            batch.push(flush);
+                        }
+                        None => break,
+                    }
+                }
             }
         }
+        last = tokio::time::Instant::now();
         let durable = commit(&inner, &mut batch, true).await;
         for flush in batch.drain(..) {
             let _ = flush.done.send(durable);
