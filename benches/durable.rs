@@ -10,6 +10,9 @@
 //!   share a transaction.
 //! - `<store>/publish_all_64`: each publisher awaits `publish_all` of 64 events (one commit for
 //!   the 64), so up to 1024 events share a transaction.
+//! - `<store>/effectively_once/…`: the same, with the group's delivery
+//!   `DeliveryMode::EffectivelyOnce`: with a store, each handled event's id is also marked in the
+//!   store with the group's offset (the marks of all workers share commits).
 //!
 //! Stores:
 //! - `no_store`: the bus in memory (no durability), same shape.
@@ -84,7 +87,7 @@ async fn batch(bus: &Bus, handled: &Counter, latencies: &Latencies, batch: u64) 
     latencies.lock().extend(all);
 }
 
-fn build(store: Option<Arc<dyn Store>>, handled: &Arc<Counter>) -> Bus {
+fn build(store: Option<Arc<dyn Store>>, handled: &Arc<Counter>, delivery: DeliveryMode) -> Bus {
     let h = Arc::clone(handled);
     let mut builder = Bus::builder().topic(
         TopicConfig::new("bench.events")
@@ -95,9 +98,16 @@ fn build(store: Option<Arc<dyn Store>>, handled: &Arc<Counter>) -> Bus {
         builder = builder.store(store);
     }
     builder
-        .subscribe::<Ev, _>("sink", move || Sink {
-            handled: Arc::clone(&h),
-        })
+        .subscribe::<Ev, _>(
+            Subscription::new(match delivery {
+                DeliveryMode::EffectivelyOnce => "sink-effectively-once",
+                _ => "sink",
+            })
+            .delivery(delivery),
+            move || Sink {
+                handled: Arc::clone(&h),
+            },
+        )
         .build()
         .expect("bus")
 }
@@ -185,14 +195,25 @@ fn durable(c: &mut Criterion) {
         }
         stores
     });
-    for (name, store) in stores {
+    let modes = [DeliveryMode::AtLeastOnce, DeliveryMode::EffectivelyOnce];
+    for ((name, store), delivery) in stores
+        .into_iter()
+        .flat_map(|s| modes.map(|m| (s.clone(), m)))
+    {
+        if store.is_none() && delivery == DeliveryMode::EffectivelyOnce {
+            continue; // Without a store there are no marks to commit.
+        }
+        let mode = match delivery {
+            DeliveryMode::EffectivelyOnce => "effectively_once/",
+            _ => "",
+        };
         let handled = Arc::new(Counter::default());
-        let bus = rt.block_on(async { build(store, &handled) });
+        let bus = rt.block_on(async { build(store, &handled, delivery) });
         for size in [1, BATCH] {
             let entry = if size == 1 {
-                format!("{name}/publish")
+                format!("{name}/{mode}publish")
             } else {
-                format!("{name}/publish_all_{size}")
+                format!("{name}/{mode}publish_all_{size}")
             };
             let latencies: Latencies = Arc::default();
             group.bench_function(&entry, |b| {
@@ -211,7 +232,7 @@ fn durable(c: &mut Criterion) {
     println!("\nlatency of one publish (or publish_all) call, 16 concurrent publishers; it returns once committed:");
     for (name, lat) in report {
         println!(
-            "  {name:<29} p50 {:>9.1?}  p99 {:>9.1?}  ({} calls)",
+            "  {name:<46} p50 {:>9.1?}  p99 {:>9.1?}  ({} calls)",
             percentile(&lat, 0.50),
             percentile(&lat, 0.99),
             lat.len()

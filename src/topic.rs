@@ -145,6 +145,9 @@ pub(crate) struct WorkerStats {
     pub(crate) next_offset: AtomicU64,
     /// With a store: `next_offset` holds the group's real position (read from the store).
     pub(crate) ready: std::sync::atomic::AtomicBool,
+    /// Effectively-once with a store: 1 + the lowest offset whose mark is not durable yet (0:
+    /// none). Offsets are committed below it (see `bus::marks`).
+    pub(crate) unmarked: AtomicU64,
 }
 
 impl Topic {
@@ -359,7 +362,7 @@ impl Partition {
                 }
                 let expected = stats.next_offset.load(Ordering::Relaxed);
                 if q.skipped_to > expected && !q.lagging {
-                    stats.next_offset.store(q.skipped_to, Ordering::Relaxed);
+                    stats.next_offset.store(q.skipped_to, Ordering::Release);
                 }
                 let expected = stats.next_offset.load(Ordering::Relaxed);
                 if expected < head && may_catch_up {
@@ -416,6 +419,11 @@ impl Partition {
             }
             self.wakers[slot].notified().await;
         }
+    }
+
+    /// Whether events of `slot` wait in its queue.
+    pub(crate) fn has_queued(&self, slot: usize) -> bool {
+        !self.lock().queues[slot].items.is_empty()
     }
 
     /// With a store: the log's head is at least `head`.

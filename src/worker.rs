@@ -342,6 +342,8 @@ struct Worker<D> {
     /// the next start; the group's offset stays before it, so the worker handles nothing after
     /// it in this partition.
     held: bool,
+    /// Effectively-once with a store: the marks waiting for their shared commit.
+    book: Option<Box<crate::bus::marks::MarkBook>>,
 }
 
 /// How one event ended for this group.
@@ -553,6 +555,12 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
         store: bus.inner.durable.as_ref().map(|d| Arc::clone(&d.store)),
         marks: bus.inner.durable.is_some() && options.delivery == DeliveryMode::EffectivelyOnce,
         held: false,
+        book: match &bus.inner.durable {
+            Some(d) if options.delivery == DeliveryMode::EffectivelyOnce => {
+                Some(Box::new(d.marks.book(&group, &topic.name, partition)))
+            }
+            _ => None,
+        },
     };
     let stats = &topic.worker_stats[slot][partition as usize];
     let fast = worker.layers.is_empty() && !sequenced;
@@ -679,10 +687,20 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
             )
             .await
         {
-            NextDurable::Closed => break,
+            NextDurable::Closed => {
+                if let Some(book) = worker.book.as_mut() {
+                    book.sync(true, stats).await;
+                }
+                break;
+            }
             NextDurable::Batch => {
                 let mut unfinished = batch.len();
                 done.reserve(unfinished);
+                if let Some(book) = worker.book.as_mut() {
+                    // Effectively-once: the batch's marks in one query.
+                    let ids = batch.iter().map(|item| item.meta().id).collect();
+                    book.look_ahead(&*feed.store, ids).await;
+                }
                 while let Some(item) = batch.pop_front() {
                     if worker.held {
                         // Behind an event left in the log: read again after the next start.
@@ -699,13 +717,18 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                         unfinished = batch.len();
                     }
                 }
-                if unfinished > 0 {
-                    bus.inner.finish(unfinished);
-                }
                 if worker.held && may_catch_up {
                     // Nothing more is read or queued for this group in this partition.
                     may_catch_up = false;
                     part.give_up_catch_up(slot, &bus.inner);
+                }
+                if let Some(book) = worker.book.as_mut() {
+                    // The marks go on while more events wait; with none waiting, this batch
+                    // is finished once its marks are committed (`settled` means marked).
+                    book.sync(!part.has_queued(slot), stats).await;
+                }
+                if unfinished > 0 {
+                    bus.inner.finish(unfinished);
                 }
             }
             NextDurable::CatchUp(until) => {
@@ -713,6 +736,9 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                 loop {
                     if bus.inner.cancel.is_cancelled() {
                         // Shutting down: what is left in the log waits for the next start.
+                        if let Some(book) = worker.book.as_mut() {
+                            book.sync(true, stats).await;
+                        }
                         may_catch_up = false;
                         part.give_up_catch_up(slot, &bus.inner);
                         break;
@@ -722,7 +748,12 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                         .next(&topic.name, partition, next, D::accepts, &durable.decoder)
                         .await;
                     match caught {
-                        Ok(None) => break,
+                        Ok(None) => {
+                            if let Some(book) = worker.book.as_mut() {
+                                book.sync(true, stats).await;
+                            }
+                            break;
+                        }
                         Ok(Some(Caught::Skip(offset))) => {
                             backoff = StoreBackoff::default();
                             advance(stats, offset);
@@ -741,9 +772,21 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                                 advance(stats, offset);
                                 continue;
                             }
+                            if let Some(book) = worker.book.as_mut() {
+                                if book.knows(item.meta().id).is_none() {
+                                    // Effectively-once: the marks of the page read in one query.
+                                    let ids = std::iter::once(item.meta().id)
+                                        .chain(feed.rows.iter().map(|r| r.id))
+                                        .collect();
+                                    book.look_ahead(&*feed.store, ids).await;
+                                }
+                            }
                             worker
                                 .process(item, &mut ctx, sequenced, &mut done, stats)
                                 .await;
+                            if let Some(book) = worker.book.as_mut() {
+                                book.sync(false, stats).await;
+                            }
                             done.clear();
                             if worker.held {
                                 // Left in the log (retries stopped by shutdown): so is the rest.
@@ -890,7 +933,16 @@ impl<D: Dispatch> Worker<D> {
     /// With a store, after an event was handled: its dead letter's row goes (a redriven
     /// event), and with effectively-once its mark and offset are committed.
     async fn after_handled(&mut self, id: Uuid, offset: u64) {
+        let stats = &self.end.topic.worker_stats[self.end.slot][self.end.partition as usize];
+        if let Some(book) = self.book.as_mut() {
+            // Effectively-once: the mark waits for the next shared commit.
+            book.note(id, offset, stats);
+        }
         if self.dead_letters.take_stored(self.end.partition, offset) {
+            if let Some(book) = self.book.as_mut() {
+                // A redriven event: its mark is durable before its dead letter's row goes.
+                book.sync(true, stats).await;
+            }
             let store = self.store.as_ref().expect("a store");
             let mut backoff = StoreBackoff::default();
             while let Err(error) = store
@@ -908,13 +960,14 @@ impl<D: Dispatch> Worker<D> {
                 }
             }
         }
-        if self.marks {
-            self.commit_mark(id, offset).await;
-        }
     }
 
-    /// Effectively-once: whether the group marked `id` handled.
+    /// Effectively-once: whether the group marked `id` handled (its mark pending in a commit,
+    /// or durable).
     async fn marked(&mut self, id: Uuid) -> bool {
+        if let Some(known) = self.book.as_ref().and_then(|book| book.knows(id)) {
+            return known;
+        }
         let store = self.store.as_ref().expect("a store");
         let mut backoff = StoreBackoff::default();
         loop {
@@ -927,24 +980,6 @@ impl<D: Dispatch> Worker<D> {
                         return false;
                     }
                 }
-            }
-        }
-    }
-
-    /// Effectively-once: commits the mark of `id` and the offset after it, in one transaction.
-    async fn commit_mark(&mut self, id: Uuid, offset: u64) {
-        let store = self.store.as_ref().expect("a store");
-        let next = crate::store::GroupOffset {
-            group: self.end.group.to_string(),
-            topic: self.end.topic.name.clone(),
-            partition: self.end.partition,
-            next_offset: offset + 1,
-        };
-        let mut backoff = StoreBackoff::default();
-        while let Err(error) = store.commit_marked(&next, id).await {
-            tracing::error!(group = %self.end.group, %id, %error, "tidings: committing a mark failed; retrying");
-            if !backoff.wait(self.stopped()).await {
-                return;
             }
         }
     }
@@ -1014,7 +1049,11 @@ impl<D: Dispatch> Worker<D> {
 /// Commits `offset` as finished (redriven events may be older: the mark never goes back).
 fn advance(stats: &crate::topic::WorkerStats, offset: u64) {
     if stats.next_offset.load(Relaxed) <= offset {
-        stats.next_offset.store(offset + 1, Relaxed);
+        // Release: a committer that reads the new offset sees an effectively-once hold set
+        // before it (see `bus::marks`).
+        stats
+            .next_offset
+            .store(offset + 1, std::sync::atomic::Ordering::Release);
     }
 }
 

@@ -70,6 +70,8 @@ conformance!(
     dead_letters_survive_a_restart_until_redriven_and_handled,
     discarded_dead_letters_do_not_come_back,
     effectively_once_marks_survive_a_restart,
+    batched_marks_commit_with_the_highest_offsets,
+    effectively_once_bursts_skip_every_copy,
     events_appended_outside_the_bus_reach_its_groups,
     try_append_appends_all_or_names_the_busy_partitions,
     retention_by_age_trims_old_events,
@@ -928,6 +930,90 @@ async fn effectively_once_marks_survive_a_restart(b: Backend) {
     );
     let g = &bus.stats().topics[0].groups[0];
     assert_eq!(g.duplicates, 1);
+    bus.shutdown().await;
+}
+
+async fn batched_marks_commit_with_the_highest_offsets(b: Backend) {
+    use tidings::GroupOffset;
+    let store = b.open().await;
+    let at = |group: &str, partition: u32, next_offset: u64| GroupOffset {
+        group: group.to_owned(),
+        topic: "orders".to_owned(),
+        partition,
+        next_offset,
+    };
+    let ids: Vec<Uuid> = (0..600).map(|_| Uuid::now_v7()).collect();
+    store.commit_marks(&[]).await.unwrap();
+    // Many marks of two groups in one call, offsets out of order, an id twice.
+    let mut marks: Vec<(GroupOffset, Uuid)> = ids[..550]
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| (at("a", (i % 2) as u32, 1000 - i as u64), id))
+        .collect();
+    marks.push((at("a", 0, 3), ids[0]));
+    marks.push((at("b", 1, 7), ids[599]));
+    store.commit_marks(&marks).await.unwrap();
+    assert_eq!(store.committed("a", "orders", 0).await.unwrap(), Some(1000));
+    assert_eq!(store.committed("a", "orders", 1).await.unwrap(), Some(999));
+    assert_eq!(store.committed("b", "orders", 1).await.unwrap(), Some(7));
+    // An offset never moves back.
+    store
+        .commit_marks(&[(at("a", 0, 5), ids[550])])
+        .await
+        .unwrap();
+    assert_eq!(store.committed("a", "orders", 0).await.unwrap(), Some(1000));
+
+    // Marks are per group; more ids than one statement takes on SQLite.
+    let mut found = store.marked("a", &ids).await.unwrap();
+    found.sort();
+    let mut expected = ids[..551].to_vec();
+    expected.sort();
+    assert_eq!(found, expected);
+    assert_eq!(store.marked("b", &ids).await.unwrap(), vec![ids[599]]);
+    assert!(store.marked("a", &[]).await.unwrap().is_empty());
+    assert!(store.is_marked("a", ids[550]).await.unwrap());
+    assert!(!store.is_marked("a", ids[551]).await.unwrap());
+    assert!(!store.is_marked("b", ids[0]).await.unwrap());
+}
+
+async fn effectively_once_bursts_skip_every_copy(b: Backend) {
+    // Many events at once (their marks share commits), then copies of some published again
+    // while the group is busy: each is handled once, and `settled` means committed.
+    let log = Log::default();
+    let bus = record_with(
+        b.builder().await.topic(topic(2)),
+        Subscription::new("once").delivery(DeliveryMode::EffectivelyOnce),
+        &log,
+    )
+    .build()
+    .unwrap();
+    let receipts = bus
+        .publish_all((0..300).map(|seq| Placed {
+            order: seq % 7,
+            seq,
+        }))
+        .await
+        .unwrap();
+    for r in receipts.iter().step_by(30) {
+        let seq = r.offset; // any payload: the id makes it a copy
+        bus.publish_with(Placed { order: 0, seq }, PublishOptions::new().id(r.id))
+            .await
+            .unwrap();
+    }
+    bus.settled().await;
+    assert_eq!(log.len("once"), 300, "a copy was handled");
+    let g = &bus.stats().topics[0].groups[0];
+    assert_eq!(g.duplicates, 10);
+    let store = b.open().await;
+    let mut committed = 0;
+    for p in 0..2 {
+        committed += store
+            .committed("once", "orders", p)
+            .await
+            .unwrap()
+            .unwrap_or(0);
+    }
+    assert_eq!(committed, 310);
     bus.shutdown().await;
 }
 

@@ -51,6 +51,8 @@ pub(crate) struct Durable {
     /// Cancelled once every worker knows where it starts: appends wait for it, so that a group
     /// starting at the latest offset starts before this bus's first event.
     pub(crate) started: CancellationToken,
+    /// Effectively-once: the marks' committer and the groups' pending marks.
+    pub(crate) marks: super::marks::MarkCommits,
 }
 
 /// Events of one publish call waiting for their append: the rows, the events themselves (to hand
@@ -142,6 +144,7 @@ impl Durable {
             tasks: Mutex::new(Vec::new()),
             starting: std::sync::atomic::AtomicUsize::new(0),
             started: CancellationToken::new(),
+            marks: super::marks::MarkCommits::new(),
         }
     }
 
@@ -167,6 +170,7 @@ impl Durable {
         let mut tasks = d.tasks.lock();
         tasks.push(runtime.spawn(run_appender(Arc::clone(inner), rx)));
         tasks.push(runtime.spawn(run_committer(Arc::clone(inner))));
+        tasks.push(runtime.spawn(super::marks::MarkCommits::task(Arc::clone(inner))));
         if d.retention.values().any(|r| *r != Retention::KeepAll) {
             tasks.push(runtime.spawn(run_retention(Arc::clone(inner))));
         }
@@ -768,6 +772,11 @@ pub(crate) async fn commit_offsets(inner: &BusInner) -> Result<(), StoreError> {
                         continue;
                     }
                     let next = w.next_offset.load(Ordering::Acquire);
+                    // Effectively-once: never past an event whose mark is not durable yet.
+                    let next = match w.unmarked.load(Ordering::Acquire) {
+                        0 => next,
+                        held => next.min(held - 1),
+                    };
                     let key = (topic.name.clone(), slot, p as u32);
                     if committed.get(&key).is_some_and(|&c| c >= next) {
                         continue;

@@ -2,6 +2,7 @@
 
 mod builder;
 pub(crate) mod durable;
+pub(crate) mod marks;
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;

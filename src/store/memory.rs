@@ -299,4 +299,37 @@ impl Store for MemoryStore {
         *next = (*next).max(offset.next_offset);
         futures::future::ready(Ok(())).boxed()
     }
+
+    fn marked<'a>(
+        &'a self,
+        group: &'a str,
+        ids: &'a [uuid::Uuid],
+    ) -> BoxFuture<'a, Result<Vec<uuid::Uuid>, StoreError>> {
+        let inner = self.inner.lock();
+        let group = group.to_owned();
+        let found = ids
+            .iter()
+            .filter(|&&id| inner.marks.contains(&(group.clone(), id)))
+            .copied()
+            .collect();
+        futures::future::ready(Ok(found)).boxed()
+    }
+
+    fn commit_marks<'a>(
+        &'a self,
+        marks: &'a [(GroupOffset, uuid::Uuid)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let mut inner = self.inner.lock();
+        for (offset, id) in marks {
+            inner.marks.insert((offset.group.clone(), *id));
+        }
+        for o in super::highest_offsets(marks) {
+            let next = inner
+                .offsets
+                .entry((o.group.clone(), o.topic.clone(), o.partition))
+                .or_insert(0);
+            *next = (*next).max(o.next_offset);
+        }
+        futures::future::ready(Ok(())).boxed()
+    }
 }

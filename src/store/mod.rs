@@ -345,6 +345,57 @@ pub trait Store: Send + Sync + 'static {
         offset: &'a GroupOffset,
         id: Uuid,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Effectively-once, for many events at once: which of `ids` `group` marked handled, in any
+    /// order. The bus asks once per batch of events instead of once per event.
+    ///
+    /// The default asks [`is_marked`](Store::is_marked) for each id; the backends of tidings
+    /// answer in one query.
+    ///
+    /// # Errors
+    ///
+    /// The store's error; the bus then asks again later.
+    fn marked<'a>(
+        &'a self,
+        group: &'a str,
+        ids: &'a [Uuid],
+    ) -> BoxFuture<'a, Result<Vec<Uuid>, StoreError>> {
+        Box::pin(async move {
+            let mut found = Vec::new();
+            for &id in ids {
+                if self.is_marked(group, id).await? {
+                    found.push(id);
+                }
+            }
+            Ok(found)
+        })
+    }
+
+    /// Effectively-once, for many events at once: marks each event id handled by its offset's
+    /// group and commits the offsets (per group partition the highest; an offset never moves
+    /// back, as with [`commit`](Store::commit)). The bus gathers the marks of all its workers
+    /// into one call, as it gathers appends.
+    ///
+    /// Each mark must become durable together with its offset, or neither: no offset may be
+    /// durable past an event whose mark is not. The backends of tidings commit the whole call
+    /// in one transaction; the default calls [`commit_marked`](Store::commit_marked) for each
+    /// pair, in order (each pair atomic), which keeps that rule too.
+    ///
+    /// # Errors
+    ///
+    /// The store's error: then none of the call's marks may be relied on, and the bus does not
+    /// let the groups' offsets pass their events.
+    fn commit_marks<'a>(
+        &'a self,
+        marks: &'a [(GroupOffset, Uuid)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            for (offset, id) in marks {
+                self.commit_marked(offset, *id).await?;
+            }
+            Ok(())
+        })
+    }
 }
 
 /// A shared store is a store: keep an `Arc` to read the log or offsets beside the bus.
@@ -450,6 +501,19 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         id: Uuid,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         (**self).commit_marked(offset, id)
+    }
+    fn marked<'a>(
+        &'a self,
+        group: &'a str,
+        ids: &'a [Uuid],
+    ) -> BoxFuture<'a, Result<Vec<Uuid>, StoreError>> {
+        (**self).marked(group, ids)
+    }
+    fn commit_marks<'a>(
+        &'a self,
+        marks: &'a [(GroupOffset, Uuid)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        (**self).commit_marks(marks)
     }
 }
 
@@ -568,6 +632,21 @@ impl PartitionCounts {
     pub(crate) fn get(&self, topic: &str) -> Option<u32> {
         Some(self.0.lock().get(topic).copied().unwrap_or(0))
     }
+}
+
+/// The offsets of `marks` to commit: per (group, topic, partition) the highest, in a fixed
+/// order (a statement may touch each offset row once).
+pub(crate) fn highest_offsets(marks: &[(GroupOffset, Uuid)]) -> Vec<&GroupOffset> {
+    let mut highest: std::collections::BTreeMap<(&str, &str, u32), &GroupOffset> =
+        Default::default();
+    for (o, _) in marks {
+        let key = (o.group.as_str(), o.topic.as_str(), o.partition);
+        let entry = highest.entry(key).or_insert(o);
+        if o.next_offset > entry.next_offset {
+            *entry = o;
+        }
+    }
+    highest.into_values().collect()
 }
 
 #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]

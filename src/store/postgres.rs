@@ -61,7 +61,9 @@ struct Sql {
     delete_dead_letter: Arc<str>,
     dead_letters: Arc<str>,
     is_marked: Arc<str>,
+    marked: Arc<str>,
     mark: Arc<str>,
+    marks: Arc<str>,
     commit_one: Arc<str>,
 }
 
@@ -181,6 +183,14 @@ impl Sql {
             )),
             is_marked: q(format!(
                 "SELECT 1 FROM {s}.tidings_marks WHERE group_name = $1 AND event_id = $2"
+            )),
+            marked: q(format!(
+                "SELECT event_id FROM {s}.tidings_marks WHERE group_name = $1 AND event_id = ANY($2)"
+            )),
+            marks: q(format!(
+                "INSERT INTO {s}.tidings_marks (group_name, event_id, marked_us) \
+                 SELECT g, e, $3 FROM UNNEST($1::text[], $2::uuid[]) AS m(g, e) \
+                 ON CONFLICT DO NOTHING"
             )),
             mark: q(format!(
                 "INSERT INTO {s}.tidings_marks (group_name, event_id, marked_us) VALUES ($1, $2, $3) \
@@ -825,6 +835,61 @@ impl Store for PostgresStore {
                 .bind(&offset.topic)
                 .bind(offset.partition as i32)
                 .bind(offset.next_offset as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::backend)?;
+            tx.commit().await.map_err(StoreError::backend)
+        }
+        .boxed()
+    }
+
+    fn marked<'a>(
+        &'a self,
+        group: &'a str,
+        ids: &'a [Uuid],
+    ) -> BoxFuture<'a, Result<Vec<Uuid>, StoreError>> {
+        async move {
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            sqlx::query_scalar(AssertSqlSafe(self.sql.marked.clone()))
+                .bind(group)
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::backend)
+        }
+        .boxed()
+    }
+
+    fn commit_marks<'a>(
+        &'a self,
+        marks: &'a [(GroupOffset, Uuid)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            if marks.is_empty() {
+                return Ok(());
+            }
+            let groups: Vec<&str> = marks.iter().map(|(o, _)| o.group.as_str()).collect();
+            let ids: Vec<Uuid> = marks.iter().map(|(_, id)| *id).collect();
+            let offsets = super::highest_offsets(marks);
+            let o_groups: Vec<&str> = offsets.iter().map(|o| o.group.as_str()).collect();
+            let topics: Vec<&str> = offsets.iter().map(|o| o.topic.as_str()).collect();
+            let partitions: Vec<i32> = offsets.iter().map(|o| o.partition as i32).collect();
+            let nexts: Vec<i64> = offsets.iter().map(|o| o.next_offset as i64).collect();
+            let mut tx = self.pool.begin().await.map_err(StoreError::backend)?;
+            sqlx::query(AssertSqlSafe(self.sql.marks.clone()))
+                .bind(&groups)
+                .bind(&ids)
+                .bind(micros(SystemTime::now()))
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::backend)?;
+            sqlx::query(AssertSqlSafe(self.sql.commit.clone()))
+                .bind(&o_groups)
+                .bind(&topics)
+                .bind(&partitions)
+                .bind(&nexts)
                 .execute(&mut *tx)
                 .await
                 .map_err(StoreError::backend)?;

@@ -663,4 +663,84 @@ impl Store for SqliteStore {
         }
         .boxed()
     }
+
+    fn marked<'a>(
+        &'a self,
+        group: &'a str,
+        ids: &'a [uuid::Uuid],
+    ) -> BoxFuture<'a, Result<Vec<uuid::Uuid>, StoreError>> {
+        async move {
+            let mut found = Vec::new();
+            for chunk in ids.chunks(ROWS_PER_INSERT) {
+                let mut q: QueryBuilder<Sqlite> =
+                    QueryBuilder::new("SELECT event_id FROM tidings_marks WHERE group_name = ");
+                q.push_bind(group).push(" AND event_id IN (");
+                let mut list = q.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                q.push(")");
+                let rows: Vec<uuid::Uuid> = q
+                    .build_query_scalar()
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(StoreError::backend)?;
+                found.extend(rows);
+            }
+            Ok(found)
+        }
+        .boxed()
+    }
+
+    fn commit_marks<'a>(
+        &'a self,
+        marks: &'a [(GroupOffset, uuid::Uuid)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        async move {
+            if marks.is_empty() {
+                return Ok(());
+            }
+            let now = micros(SystemTime::now());
+            let mut writer = self.writer.lock().await;
+            writer.clean().await;
+            writer.open_tx = true;
+            let mut tx = sqlx::Connection::begin_with(&mut writer.conn, "BEGIN IMMEDIATE")
+                .await
+                .map_err(StoreError::backend)?;
+            for chunk in marks.chunks(ROWS_PER_INSERT) {
+                let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                    "INSERT OR IGNORE INTO tidings_marks (group_name, event_id, marked_us) ",
+                );
+                q.push_values(chunk, |mut b, (o, id)| {
+                    b.push_bind(&o.group).push_bind(*id).push_bind(now);
+                });
+                q.build()
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::backend)?;
+            }
+            let offsets = super::highest_offsets(marks);
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO tidings_offsets (group_name, topic, partition_no, next_offset) ",
+            );
+            q.push_values(&offsets, |mut b, o| {
+                b.push_bind(&o.group)
+                    .push_bind(&o.topic)
+                    .push_bind(o.partition as i64)
+                    .push_bind(o.next_offset as i64);
+            });
+            q.push(
+                " ON CONFLICT (group_name, topic, partition_no) \
+                 DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
+            );
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::backend)?;
+            tx.commit().await.map_err(StoreError::backend)?;
+            writer.open_tx = false;
+            Ok(())
+        }
+        .boxed()
+    }
 }
