@@ -426,6 +426,20 @@ impl Partition {
         !self.lock().queues[slot].items.is_empty()
     }
 
+    /// Returns once something happens to `slot`'s queue (events queued, the group told to
+    /// read the log, the partition closing), at once if events wait. Cancel safe; may return
+    /// spuriously (the caller looks again).
+    pub(crate) async fn changed(&self, slot: usize) {
+        {
+            let mut state = self.lock();
+            if state.closed || !state.queues[slot].items.is_empty() {
+                return;
+            }
+            state.queues[slot].parked = true;
+        }
+        self.wakers[slot].notified().await;
+    }
+
     /// With a store: the log's head is at least `head`.
     pub(crate) fn raise_head(&self, head: u64) {
         let mut state = self.lock();

@@ -717,15 +717,28 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                         unfinished = batch.len();
                     }
                 }
-                if worker.held && may_catch_up {
-                    // Nothing more is read or queued for this group in this partition.
+                if worker.held {
+                    // Nothing more is read or queued for this group in this partition, and no
+                    // event passed by moves its offset past the held one (a queue that is not
+                    // lagging would: `skipped_to`), even if the catch-up was given up before.
                     may_catch_up = false;
                     part.give_up_catch_up(slot, &bus.inner);
                 }
                 if let Some(book) = worker.book.as_mut() {
                     // The marks go on while more events wait; with none waiting, this batch
-                    // is finished once its marks are committed (`settled` means marked).
-                    book.sync(!part.has_queued(slot), stats).await;
+                    // is finished once its marks are committed (`settled` means marked), or
+                    // as soon as more events come (they keep the bus from settling, and the
+                    // wait at their end covers these marks too): the worker does not sit
+                    // idle for a commit while its queue fills.
+                    if part.has_queued(slot) {
+                        book.sync(false, stats).await;
+                    } else {
+                        tokio::select! {
+                            biased;
+                            _ = book.sync(true, stats) => {}
+                            _ = part.changed(slot) => book.sync(false, stats).await,
+                        }
+                    }
                 }
                 if unfinished > 0 {
                     bus.inner.finish(unfinished);

@@ -595,6 +595,14 @@ fn enqueue(inner: &Arc<BusInner>, lanes: &mut HashMap<PartKey, Arc<Lane>>, a: Ap
             });
             let after: Vec<CancellationToken> = holding.iter().map(|l| l.done.clone()).collect();
             tokio::spawn(run_lane(Arc::clone(inner), Arc::clone(&lane), after));
+            // The lanes it comes after take nothing more: their partitions are this lane's
+            // too, so they drain and finish (a lane that kept taking publishes to its other
+            // partitions could hold this one back for as long as they keep coming).
+            for held in lanes.values_mut() {
+                if holding.iter().any(|l| Arc::ptr_eq(l, held)) {
+                    *held = Arc::clone(&lane);
+                }
+            }
             lane
         }
     };
@@ -794,6 +802,10 @@ pub(crate) async fn commit_offsets(inner: &BusInner) -> Result<(), StoreError> {
     if offsets.is_empty() {
         return Ok(());
     }
+    // The order the marks committer writes offset rows in too (`highest_offsets`): two
+    // transactions that lock rows in one order cannot deadlock each other.
+    offsets
+        .sort_by(|a, b| (&a.group, &a.topic, a.partition).cmp(&(&b.group, &b.topic, b.partition)));
     d.store.commit(&offsets).await?;
     let mut committed = d.committed.lock();
     for o in offsets {

@@ -808,6 +808,7 @@ impl Store for PostgresStore {
             let found: Option<i32> = sqlx::query_scalar(AssertSqlSafe(self.sql.is_marked.clone()))
                 .bind(group)
                 .bind(id)
+                .persistent(false)
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(StoreError::backend)?;
@@ -852,9 +853,12 @@ impl Store for PostgresStore {
             if ids.is_empty() {
                 return Ok(Vec::new());
             }
+            // Not a prepared statement: a plan cached while the marks table was small (a
+            // sequential scan) would stay in use as the table grows to millions of rows.
             sqlx::query_scalar(AssertSqlSafe(self.sql.marked.clone()))
                 .bind(group)
                 .bind(ids)
+                .persistent(false)
                 .fetch_all(&self.pool)
                 .await
                 .map_err(StoreError::backend)
