@@ -14,39 +14,48 @@ use tidings::{
     BuildError, PublishError, StartFrom, Store, StoreError, TryAppend, Undecodable, Upcaster, Uuid,
 };
 
-/// Runs a test body `TIDINGS_STRESS` times (default once), in parallel, each on a fresh backend.
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::stress(|_| async { super::$name(super::Backend::memory()).await }).await;
-                }
-            )*
-        }
-        #[cfg(feature = "sqlite")]
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::stress(|_| async { super::$name(super::Backend::sqlite()).await }).await;
-                }
-            )*
-        }
-        #[cfg(feature = "postgres")]
-        mod postgres {
+/// One module of tests named `$name`, each running the test body of the same name on
+/// `$backend` (a closure from the test's name and stress index to a backend future),
+/// `TIDINGS_STRESS` times (default once), in parallel, each on a fresh backend.
+macro_rules! suite {
+    ($module:ident, $backend:expr, $($name:ident),* $(,)?) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::stress(|i| async move {
-                        let b = super::Backend::postgres(&format!("{}_{}", stringify!($name), i)).await;
+                        let b = ($backend)(stringify!($name), i).await;
                         super::$name(b).await
                     })
                     .await;
                 }
             )*
         }
+    };
+}
+
+async fn memory(_: &str, _: usize) -> Backend {
+    Backend::memory()
+}
+
+#[cfg(feature = "sqlite")]
+async fn sqlite(_: &str, _: usize) -> Backend {
+    Backend::sqlite()
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres(test: &str, i: usize) -> Backend {
+    Backend::postgres(&format!("{test}_{i}")).await
+}
+
+/// The suite every store runs: memory, SQLite and PostgreSQL.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        suite!(memory, super::memory, $($name),*);
+        #[cfg(feature = "sqlite")]
+        suite!(sqlite, super::sqlite, $($name),*);
+        #[cfg(feature = "postgres")]
+        suite!(postgres, super::postgres, $($name),*);
     };
 }
 
@@ -85,27 +94,9 @@ conformance!(
 macro_rules! sql_conformance {
     ($($name:ident),* $(,)?) => {
         #[cfg(feature = "sqlite")]
-        mod sqlite_rows {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::stress(|_| async { super::$name(super::Backend::sqlite()).await }).await;
-                }
-            )*
-        }
+        suite!(sqlite_rows, super::sqlite, $($name),*);
         #[cfg(feature = "postgres")]
-        mod postgres_rows {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::stress(|i| async move {
-                        let b = super::Backend::postgres(&format!("{}_{}", stringify!($name), i)).await;
-                        super::$name(b).await
-                    })
-                    .await;
-                }
-            )*
-        }
+        suite!(postgres_rows, super::postgres, $($name),*);
     };
 }
 
