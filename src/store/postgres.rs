@@ -62,9 +62,7 @@ struct Sql {
     dead_letters: Arc<str>,
     is_marked: Arc<str>,
     marked: Arc<str>,
-    mark: Arc<str>,
     marks: Arc<str>,
-    commit_one: Arc<str>,
 }
 
 impl Sql {
@@ -191,15 +189,6 @@ impl Sql {
                 "INSERT INTO {s}.tidings_marks (group_name, event_id, marked_us) \
                  SELECT g, e, $3 FROM UNNEST($1::text[], $2::uuid[]) AS m(g, e) \
                  ON CONFLICT DO NOTHING"
-            )),
-            mark: q(format!(
-                "INSERT INTO {s}.tidings_marks (group_name, event_id, marked_us) VALUES ($1, $2, $3) \
-                 ON CONFLICT DO NOTHING"
-            )),
-            commit_one: q(format!(
-                "INSERT INTO {s}.tidings_offsets AS o (group_name, topic, partition_no, next_offset) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (group_name, topic, partition_no) \
-                 DO UPDATE SET next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset)"
             )),
         }
     }
@@ -822,26 +811,7 @@ impl Store for PostgresStore {
         offset: &'a GroupOffset,
         id: Uuid,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        async move {
-            let mut tx = self.pool.begin().await.map_err(StoreError::backend)?;
-            sqlx::query(AssertSqlSafe(self.sql.mark.clone()))
-                .bind(&offset.group)
-                .bind(id)
-                .bind(micros(SystemTime::now()))
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::backend)?;
-            sqlx::query(AssertSqlSafe(self.sql.commit_one.clone()))
-                .bind(&offset.group)
-                .bind(&offset.topic)
-                .bind(offset.partition as i32)
-                .bind(offset.next_offset as i64)
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::backend)?;
-            tx.commit().await.map_err(StoreError::backend)
-        }
-        .boxed()
+        async move { self.commit_marks(&[(offset.clone(), id)]).await }.boxed()
     }
 
     fn marked<'a>(

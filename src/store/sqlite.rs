@@ -328,6 +328,35 @@ fn dead_letter(r: &SqliteRow) -> Result<DeadLetterRecord, StoreError> {
     Ok(record)
 }
 
+/// Moves consumer offsets forward (never back), in the caller's transaction: one statement
+/// per [`ROWS_PER_INSERT`] offsets.
+async fn upsert_offsets<'o>(
+    conn: &mut SqliteConnection,
+    offsets: impl Iterator<Item = &'o GroupOffset>,
+) -> Result<(), StoreError> {
+    let offsets: Vec<&GroupOffset> = offsets.collect();
+    for chunk in offsets.chunks(ROWS_PER_INSERT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO tidings_offsets (group_name, topic, partition_no, next_offset) ",
+        );
+        q.push_values(chunk, |mut b, o| {
+            b.push_bind(&o.group)
+                .push_bind(&o.topic)
+                .push_bind(o.partition as i64)
+                .push_bind(o.next_offset as i64);
+        });
+        q.push(
+            " ON CONFLICT (group_name, topic, partition_no) \
+             DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
+        );
+        q.build()
+            .execute(&mut *conn)
+            .await
+            .map_err(StoreError::backend)?;
+    }
+    Ok(())
+}
+
 impl Store for SqliteStore {
     fn append<'a>(
         &'a self,
@@ -459,20 +488,7 @@ impl Store for SqliteStore {
             let mut tx = sqlx::Connection::begin_with(&mut writer.conn, "BEGIN IMMEDIATE")
                 .await
                 .map_err(StoreError::backend)?;
-            for o in offsets {
-                sqlx::query(
-                    "INSERT INTO tidings_offsets (group_name, topic, partition_no, next_offset) \
-                     VALUES (?, ?, ?, ?) ON CONFLICT (group_name, topic, partition_no) \
-                     DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
-                )
-                .bind(&o.group)
-                .bind(&o.topic)
-                .bind(o.partition as i64)
-                .bind(o.next_offset as i64)
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::backend)?;
-            }
+            upsert_offsets(&mut tx, offsets.iter()).await?;
             tx.commit().await.map_err(StoreError::backend)
         }
         .boxed()
@@ -629,39 +645,7 @@ impl Store for SqliteStore {
         offset: &'a GroupOffset,
         id: uuid::Uuid,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        async move {
-            let mut writer = self.writer.lock().await;
-            writer.clean().await;
-            writer.open_tx = true;
-            let mut tx = sqlx::Connection::begin_with(&mut writer.conn, "BEGIN IMMEDIATE")
-                .await
-                .map_err(StoreError::backend)?;
-            sqlx::query(
-                "INSERT OR IGNORE INTO tidings_marks (group_name, event_id, marked_us) VALUES (?, ?, ?)",
-            )
-            .bind(&offset.group)
-            .bind(id)
-            .bind(micros(SystemTime::now()))
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::backend)?;
-            sqlx::query(
-                "INSERT INTO tidings_offsets (group_name, topic, partition_no, next_offset) \
-                 VALUES (?, ?, ?, ?) ON CONFLICT (group_name, topic, partition_no) \
-                 DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
-            )
-            .bind(&offset.group)
-            .bind(&offset.topic)
-            .bind(offset.partition as i64)
-            .bind(offset.next_offset as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::backend)?;
-            tx.commit().await.map_err(StoreError::backend)?;
-            writer.open_tx = false;
-            Ok(())
-        }
-        .boxed()
+        async move { self.commit_marks(&[(offset.clone(), id)]).await }.boxed()
     }
 
     fn marked<'a>(
@@ -719,24 +703,7 @@ impl Store for SqliteStore {
                     .await
                     .map_err(StoreError::backend)?;
             }
-            let offsets = super::highest_offsets(marks);
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO tidings_offsets (group_name, topic, partition_no, next_offset) ",
-            );
-            q.push_values(&offsets, |mut b, o| {
-                b.push_bind(&o.group)
-                    .push_bind(&o.topic)
-                    .push_bind(o.partition as i64)
-                    .push_bind(o.next_offset as i64);
-            });
-            q.push(
-                " ON CONFLICT (group_name, topic, partition_no) \
-                 DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
-            );
-            q.build()
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::backend)?;
+            upsert_offsets(&mut tx, super::highest_offsets(marks).into_iter()).await?;
             tx.commit().await.map_err(StoreError::backend)?;
             writer.open_tx = false;
             Ok(())
