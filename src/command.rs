@@ -1,9 +1,11 @@
 //! Commands: request/reply with exactly one handler.
 
-use std::future::Future;
+use std::time::Duration;
 
-use crate::context::Context;
-use crate::handler::HandlerError;
+use tokio::sync::oneshot;
+
+use crate::error::RequestError;
+use crate::publish::Cause;
 
 /// A request for one handler to do something, answered with a typed reply.
 ///
@@ -26,33 +28,13 @@ pub trait Command: Send + 'static {
     type Reply: Send + 'static;
 }
 
-/// The one actor that answers commands of type `C`.
-///
-/// It owns its state; commands are handled one at a time in arrival order. A panic is caught,
-/// answered with [`RequestError::Panicked`](crate::RequestError::Panicked), and the handler is
-/// restarted from its factory.
-///
-/// ```
-/// use tidings::{Command, CommandHandler, Context, HandlerError};
-///
-/// struct Add(u64);
-/// impl Command for Add { type Reply = u64; }
-///
-/// #[derive(Default)]
-/// struct Counter { total: u64 }
-///
-/// impl CommandHandler<Add> for Counter {
-///     async fn handle(&mut self, cmd: Add, _ctx: &Context) -> Result<u64, HandlerError> {
-///         self.total += cmd.0;
-///         Ok(self.total)
-///     }
-/// }
-/// ```
-pub trait CommandHandler<C: Command>: Send + 'static {
-    /// Handles one command and produces its reply.
-    fn handle(
-        &mut self,
-        command: C,
-        ctx: &Context,
-    ) -> impl Future<Output = Result<C::Reply, HandlerError>> + Send;
+/// What a command handler's queue carries: a request, or `None` to stop once drained.
+pub(crate) type CommandMessage<C> = Option<CommandRequest<C>>;
+
+pub(crate) struct CommandRequest<C: Command> {
+    pub(crate) command: C,
+    pub(crate) cause: Cause,
+    pub(crate) deadline: tokio::time::Instant,
+    pub(crate) timeout: Duration,
+    pub(crate) reply: oneshot::Sender<Result<C::Reply, RequestError>>,
 }

@@ -6,11 +6,12 @@ use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::bus::{Bus, Origin, PublishOptions, Published, QueueId};
+use crate::bus::{Bus, Origin, QueueId};
 use crate::command::Command;
 use crate::envelope::{new_id, AnyEnvelope, Envelope, Headers, Metadata};
 use crate::error::{PublishError, RequestError, TryPublishError};
 use crate::event::Event;
+use crate::publish::{Cause, PublishOptions, Published};
 
 /// What a handler gets beside the event: a way to publish follow-up events and send commands
 /// with correlation and causation filled in, the consumer group's name, and a signal for
@@ -26,12 +27,6 @@ pub struct Context {
     pub(crate) cancel: CancellationToken,
     /// The queue this context's worker drains (event handlers only).
     pub(crate) owner: Option<QueueId>,
-}
-
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Cause {
-    pub(crate) id: Uuid,
-    pub(crate) correlation: Uuid,
 }
 
 pub(crate) enum Sink {

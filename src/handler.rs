@@ -4,6 +4,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 
+use crate::command::Command;
 use crate::context::Context;
 use crate::envelope::{AnyEnvelope, Envelope};
 use crate::event::Event;
@@ -198,4 +199,35 @@ impl fmt::Debug for HandlerError {
             .field("source", &self.source)
             .finish()
     }
+}
+
+/// The one actor that answers commands of type `C`.
+///
+/// It owns its state; commands are handled one at a time in arrival order. A panic is caught,
+/// answered with [`RequestError::Panicked`](crate::RequestError::Panicked), and the handler is
+/// restarted from its factory.
+///
+/// ```
+/// use tidings::{Command, CommandHandler, Context, HandlerError};
+///
+/// struct Add(u64);
+/// impl Command for Add { type Reply = u64; }
+///
+/// #[derive(Default)]
+/// struct Counter { total: u64 }
+///
+/// impl CommandHandler<Add> for Counter {
+///     async fn handle(&mut self, cmd: Add, _ctx: &Context) -> Result<u64, HandlerError> {
+///         self.total += cmd.0;
+///         Ok(self.total)
+///     }
+/// }
+/// ```
+pub trait CommandHandler<C: Command>: Send + 'static {
+    /// Handles one command and produces its reply.
+    fn handle(
+        &mut self,
+        command: C,
+        ctx: &Context,
+    ) -> impl Future<Output = Result<C::Reply, HandlerError>> + Send;
 }

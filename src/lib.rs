@@ -14,22 +14,24 @@ mod error;
 mod event;
 mod handler;
 pub mod middleware;
+mod publish;
 mod stats;
 mod store;
 pub mod testing;
 mod topic;
+mod window;
 mod worker;
 
 #[doc(inline)]
 pub use bus::{Bus, BusBuilder, Failure, PublishOptions, Published, RestartBackoff, Subscription};
-pub use command::{Command, CommandHandler};
+pub use command::Command;
 pub use context::Context;
 pub use dead_letter::{DeadLetter, DeadLetterError, DeadLetterPolicy, DeadLetters, Redelivery};
 pub use delivery::DeliveryMode;
 pub use envelope::{AnyEnvelope, Envelope, Headers, Metadata};
 pub use error::{BuildError, PublishError, RequestError, TryPublishError};
 pub use event::{AsKey, DynEvent, Event, EventInfo, Key};
-pub use handler::{AnyHandler, ErrorKind, Handler, HandlerError, HandlerResult};
+pub use handler::{AnyHandler, CommandHandler, ErrorKind, Handler, HandlerError, HandlerResult};
 #[doc(inline)]
 pub use middleware::{
     CircuitBreaker, Dedup, DedupStore, DedupWindow, MemoryDedupStore, Middleware, Next, Retry,

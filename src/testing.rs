@@ -64,10 +64,11 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{Cause, Context, Sink};
+use crate::context::{Context, Sink};
 use crate::envelope::{AnyEnvelope, Envelope};
 use crate::event::Event;
 use crate::handler::{AnyHandler, Handler, HandlerError};
+use crate::publish::Cause;
 
 /// A [`Context`] for calling a handler directly, without a bus. What the handler publishes is
 /// recorded, with correlation and causation filled in as the bus would; partitions are all 0

@@ -17,20 +17,20 @@ use futures::future::BoxFuture;
 use uuid::Uuid;
 
 use crate::bus::durable::{Caught, Feed};
-use crate::bus::{
-    Bus, CommandMessage, CommandRequest, Failure, QueueId, RestartBackoff, Subscription,
-};
-use crate::command::{Command, CommandHandler};
-use crate::context::{Cause, Context};
+use crate::bus::{Bus, Failure, QueueId, RestartBackoff, Subscription};
+use crate::command::{Command, CommandMessage, CommandRequest};
+use crate::context::Context;
 use crate::dead_letter::{DeadLetterPolicy, DeadLetterQueue, Gate};
 use crate::delivery::DeliveryMode;
 use crate::envelope::Metadata;
 use crate::envelope::{downcast, AnyEnvelope, Envelope, Erased};
 use crate::error::RequestError;
 use crate::event::Event;
+use crate::handler::CommandHandler;
 use crate::handler::HandlerResult;
 use crate::handler::{AnyHandler, Handler, HandlerError};
 use crate::middleware::{DynMiddleware, Endpoint, LayerKind, Next, Track};
+use crate::publish::Cause;
 use crate::topic::{NextDurable, Topic};
 
 pub(crate) type Factory<H> = Arc<dyn Fn() -> H + Send + Sync>;

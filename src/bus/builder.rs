@@ -13,16 +13,18 @@ use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{Bus, BusInner, CommandEntry, CommandMessage, HandleGuard, Recorder, Route};
-use crate::command::{Command, CommandHandler};
+use super::{Bus, BusInner, CommandEntry, HandleGuard, Recorder, Route};
+use crate::command::{Command, CommandMessage};
 use crate::dead_letter::{DeadLetterPolicy, DeadLetterQueue, Redelivery};
 use crate::delivery::DeliveryMode;
 use crate::error::BuildError;
 use crate::event::{validate_topic_name, Event};
+use crate::handler::CommandHandler;
 use crate::handler::{AnyHandler, Handler};
-use crate::middleware::{Dedup, DedupWindow, LayerKind, LayerSpec, Middleware, Window};
+use crate::middleware::{Dedup, DedupWindow, LayerKind, LayerSpec, Middleware};
 use crate::store::{Decoder, Retention, StartFrom, Store, Upcaster, DEFAULT_MAX_PAYLOAD};
 use crate::topic::{default_partitions, Overflow, Topic, TopicConfig};
+use crate::window::Window;
 use crate::worker::{self, Factory, Typed, Untyped, WorkerArgs};
 
 /// Settings of one subscription, that is of one consumer group.

@@ -79,8 +79,7 @@ pub(crate) enum AppendError {
 /// A producer-side dedup claim, given up when dropped (a failed or cancelled publish) unless the
 /// appender completed it.
 struct ClaimGuard<'a> {
-    window:
-        &'a parking_lot::Mutex<crate::middleware::Window<Published, (&'static str, uuid::Uuid)>>,
+    window: &'a parking_lot::Mutex<crate::window::Window<Published, (&'static str, uuid::Uuid)>>,
     key: (&'static str, uuid::Uuid),
 }
 
@@ -218,7 +217,7 @@ impl BusInner {
                             ..first
                         });
                     }
-                    if w.claim(key) == crate::middleware::Claim::New {
+                    if w.claim(key) == crate::window::Claim::New {
                         break;
                     }
                 }

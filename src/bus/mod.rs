@@ -20,98 +20,22 @@ use uuid::Uuid;
 
 pub use builder::{BusBuilder, RestartBackoff, Subscription};
 
-use crate::command::Command;
-use crate::context::Cause;
+use crate::command::{Command, CommandMessage, CommandRequest};
 use crate::dead_letter::{DeadLetterError, DeadLetterQueue, DeadLetters};
 use crate::envelope::{new_id, AnyEnvelope, Erased, Headers, Inner, Metadata};
 use crate::error::{PublishError, RequestError, TryPublishError};
 use crate::event::Event;
-use crate::middleware::Window;
+use crate::publish::Cause;
+pub use crate::publish::{Failure, PublishOptions, Published};
 use crate::stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
 use crate::topic::{default_partitions, Overflow, Partition, PartitionState, Topic, TopicConfig};
+use crate::window::Window;
 
 /// Past a shutdown's deadline, how long aborted workers are given to stop.
 const ABORT_GRACE: Duration = Duration::from_millis(100);
 
 /// How many times `publish` yields to the scheduler on a full queue before it sleeps.
 const FULL_QUEUE_SPINS: u32 = 8;
-
-/// What [`Bus::publish`] returns once the bus accepted an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Published {
-    /// The id given to the event.
-    pub id: Uuid,
-    /// The partition it landed on.
-    pub partition: u32,
-    /// Its offset in that partition.
-    pub offset: u64,
-    /// The event's id was already published within the
-    /// [deduplication window](BusBuilder::dedup_publishes): nothing was published this time,
-    /// and the fields above are those of the first publish.
-    pub duplicate: bool,
-}
-
-/// How to publish an event: an id of your own, headers.
-///
-/// [`Headers`] convert into options, so `publish_with(event, headers)` works as is.
-///
-/// ```
-/// use tidings::{Headers, PublishOptions, Uuid};
-///
-/// let options = PublishOptions::new()
-///     .id(Uuid::now_v7())
-///     .headers(Headers::new().with("tenant", "acme"));
-/// ```
-#[derive(Debug, Clone, Default)]
-pub struct PublishOptions {
-    pub(crate) id: Option<Uuid>,
-    pub(crate) headers: Headers,
-}
-
-impl PublishOptions {
-    /// No options: a fresh id, no headers.
-    pub fn new() -> Self {
-        PublishOptions::default()
-    }
-
-    /// Publishes the event with this id instead of a fresh one: an idempotency key, for
-    /// [producer-side deduplication](BusBuilder::dedup_publishes) of retried publishes. Without
-    /// that option a second publish with the same id is accepted and delivered again (a
-    /// [`Dedup`](crate::Dedup) layer then skips it per group). Ids should stay unique per
-    /// event; a UUIDv7 keeps them time-ordered.
-    pub fn id(mut self, id: Uuid) -> Self {
-        self.id = Some(id);
-        self
-    }
-
-    /// Attaches these headers.
-    pub fn headers(mut self, headers: Headers) -> Self {
-        self.headers = headers;
-        self
-    }
-}
-
-impl From<Headers> for PublishOptions {
-    fn from(headers: Headers) -> Self {
-        PublishOptions { id: None, headers }
-    }
-}
-
-/// A failure the bus gave up on: the event, the group, the last error.
-///
-/// Recorded when the bus was built with [`BusBuilder::record`] (as the
-/// [test harness](crate::testing) does), and always logged at `error` level.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    /// The consumer group whose handler failed.
-    pub group: String,
-    /// The event.
-    pub envelope: AnyEnvelope,
-    /// The last error (or panic message), as text.
-    pub error: String,
-    /// How many times the event was delivered.
-    pub attempts: u32,
-}
 
 /// A handle to a running event bus. Cheap to clone; every clone is the same bus.
 ///
@@ -308,17 +232,6 @@ pub(crate) struct Recorder {
 pub(crate) struct CommandEntry {
     pub(crate) sender: Box<dyn Any + Send + Sync>,
     pub(crate) stop: Box<dyn Fn() + Send + Sync>,
-}
-
-/// What a command handler's queue carries: a request, or `None` to stop once drained.
-pub(crate) type CommandMessage<C> = Option<CommandRequest<C>>;
-
-pub(crate) struct CommandRequest<C: Command> {
-    pub(crate) command: C,
-    pub(crate) cause: Cause,
-    pub(crate) deadline: tokio::time::Instant,
-    pub(crate) timeout: Duration,
-    pub(crate) reply: oneshot::Sender<Result<C::Reply, RequestError>>,
 }
 
 impl Bus {

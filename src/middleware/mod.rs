@@ -90,9 +90,9 @@ use crate::context::Context;
 use crate::envelope::AnyEnvelope;
 use crate::handler::HandlerResult;
 
+pub use crate::window::{Claim, DedupWindow};
 pub use circuit::CircuitBreaker;
-pub(crate) use dedup::Window;
-pub use dedup::{Claim, Dedup, DedupStore, DedupWindow, MemoryDedupStore};
+pub use dedup::{Dedup, DedupStore, MemoryDedupStore};
 pub use retry::Retry;
 pub use throttle::Throttle;
 pub use timeout::Timeout;
