@@ -6,8 +6,10 @@ use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::bus::{Bus, Origin, QueueId};
 use crate::command::Command;
+use crate::core::publish::Origin;
+use crate::core::route::QueueId;
+use crate::core::Core;
 use crate::envelope::{new_id, AnyEnvelope, Envelope, Headers, Metadata};
 use crate::error::{PublishError, RequestError, TryPublishError};
 use crate::event::Event;
@@ -30,14 +32,15 @@ pub struct Context {
 }
 
 pub(crate) enum Sink {
-    Bus(Bus),
+    Core(Arc<Core>),
     Capture(Arc<Mutex<Vec<AnyEnvelope>>>),
 }
 
 impl Context {
-    pub(crate) fn for_bus(bus: Bus, group: Arc<str>, cancel: CancellationToken) -> Self {
+    pub(crate) fn for_core(core: Arc<Core>, group: Arc<str>) -> Self {
+        let cancel = core.cancel.clone();
         Context {
-            sink: Sink::Bus(bus),
+            sink: Sink::Core(core),
             group,
             cause: None,
             cancel,
@@ -76,7 +79,7 @@ impl Context {
     /// [`PublishError::Closed`] once the bus is shut down.
     pub async fn publish<E: Event>(&self, event: E) -> Result<Published, PublishError<E>> {
         match &self.sink {
-            Sink::Bus(bus) => bus.publish_from(event, self.origin()).await,
+            Sink::Core(core) => core.publish_from(event, self.origin()).await,
             Sink::Capture(log) => Ok(self.capture(log, event, PublishOptions::new())),
         }
     }
@@ -94,13 +97,13 @@ impl Context {
     ) -> Result<Published, PublishError<E>> {
         let options = options.into();
         match &self.sink {
-            Sink::Bus(bus) => {
+            Sink::Core(core) => {
                 let origin = Origin {
                     headers: options.headers,
                     id: options.id,
                     ..self.origin()
                 };
-                bus.publish_from(event, origin).await
+                core.publish_from(event, origin).await
             }
             Sink::Capture(log) => Ok(self.capture(log, event, options)),
         }
@@ -114,7 +117,7 @@ impl Context {
     /// once the bus is shut down.
     pub fn try_publish<E: Event>(&self, event: E) -> Result<Published, TryPublishError<E>> {
         match &self.sink {
-            Sink::Bus(bus) => bus.try_publish_from(event, self.origin()),
+            Sink::Core(core) => core.try_publish_from(event, self.origin()),
             Sink::Capture(log) => Ok(self.capture(log, event, PublishOptions::new())),
         }
     }
@@ -127,7 +130,7 @@ impl Context {
     /// has no command handlers and answers [`RequestError::NoHandler`].
     pub async fn request<C: Command>(&self, command: C) -> Result<C::Reply, RequestError> {
         match &self.sink {
-            Sink::Bus(bus) => bus.request_from(command, self.cause, None).await,
+            Sink::Core(core) => core.request_from(command, self.cause, None).await,
             Sink::Capture(_) => Err(RequestError::NoHandler {
                 command: std::any::type_name::<C>(),
             }),
@@ -153,15 +156,6 @@ impl Context {
     /// Completes when the bus begins to shut down.
     pub async fn shutting_down(&self) {
         self.cancel.cancelled().await
-    }
-
-    /// The bus this handler runs on, if any (a test context has none). Clones of it do not
-    /// keep the bus open: when the last handle the application holds is dropped, it closes.
-    pub fn bus(&self) -> Option<&Bus> {
-        match &self.sink {
-            Sink::Bus(bus) => Some(bus),
-            Sink::Capture(_) => None,
-        }
     }
 
     fn capture<E: Event>(

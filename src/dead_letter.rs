@@ -10,10 +10,10 @@ use std::time::{Duration, SystemTime};
 use parking_lot::Mutex;
 use uuid::Uuid;
 
-use crate::bus::{Bus, BusInner};
+use crate::core::queue::Topic;
+use crate::core::Core;
 use crate::envelope::{AnyEnvelope, Erased};
 use crate::handler::ErrorKind;
-use crate::topic::Topic;
 
 /// What a subscription does with events that failed their last attempt.
 ///
@@ -191,7 +191,8 @@ pub(crate) struct DeadLetterQueue {
     /// workers on every success without the lock.
     carried: AtomicUsize,
     /// The bus, to schedule redeliveries (set once the bus exists).
-    pub(crate) bus: OnceLock<Weak<BusInner>>,
+    /// The core (for redeliveries) and this queue itself, set once the bus is built.
+    pub(crate) bus: OnceLock<(Weak<Core>, Weak<DeadLetterQueue>)>,
     /// With a store: entries whose row is in the store, by (partition, offset), including
     /// those out on a redrive (the row goes when the event is handled); and how many.
     stored: Mutex<std::collections::HashSet<(u32, u64)>>,
@@ -438,10 +439,10 @@ impl DeadLetterQueue {
     /// Schedules a redrive of entry `seq` after `delay`: an automatic redelivery (counted), or
     /// the release of a key's new head (not counted).
     fn schedule(&self, seq: u64, delay: Duration, attempt: u32, automatic: bool) {
-        let Some(inner) = self.bus.get().and_then(Weak::upgrade) else {
+        let Some((core, queue)) = self.bus.get() else {
             return;
         };
-        let Some(queue) = inner.dead_letters.get(&self.group).map(Arc::clone) else {
+        let (Some(inner), Some(queue)) = (core.upgrade(), queue.upgrade()) else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -454,7 +455,7 @@ impl DeadLetterQueue {
                 biased;
                 () = cancel.cancelled() => {}
                 () = tokio::time::sleep(delay) => {
-                    let letters = DeadLetters::new(queue, Bus::unguarded(inner));
+                    let letters = DeadLetters::new(queue, inner);
                     // Gone already (redriven or discarded by hand), or the bus closed: nothing
                     // to do; the entry, if any, stays.
                     let _ = letters.redrive_as(seq, automatic).await;
@@ -878,12 +879,12 @@ impl Drop for Redriving<'_> {
 #[derive(Clone)]
 pub struct DeadLetters {
     queue: Arc<DeadLetterQueue>,
-    bus: Bus,
+    core: Arc<Core>,
 }
 
 impl DeadLetters {
-    pub(crate) fn new(queue: Arc<DeadLetterQueue>, bus: Bus) -> Self {
-        DeadLetters { queue, bus }
+    pub(crate) fn new(queue: Arc<DeadLetterQueue>, core: Arc<Core>) -> Self {
+        DeadLetters { queue, core }
     }
 
     /// The group's entries, oldest first (sequenced: an event parked behind another names it in
@@ -935,7 +936,7 @@ impl DeadLetters {
         seq: u64,
         automatic: bool,
     ) -> Result<(), DeadLetterError> {
-        if !self.bus.inner.is_open() {
+        if !self.core.is_open() {
             return Err(DeadLetterError::Closed);
         }
         self.restored().await?;
@@ -949,7 +950,7 @@ impl DeadLetters {
                 .is_some()
             {
                 let unreadable = |error: String| DeadLetterError::Unreadable { seq, error };
-                let durable = self.bus.inner.durable.as_ref();
+                let durable = self.core.log.as_ref();
                 let row = crate::store::stored_event_of(&letter.envelope).map_err(unreadable)?;
                 match durable.map(|d| d.decoder.decode(&row)) {
                     Some(crate::store::Decoded::Event(env)) => decoded = Some(env.inner),
@@ -967,8 +968,7 @@ impl DeadLetters {
             letter: Some(letter),
         };
         match self
-            .bus
-            .inner
+            .core
             .redeliver(&self.queue.topic, self.queue.slot, item)
             .await
         {
@@ -983,7 +983,7 @@ impl DeadLetters {
     /// With a store: waits until the group's entries are read back from it (reads them if the
     /// group's workers have not yet), so that what a redrive finds is complete.
     async fn restored(&self) -> Result<(), DeadLetterError> {
-        match self.bus.inner.durable.as_ref() {
+        match self.core.log.as_ref() {
             Some(d) => self
                 .queue
                 .ensure_restored(&*d.store, &d.decoder)
@@ -1023,7 +1023,7 @@ impl DeadLetters {
         &self,
         filter: impl Fn(&DeadLetter) -> bool,
     ) -> Result<usize, DeadLetterError> {
-        if !self.bus.inner.is_open() {
+        if !self.core.is_open() {
             return Err(DeadLetterError::Closed);
         }
         self.restored().await?;
@@ -1057,7 +1057,7 @@ impl DeadLetters {
     pub fn discard(&self, seq: u64, reason: &str) -> Result<DeadLetter, DeadLetterError> {
         let letter = self.queue.discard(seq, reason)?;
         let env = &letter.envelope;
-        if let Some(durable) = &self.bus.inner.durable {
+        if let Some(durable) = &self.core.log {
             if self.queue.take_stored(env.partition(), env.offset()) {
                 let store = std::sync::Arc::clone(&durable.store);
                 let (group, topic) = (self.queue.group.clone(), self.queue.topic_name().to_owned());

@@ -16,12 +16,17 @@ use tracing::Instrument;
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
-use crate::bus::durable::{Caught, Feed};
-use crate::bus::{Bus, Failure, QueueId, RestartBackoff, Subscription};
+use crate::bus::{RestartBackoff, Subscription};
 use crate::command::{Command, CommandMessage, CommandRequest};
 use crate::context::Context;
+use crate::core::catch_up::NextDurable;
+use crate::core::queue::{Topic, WorkerStats};
+use crate::core::route::QueueId;
+use crate::core::Core;
 use crate::dead_letter::{DeadLetterPolicy, DeadLetterQueue, Gate};
 use crate::delivery::DeliveryMode;
+use crate::durable::feed::{Caught, Feed};
+use crate::durable::Durable;
 use crate::envelope::Metadata;
 use crate::envelope::{downcast, AnyEnvelope, Envelope, Erased};
 use crate::error::RequestError;
@@ -31,7 +36,7 @@ use crate::handler::HandlerResult;
 use crate::handler::{AnyHandler, Handler, HandlerError};
 use crate::middleware::{DynMiddleware, Endpoint, LayerKind, Next, Track};
 use crate::publish::Cause;
-use crate::topic::{NextDurable, Topic};
+use crate::publish::Failure;
 
 pub(crate) type Factory<H> = Arc<dyn Fn() -> H + Send + Sync>;
 
@@ -206,7 +211,9 @@ impl<H: AnyHandler> Dispatch for Untyped<H> {
 }
 
 pub(crate) struct WorkerArgs {
-    pub(crate) bus: Bus,
+    pub(crate) core: Arc<Core>,
+    /// With a store: the durable layer.
+    pub(crate) durable: Option<Arc<Durable>>,
     pub(crate) topic: Arc<Topic>,
     pub(crate) slot: usize,
     pub(crate) partition: u32,
@@ -333,7 +340,7 @@ struct Worker<D> {
     delivery: DeliveryMode,
     track: Track,
     dead_letters: Arc<DeadLetterQueue>,
-    bus: Bus,
+    core: Arc<Core>,
     /// With a store: the store (dead letters are saved in it), and whether this group marks
     /// events handled in it with their offset (effectively-once).
     store: Option<Arc<dyn crate::store::Store>>,
@@ -343,7 +350,7 @@ struct Worker<D> {
     /// it in this partition.
     held: bool,
     /// Effectively-once with a store: the marks waiting for their shared commit.
-    book: Option<Box<crate::bus::marks::MarkBook>>,
+    book: Option<Box<crate::durable::marks::MarkBook>>,
 }
 
 /// How one event ended for this group.
@@ -457,7 +464,7 @@ impl<D: Dispatch> Worker<D> {
         bump(&stats.failed);
         let meta = env.metadata();
         let message = error.to_string();
-        self.bus.inner.record_failure(|| Failure {
+        self.core.record_failure(|| Failure {
             group: end.group.to_string(),
             envelope: env.clone(),
             error: message.clone(),
@@ -514,7 +521,8 @@ impl<D: Dispatch> Worker<D> {
 /// Runs one partition of one group until the partition is closed and drained.
 pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
     let WorkerArgs {
-        bus,
+        core,
+        durable,
         topic,
         slot,
         partition,
@@ -524,7 +532,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
     } = args;
     let part = &topic.partitions[partition as usize];
     let group: Arc<str> = Arc::from(topic.groups[slot].as_str());
-    let mut ctx = Context::for_bus(bus.clone(), Arc::clone(&group), bus.inner.cancel.clone());
+    let mut ctx = Context::for_core(Arc::clone(&core), Arc::clone(&group));
     ctx.owner = Some(QueueId::of(&topic, slot, partition));
     let layers: Vec<Box<dyn DynMiddleware>> = options
         .layers
@@ -551,11 +559,11 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
         delivery: options.delivery,
         track: Track::default(),
         dead_letters,
-        bus: bus.clone(),
-        store: bus.inner.durable.as_ref().map(|d| Arc::clone(&d.store)),
-        marks: bus.inner.durable.is_some() && options.delivery == DeliveryMode::EffectivelyOnce,
+        core: Arc::clone(&core),
+        store: durable.as_ref().map(|d| Arc::clone(&d.store)),
+        marks: durable.is_some() && options.delivery == DeliveryMode::EffectivelyOnce,
         held: false,
-        book: match &bus.inner.durable {
+        book: match &durable {
             Some(d) if options.delivery == DeliveryMode::EffectivelyOnce => {
                 Some(Box::new(d.marks.book(&group, &topic.name, partition)))
             }
@@ -567,7 +575,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
     let mut batch: VecDeque<Erased> = VecDeque::with_capacity(options.batch_size);
     let mut done: Vec<Erased> = Vec::new();
 
-    let Some(durable) = bus.inner.durable.as_ref() else {
+    let Some(durable) = durable.as_ref() else {
         while part
             .next_batch(
                 slot,
@@ -611,7 +619,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                 advance(stats, offset);
                 done.push(D::into_item(typed));
             }
-            bus.inner.finish(n);
+            core.finish(n);
         }
         return;
     };
@@ -629,9 +637,9 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
             Ok(_) => break,
             Err(error) => {
                 tracing::error!(group = %group, %error, "tidings: reading the group's dead letters from the store failed; retrying");
-                if !backoff.wait(&bus.inner.cancel).await {
+                if !backoff.wait(&core.cancel).await {
                     durable.worker_started();
-                    part.give_up_catch_up(slot, &bus.inner);
+                    part.give_up_catch_up(slot, &core.pending);
                     part.wait_closed(slot).await;
                     return;
                 }
@@ -639,7 +647,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
         }
     }
     let (from, head) = loop {
-        match crate::bus::durable::start_offset(
+        match crate::durable::feed::start_offset(
             &*store,
             &group,
             &topic.name,
@@ -652,10 +660,10 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
             Ok(found) => break found,
             Err(error) => {
                 tracing::error!(topic = %topic.name, group = %group, partition, %error, "tidings: reading the group's offset from the store failed; retrying");
-                if !backoff.wait(&bus.inner.cancel).await {
+                if !backoff.wait(&core.cancel).await {
                     // Shutting down before the group could start: it starts next time.
                     durable.worker_started();
-                    part.give_up_catch_up(slot, &bus.inner);
+                    part.give_up_catch_up(slot, &core.pending);
                     part.wait_closed(slot).await;
                     return;
                 }
@@ -683,7 +691,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                 options.batch_size,
                 stats,
                 may_catch_up,
-                &bus.inner,
+                &core.pending,
             )
             .await
         {
@@ -710,10 +718,10 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                             .process(item, &mut ctx, sequenced, &mut done, stats)
                             .await;
                     }
-                    if bus.inner.cancel.is_cancelled() {
+                    if core.cancel.is_cancelled() {
                         // Shutting down: finished one by one, so that a shutdown timeout
                         // counts exactly what is left.
-                        bus.inner.finish(unfinished - batch.len());
+                        core.finish(unfinished - batch.len());
                         unfinished = batch.len();
                     }
                 }
@@ -722,7 +730,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                     // event passed by moves its offset past the held one (a queue that is not
                     // lagging would: `skipped_to`), even if the catch-up was given up before.
                     may_catch_up = false;
-                    part.give_up_catch_up(slot, &bus.inner);
+                    part.give_up_catch_up(slot, &core.pending);
                 }
                 if let Some(book) = worker.book.as_mut() {
                     // The marks go on while more events wait; with none waiting, this batch
@@ -741,19 +749,19 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                     }
                 }
                 if unfinished > 0 {
-                    bus.inner.finish(unfinished);
+                    core.finish(unfinished);
                 }
             }
             NextDurable::CatchUp(until) => {
                 feed.until = until;
                 loop {
-                    if bus.inner.cancel.is_cancelled() {
+                    if core.cancel.is_cancelled() {
                         // Shutting down: what is left in the log waits for the next start.
                         if let Some(book) = worker.book.as_mut() {
                             book.sync(true, stats).await;
                         }
                         may_catch_up = false;
-                        part.give_up_catch_up(slot, &bus.inner);
+                        part.give_up_catch_up(slot, &core.pending);
                         break;
                     }
                     let next = stats.next_offset.load(Relaxed);
@@ -804,7 +812,7 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                             if worker.held {
                                 // Left in the log (retries stopped by shutdown): so is the rest.
                                 may_catch_up = false;
-                                part.give_up_catch_up(slot, &bus.inner);
+                                part.give_up_catch_up(slot, &core.pending);
                                 break;
                             }
                         }
@@ -819,11 +827,11 @@ pub(crate) async fn run<D: Dispatch>(dispatch: D, args: WorkerArgs) {
                             // Not an outage: a row without a place in the log (a broken row
                             // with a readable place is a dead letter instead).
                             tracing::error!(topic = %topic.name, group = %group, partition, %error, "tidings: the log holds data the store cannot place; the partition waits until it is repaired, retrying");
-                            backoff.wait(&bus.inner.cancel).await;
+                            backoff.wait(&core.cancel).await;
                         }
                         Err(error) => {
                             tracing::error!(topic = %topic.name, group = %group, partition, %error, "tidings: reading the log failed; retrying");
-                            backoff.wait(&bus.inner.cancel).await;
+                            backoff.wait(&core.cancel).await;
                         }
                     }
                 }
@@ -859,7 +867,7 @@ impl<D: Dispatch> Worker<D> {
         ctx: &mut Context,
         sequenced: bool,
         done: &mut Vec<Erased>,
-        stats: &crate::topic::WorkerStats,
+        stats: &WorkerStats,
     ) {
         let meta = item.meta();
         let (id, offset, correlation) = (meta.id, meta.offset, meta.correlation_id);
@@ -935,7 +943,7 @@ impl<D: Dispatch> Worker<D> {
     /// is when the shutdown cut its retries short (the log is the buffer: it is handled after
     /// the restart), unless it is acknowledged on receipt (at-most-once) or is a dead letter
     /// already (a redrive, whose entry stays saved), or the group's offset passed it already.
-    fn leaves_in_log(&self, env: &AnyEnvelope, stats: &crate::topic::WorkerStats) -> bool {
+    fn leaves_in_log(&self, env: &AnyEnvelope, stats: &WorkerStats) -> bool {
         self.store.is_some()
             && self.track.interrupted.load(Relaxed)
             && self.delivery != DeliveryMode::AtMostOnce
@@ -1043,10 +1051,7 @@ impl<D: Dispatch> Worker<D> {
     /// With a store: cancelled once the bus stopped for good (after its drain), which is when
     /// retries of the store's writes give up. (Not the shutdown signal: the drain needs them.)
     fn stopped(&self) -> &tokio_util::sync::CancellationToken {
-        match &self.bus.inner.durable {
-            Some(d) => &d.stop,
-            None => &self.bus.inner.cancel,
-        }
+        self.core.stopped()
     }
 
     /// A row of the log that could not be read back: to the dead-letter queue with the error,
@@ -1060,7 +1065,7 @@ impl<D: Dispatch> Worker<D> {
 }
 
 /// Commits `offset` as finished (redriven events may be older: the mark never goes back).
-fn advance(stats: &crate::topic::WorkerStats, offset: u64) {
+fn advance(stats: &WorkerStats, offset: u64) {
     if stats.next_offset.load(Relaxed) <= offset {
         // Release: a committer that reads the new offset sees an effectively-once hold set
         // before it (see `bus::marks`).
@@ -1093,7 +1098,7 @@ struct Deadlines<C: Command> {
     armed: bool,
     /// Shutdown asked the task to stop once the backlog is done.
     stopping: bool,
-    bus: Bus,
+    core: Arc<Core>,
 }
 
 /// The request being handled: its reply (until answered) and deadline.
@@ -1172,7 +1177,7 @@ impl<C: Command> Deadlines<C> {
                     for queued in std::mem::take(&mut self.backlog) {
                         if now >= queued.deadline {
                             let _ = queued.reply.send(Err(self.timed_out(queued.timeout)));
-                            self.bus.inner.finish_requests(1);
+                            self.core.pending.finish_requests(1);
                         } else {
                             next = Some(next.map_or(queued.deadline, |n| n.min(queued.deadline)));
                             kept.push_back(queued);
@@ -1201,11 +1206,11 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
     mut handler: H,
     factory: Factory<H>,
     requests: tokio::sync::mpsc::Receiver<CommandMessage<C>>,
-    bus: Bus,
+    core: Arc<Core>,
     backoff: RestartBackoff,
 ) {
     let name = std::any::type_name::<C>();
-    let mut ctx = Context::for_bus(bus.clone(), Arc::from(name), bus.inner.cancel.clone());
+    let mut ctx = Context::for_core(Arc::clone(&core), Arc::from(name));
     let mut consecutive_panics = 0u32;
     let mut deadlines = Deadlines {
         name,
@@ -1214,7 +1219,7 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
         timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
         armed: false,
         stopping: false,
-        bus: bus.clone(),
+        core: Arc::clone(&core),
     };
 
     while let Some(request) = deadlines.next().await {
@@ -1227,7 +1232,7 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
         } = request;
         if tokio::time::Instant::now() >= deadline {
             let _ = reply.send(Err(deadlines.timed_out(timeout)));
-            bus.inner.finish_requests(1);
+            core.pending.finish_requests(1);
             continue;
         }
         let mut current = Current {
@@ -1279,7 +1284,7 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
             }
             None => tracing::debug!(command = name, "reply discarded: the request had timed out"),
         }
-        bus.inner.finish_requests(1);
+        core.pending.finish_requests(1);
         if panicked {
             // Deadlines of queued requests are kept during the restart backoff too.
             deadlines
@@ -1296,12 +1301,12 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
     while let Ok(message) = deadlines.requests.try_recv() {
         if let Some(request) = message {
             let _ = request.reply.send(Err(RequestError::Closed));
-            bus.inner.finish_requests(1);
+            core.pending.finish_requests(1);
         }
     }
     for request in deadlines.backlog.drain(..) {
         let _ = request.reply.send(Err(RequestError::Closed));
-        bus.inner.finish_requests(1);
+        core.pending.finish_requests(1);
     }
 }
 

@@ -3,27 +3,33 @@
 use std::any::TypeId;
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use futures::future::BoxFuture;
 use rustc_hash::FxHashMap;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Bus, BusInner, CommandEntry, HandleGuard, Recorder, Route};
+use super::{Bus, BusInner, HandleGuard};
 use crate::command::{Command, CommandMessage};
+use crate::core::pending::Pending;
+use crate::core::queue::Topic;
+use crate::core::request::CommandEntry;
+use crate::core::route::Route;
+use crate::core::{Core, Log, Recorder};
 use crate::dead_letter::{DeadLetterPolicy, DeadLetterQueue, Redelivery};
 use crate::delivery::DeliveryMode;
+use crate::durable::{Durable, Engine};
 use crate::error::BuildError;
 use crate::event::{validate_topic_name, Event};
 use crate::handler::CommandHandler;
 use crate::handler::{AnyHandler, Handler};
 use crate::middleware::{Dedup, DedupWindow, LayerKind, LayerSpec, Middleware};
 use crate::store::{Decoder, Retention, StartFrom, Store, Upcaster, DEFAULT_MAX_PAYLOAD};
-use crate::topic::{default_partitions, Overflow, Topic, TopicConfig};
+use crate::topic::{default_partitions, Overflow, TopicConfig};
 use crate::window::Window;
 use crate::worker::{self, Factory, Typed, Untyped, WorkerArgs};
 
@@ -297,7 +303,7 @@ struct SubSpec {
     spawn: Spawner,
 }
 
-type CommandStart = Box<dyn FnOnce(Bus) -> BoxFuture<'static, ()> + Send>;
+type CommandStart = Box<dyn FnOnce(Arc<Core>) -> BoxFuture<'static, ()> + Send>;
 /// Makes a command handler's queue: the type-erased sender, and what starts its task.
 type CommandMake = Box<dyn FnOnce(usize) -> (CommandEntry, CommandStart) + Send>;
 
@@ -661,7 +667,21 @@ impl BusBuilder {
             command_starts.push((spec.name, start));
         }
 
-        let mut inner = BusInner {
+        let durable = self.store.take().map(|store| {
+            let retention = configs
+                .iter()
+                .map(|c| (c.name.clone(), c.retention))
+                .collect();
+            Arc::new(Durable::new(
+                store,
+                Arc::new(decoder),
+                self.max_payload,
+                self.commit_interval,
+                self.retention_interval,
+                retention,
+            ))
+        });
+        let mut core = Core {
             topics,
             topic_index,
             typed_slots,
@@ -671,38 +691,27 @@ impl BusBuilder {
             unsubscribed_topics: DashMap::new(),
             commands,
             request_timeout: self.request_timeout,
-            pending: AtomicUsize::new(0),
-            requests: AtomicUsize::new(0),
-            settling: AtomicUsize::new(0),
-            idle: Notify::new(),
+            pending: Pending::default(),
             intake_open: AtomicBool::new(true),
             cancel: CancellationToken::new(),
-            tasks: Mutex::new(Vec::new()),
             recorder: self.record.then(Recorder::default),
-            dead_letters: HashMap::new(),
             publish_dedup: self
                 .publish_dedup
                 .map(|w| parking_lot::Mutex::new(Window::unbatched(w))),
-            shutdown: Mutex::new(None),
-            durable: None,
+            append: durable
+                .as_ref()
+                .map(|d| Arc::clone(d) as Arc<dyn crate::core::append::Append>),
+            log: durable.as_ref().map(|d| Log {
+                store: Arc::clone(&d.store),
+                decoder: Arc::clone(&d.decoder),
+                stop: d.stop.clone(),
+            }),
         };
-        if let Some(store) = self.store.take() {
-            let retention = configs
-                .iter()
-                .map(|c| (c.name.clone(), c.retention))
-                .collect();
-            inner.durable = Some(Box::new(super::durable::Durable::new(
-                store,
-                decoder,
-                self.max_payload,
-                self.commit_interval,
-                self.retention_interval,
-                retention,
-            )));
+        if durable.is_some() {
             // Every group starts by reading the log from its committed offset; `settled` waits
             // for it to catch up.
             let mut markers = 0;
-            for topic in &inner.topics {
+            for topic in &core.topics {
                 for part in topic.partitions.iter() {
                     let mut state = part.lock();
                     for q in state.queues.iter_mut() {
@@ -712,18 +721,17 @@ impl BusBuilder {
                     }
                 }
             }
-            inner
-                .pending
-                .store(markers, std::sync::atomic::Ordering::SeqCst);
+            core.pending.add(markers);
         }
         // Routes of the subscribed event types, resolved once.
         let mut routes: FxHashMap<TypeId, Route> = FxHashMap::default();
         for sub in &self.subs {
             if let Some(type_id) = sub.accepts {
-                routes.insert(type_id, inner.compute_route(&sub.topic, type_id));
+                routes.insert(type_id, core.compute_route(&sub.topic, type_id));
             }
         }
-        inner.routes = routes;
+        core.routes = routes;
+        let core = Arc::new(core);
         let mut dead_letters = HashMap::new();
         for &(sub_index, topic_index, slot) in &placements {
             let options = &self.subs[sub_index].options;
@@ -733,21 +741,23 @@ impl BusBuilder {
                     options.group.clone(),
                     options.dead_letter,
                     options.redelivery.clone(),
-                    Arc::clone(&inner.topics[topic_index]),
+                    Arc::clone(&core.topics[topic_index]),
                     slot,
                 )),
             );
         }
-        inner.dead_letters = dead_letters;
-
-        let inner = Arc::new(inner);
-        for queue in inner.dead_letters.values() {
-            let _ = queue.bus.set(Arc::downgrade(&inner));
+        for queue in dead_letters.values() {
+            let _ = queue
+                .bus
+                .set((Arc::downgrade(&core), Arc::downgrade(queue)));
         }
-        let bus = Bus {
-            inner: Arc::clone(&inner),
-            _guard: None,
-        };
+        let inner = Arc::new(BusInner {
+            core: Arc::clone(&core),
+            tasks: Mutex::new(Vec::new()),
+            dead_letters,
+            shutdown: Mutex::new(None),
+            durable: durable.clone(),
+        });
         // Make every handler first (the factories run here), and spawn only when all are
         // made: a factory that panics is a build error, with no task left behind.
         let mut workers: Vec<BoxFuture<'static, ()>> = Vec::new();
@@ -755,11 +765,12 @@ impl BusBuilder {
         let made = std::panic::catch_unwind(AssertUnwindSafe(|| {
             for (sub_index, topic_index, slot) in placements {
                 let sub = &self.subs[sub_index];
-                let topic = &inner.topics[topic_index];
+                let topic = &core.topics[topic_index];
                 making.clone_from(&sub.options.group);
                 for partition in 0..topic.partitions.len() as u32 {
                     let args = WorkerArgs {
-                        bus: bus.clone(),
+                        core: Arc::clone(&core),
+                        durable: durable.clone(),
                         topic: Arc::clone(topic),
                         slot,
                         partition,
@@ -772,7 +783,7 @@ impl BusBuilder {
             }
             for (name, start) in command_starts {
                 making = format!("command handler of {name}");
-                workers.push(start(bus.clone()));
+                workers.push(start(Arc::clone(&core)));
             }
         }));
         if let Err(panic) = made {
@@ -782,8 +793,8 @@ impl BusBuilder {
                 message: worker::panic_message(&*panic),
             });
         }
-        if let Some(durable) = &inner.durable {
-            let n = inner
+        if let Some(durable) = &durable {
+            let n = core
                 .topics
                 .iter()
                 .map(|t| t.groups.len() * t.partitions.len())
@@ -791,9 +802,15 @@ impl BusBuilder {
             durable.expect_workers(n);
         }
         let tasks = workers.into_iter().map(|w| runtime.spawn(w)).collect();
-        *super::lock(&inner.tasks) = tasks;
-        if inner.durable.is_some() {
-            super::durable::Durable::start(&inner, &runtime);
+        *crate::core::lock(&inner.tasks) = tasks;
+        if let Some(d) = durable {
+            Durable::start(
+                &Engine {
+                    core: Arc::clone(&core),
+                    d,
+                },
+                &runtime,
+            );
         }
         Ok(Bus {
             _guard: Some(Arc::new(HandleGuard(Arc::downgrade(&inner)))),

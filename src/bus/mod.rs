@@ -1,41 +1,30 @@
 //! The bus: publishing, request/reply, settling, stats and shutdown.
 
 mod builder;
-pub(crate) mod durable;
-pub(crate) mod marks;
 
-use std::any::{Any, TypeId};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
-use dashmap::DashMap;
 use futures::future::{BoxFuture, FutureExt, Shared};
-use rustc_hash::FxHashMap;
-use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 pub use builder::{BusBuilder, RestartBackoff, Subscription};
 
-use crate::command::{Command, CommandMessage, CommandRequest};
+use crate::command::Command;
+use crate::core::publish::Origin;
+use crate::core::{lock, Core};
 use crate::dead_letter::{DeadLetterError, DeadLetterQueue, DeadLetters};
-use crate::envelope::{new_id, AnyEnvelope, Erased, Headers, Inner, Metadata};
+use crate::durable::{Durable, Engine};
+use crate::envelope::{new_id, AnyEnvelope};
 use crate::error::{PublishError, RequestError, TryPublishError};
 use crate::event::Event;
-use crate::publish::Cause;
 pub use crate::publish::{Failure, PublishOptions, Published};
 use crate::stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
-use crate::topic::{default_partitions, Overflow, Partition, PartitionState, Topic, TopicConfig};
-use crate::window::Window;
 
 /// Past a shutdown's deadline, how long aborted workers are given to stop.
 const ABORT_GRACE: Duration = Duration::from_millis(100);
-
-/// How many times `publish` yields to the scheduler on a full queue before it sleeps.
-const FULL_QUEUE_SPINS: u32 = 8;
 
 /// A handle to a running event bus. Cheap to clone; every clone is the same bus.
 ///
@@ -102,143 +91,56 @@ impl Drop for HandleGuard {
     }
 }
 
-#[derive(Default)]
-pub(crate) struct Origin {
-    pub(crate) cause: Option<Cause>,
-    pub(crate) from_handler: bool,
-    pub(crate) headers: Headers,
-    /// An id given by the publisher.
-    pub(crate) id: Option<Uuid>,
-    /// The queue the publishing handler's worker drains, if any.
-    pub(crate) owner: Option<QueueId>,
-}
-
-/// One group's queue of one partition of one topic.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) struct QueueId {
-    /// The topic's address, only compared.
-    pub(crate) topic: usize,
-    pub(crate) slot: usize,
-    pub(crate) partition: u32,
-}
-
-impl QueueId {
-    pub(crate) fn of(topic: &Arc<Topic>, slot: usize, partition: u32) -> Self {
-        QueueId {
-            topic: Arc::as_ptr(topic) as usize,
-            slot,
-            partition,
-        }
-    }
-}
-
-pub(crate) struct Route {
-    topic: Arc<Topic>,
-    slots: Box<[usize]>,
-}
-
-enum RouteRef<'a> {
-    Static(&'a Route),
-    Dynamic(Arc<Route>),
-}
-
-impl std::ops::Deref for RouteRef<'_> {
-    type Target = Route;
-    fn deref(&self) -> &Route {
-        match self {
-            RouteRef::Static(r) => r,
-            RouteRef::Dynamic(r) => r,
-        }
-    }
-}
-
-/// The route, partition, id and time of an event about to be published.
-struct Placement<'a> {
-    route: RouteRef<'a>,
-    partition: u32,
-    id: Uuid,
-    timestamp: SystemTime,
-}
-
-impl Placement<'_> {
-    fn partition(&self) -> &Partition {
-        &self.route.topic.partitions[self.partition as usize]
-    }
-
-    fn restamp(&mut self) {
-        self.timestamp = SystemTime::now();
-        self.id = new_id(self.timestamp);
-    }
-}
-
-enum Reject<E> {
-    Full(E),
-    Closed(E),
-}
-
+/// The facade's state: the core every handle shares, and what only the facade reaches (the
+/// dead-letter queues, the tasks, the durable layer, the shutdown in progress).
 pub(crate) struct BusInner {
-    topics: Vec<Arc<Topic>>,
-    topic_index: HashMap<String, usize>,
-    /// Per topic index: typed slots by event type, and the slots of `subscribe_all` groups.
-    typed_slots: HashMap<(usize, TypeId), Vec<usize>>,
-    any_slots: Vec<Vec<usize>>,
-    /// Fx-hashed: looked up on every publish, keyed by `TypeId`, which is a hash already.
-    routes: FxHashMap<TypeId, Route>,
-    dynamic_routes: DashMap<TypeId, Arc<Route>>,
-    /// Topics published to without any subscription or configuration.
-    unsubscribed_topics: DashMap<String, Arc<Topic>>,
-    commands: FxHashMap<TypeId, CommandEntry>,
-    request_timeout: Duration,
-    /// Deliveries and requests accepted but not yet finished.
-    pending: AtomicUsize,
-    /// Of those, requests (so that a shutdown report tells them from deliveries).
-    requests: AtomicUsize,
-    /// Callers waiting in `settled`, woken through `idle`.
-    settling: AtomicUsize,
-    idle: Notify,
-    intake_open: AtomicBool,
-    pub(crate) cancel: CancellationToken,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
-    pub(crate) recorder: Option<Recorder>,
+    pub(crate) core: Arc<Core>,
+    pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Every subscription's dead-letter queue, by group.
     pub(crate) dead_letters: HashMap<String, Arc<DeadLetterQueue>>,
-    /// Producer-side deduplication: ids published with an explicit id, and their receipts.
-    pub(crate) publish_dedup: Option<parking_lot::Mutex<Window<Published, (&'static str, Uuid)>>>,
     /// The shutdown in progress or done, shared by every caller.
     pub(crate) shutdown: Mutex<Option<Shared<BoxFuture<'static, ShutdownReport>>>>,
-    /// The store and its tasks, if the bus has one.
-    pub(crate) durable: Option<Box<durable::Durable>>,
+    /// The store's side of the bus and its tasks, if the bus has one.
+    pub(crate) durable: Option<Arc<Durable>>,
 }
 
-/// Uncounts one pending request when dropped, unless disarmed.
-struct PendingGuard<'a>(Option<&'a BusInner>);
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(inner) = self.0 {
-            inner.finish_requests(1);
-        }
+impl std::ops::Deref for BusInner {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
     }
 }
 
-#[derive(Default)]
-pub(crate) struct Recorder {
-    pub(crate) published: Mutex<Vec<AnyEnvelope>>,
-    pub(crate) failures: Mutex<Vec<Failure>>,
-}
-
-/// A command handler's queue: the typed sender (`mpsc::Sender<CommandMessage<C>>`), erased, and
-/// how to tell its task to stop.
-pub(crate) struct CommandEntry {
-    pub(crate) sender: Box<dyn Any + Send + Sync>,
-    pub(crate) stop: Box<dyn Fn() + Send + Sync>,
+impl BusInner {
+    /// The durable layer's view, if the bus has a store.
+    pub(crate) fn engine(&self) -> Option<Engine> {
+        self.durable.as_ref().map(|d| Engine {
+            core: Arc::clone(&self.core),
+            d: Arc::clone(d),
+        })
+    }
 }
 
 impl Bus {
-    /// A handle that does not keep the bus open (for the bus's own tasks).
-    pub(crate) fn unguarded(inner: Arc<BusInner>) -> Bus {
+    /// A handle to the same bus that does not keep it open: once every other handle is
+    /// dropped, the bus shuts down as if this one did not exist. Until then it publishes like
+    /// any handle; after, it still reads [`stats`](Bus::stats) and awaits the
+    /// [`shutdown`](Bus::shutdown)'s report. For what watches a bus without owning it (a health
+    /// check, a metrics exporter, a test probe).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tidings::BuildError> {
+    /// let bus = tidings::Bus::builder().build()?;
+    /// let probe = bus.observer();
+    /// drop(bus); // the bus shuts down in the background
+    /// let report = probe.shutdown().await; // the same shutdown's report
+    /// assert_eq!(report.handled, 0);
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn observer(&self) -> Bus {
         Bus {
-            inner,
+            inner: Arc::clone(&self.inner),
             _guard: None,
         }
     }
@@ -299,7 +201,7 @@ impl Bus {
     /// # bus.shutdown().await; }
     /// ```
     pub async fn publish<E: Event>(&self, event: E) -> Result<Published, PublishError<E>> {
-        self.publish_from(event, Origin::default()).await
+        self.inner.core.publish_from(event, Origin::default()).await
     }
 
     /// Like [`publish`](Bus::publish), with [options](PublishOptions): headers attached to the
@@ -333,7 +235,7 @@ impl Bus {
             id: options.id,
             ..Origin::default()
         };
-        self.publish_from(event, origin).await
+        self.inner.core.publish_from(event, origin).await
     }
 
     /// Publishes several events of one type in one call, in order.
@@ -378,7 +280,7 @@ impl Bus {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        if inner.durable.is_some() {
+        if inner.append.is_some() {
             let route = inner.route::<E>();
             let topic = Arc::clone(&route.topic);
             let slots = route.slots.clone();
@@ -387,7 +289,7 @@ impl Bus {
                 .into_iter()
                 .map(|event| {
                     let timestamp = SystemTime::now();
-                    durable::Prepared {
+                    crate::core::append::Prepared {
                         partition: topic.partition_for(event.key()),
                         id: new_id(timestamp),
                         timestamp,
@@ -424,103 +326,7 @@ impl Bus {
     /// [`TryPublishError::Durable`] always on a bus with a store (a publish there waits for its
     /// commit: use [`publish`](Bus::publish)).
     pub fn try_publish<E: Event>(&self, event: E) -> Result<Published, TryPublishError<E>> {
-        self.try_publish_from(event, Origin::default())
-    }
-
-    pub(crate) async fn publish_from<E: Event>(
-        &self,
-        event: E,
-        mut origin: Origin,
-    ) -> Result<Published, PublishError<E>> {
-        let inner = &*self.inner;
-        if !origin.from_handler && !inner.intake_open.load(Ordering::Acquire) {
-            return Err(PublishError::Closed(event));
-        }
-        let mut place = inner.place(&event);
-        if inner.durable.is_some() {
-            let route = (Arc::clone(&place.route.topic), place.route.slots.clone());
-            let id = origin.id.unwrap_or(place.id);
-            // Boxed: the durable path's state would otherwise make every publish future, the
-            // in-memory ones too, several times larger.
-            return Box::pin(inner.publish_durable(
-                event,
-                route,
-                place.partition,
-                id,
-                place.timestamp,
-                &mut origin,
-            ))
-            .await;
-        }
-        let mut event = event;
-        let mut garbage = Vec::new();
-        // When a queue is full, first yield to the scheduler a few times (the worker is likely
-        // draining right now), then sleep until the worker has drained half the queue.
-        let mut spins = 0;
-        let mut retry = false;
-        loop {
-            if retry {
-                // Stamped when accepted, not when first tried: ids and times follow offsets.
-                place.restamp();
-            }
-            retry = true;
-            let part = place.partition();
-            let will_wait = spins >= FULL_QUEUE_SPINS;
-            let waiting = {
-                let mut state = part.lock();
-                match inner.enqueue(
-                    &place,
-                    &mut state,
-                    event,
-                    &mut origin,
-                    will_wait,
-                    &mut garbage,
-                ) {
-                    Ok(published) => return Ok(published),
-                    Err(Reject::Closed(e)) => return Err(PublishError::Closed(e)),
-                    Err(Reject::Full(e)) => {
-                        event = e;
-                        will_wait.then(|| {
-                            let mut waiting = Box::pin(part.not_full.notified());
-                            waiting.as_mut().enable();
-                            waiting
-                        })
-                    }
-                }
-            };
-            // Free what this publisher collected before it waits, not after.
-            drop(std::mem::take(&mut garbage));
-            match waiting {
-                Some(waiting) => waiting.await,
-                None => {
-                    spins += 1;
-                    tokio::task::yield_now().await;
-                }
-            }
-        }
-    }
-
-    pub(crate) fn try_publish_from<E: Event>(
-        &self,
-        event: E,
-        mut origin: Origin,
-    ) -> Result<Published, TryPublishError<E>> {
-        let inner = &*self.inner;
-        if !origin.from_handler && !inner.intake_open.load(Ordering::Acquire) {
-            return Err(TryPublishError::Closed(event));
-        }
-        if inner.durable.is_some() {
-            return Err(TryPublishError::Durable(event));
-        }
-        let place = inner.place(&event);
-        let mut garbage = Vec::new();
-        let mut state = place.partition().lock();
-        inner
-            .enqueue(&place, &mut state, event, &mut origin, false, &mut garbage)
-            .map_err(|r| match r {
-                Reject::Full(e) => TryPublishError::Full(e),
-                Reject::Closed(e) => TryPublishError::Closed(e),
-            })
+        self.inner.core.try_publish_from(event, Origin::default())
     }
 
     /// Sends a command to its one handler and waits for the reply, at most the bus's
@@ -570,7 +376,7 @@ impl Bus {
     /// # bus.shutdown().await; }
     /// ```
     pub async fn request<C: Command>(&self, command: C) -> Result<C::Reply, RequestError> {
-        self.request_from(command, None, None).await
+        self.inner.core.request_from(command, None, None).await
     }
 
     /// Like [`request`](Bus::request) with an explicit timeout.
@@ -583,79 +389,10 @@ impl Bus {
         command: C,
         timeout: Duration,
     ) -> Result<C::Reply, RequestError> {
-        self.request_from(command, None, Some(timeout)).await
-    }
-
-    pub(crate) async fn request_from<C: Command>(
-        &self,
-        command: C,
-        cause: Option<Cause>,
-        timeout: Option<Duration>,
-    ) -> Result<C::Reply, RequestError> {
-        let inner = &*self.inner;
-        let name = std::any::type_name::<C>();
-        let Some(sender) = inner
-            .commands
-            .get(&TypeId::of::<C>())
-            .and_then(|e| e.sender.downcast_ref::<mpsc::Sender<CommandMessage<C>>>())
-        else {
-            return Err(RequestError::NoHandler { command: name });
-        };
-        // Counted as pending before intake is checked, so that shutdown either sees this
-        // request and waits for it, or this request sees shutdown and backs off; the guard
-        // uncounts it on every way out until the handler task owns it.
-        inner.requests.fetch_add(1, Ordering::SeqCst);
-        inner.pending.fetch_add(1, Ordering::SeqCst);
-        let mut counted = PendingGuard(Some(inner));
-        if cause.is_none() && !inner.intake_open.load(Ordering::SeqCst) {
-            return Err(RequestError::Closed);
-        }
-        let timeout = timeout.unwrap_or(inner.request_timeout);
-        // From a handler, the request carries the handled event's cause on, so events its
-        // command handler publishes name that event; from outside, the request starts a chain.
-        let cause = cause.unwrap_or_else(|| {
-            let id = new_id(SystemTime::now());
-            Cause {
-                id,
-                correlation: id,
-            }
-        });
-        let now = tokio::time::Instant::now();
-        // A timeout too large to add is as good as none (about 30 years).
-        let deadline = now
-            .checked_add(timeout)
-            .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600));
-        let (tx, rx) = oneshot::channel();
-        let request = CommandRequest {
-            command,
-            cause,
-            deadline,
-            timeout,
-            reply: tx,
-        };
-        // Fast path: room in the handler's queue. Only a full queue needs a timer here; the
-        // handler task enforces the deadline once the request is queued (see `run_commands`),
-        // so a round trip costs no timer registration.
-        let permit = match sender.try_reserve() {
-            Ok(permit) => permit,
-            Err(mpsc::error::TrySendError::Closed(())) => return Err(RequestError::Closed),
-            Err(mpsc::error::TrySendError::Full(())) => {
-                match tokio::time::timeout_at(deadline, sender.reserve()).await {
-                    Ok(Ok(permit)) => permit,
-                    Ok(Err(_)) => return Err(RequestError::Closed),
-                    Err(_) => {
-                        return Err(RequestError::Timeout {
-                            command: name,
-                            timeout,
-                        })
-                    }
-                }
-            }
-        };
-        permit.send(Some(request));
-        // From here the handler task finishes the request, answered or not.
-        counted.0 = None;
-        rx.await.unwrap_or(Err(RequestError::Closed))
+        self.inner
+            .core
+            .request_from(command, None, Some(timeout))
+            .await
     }
 
     /// Waits until the bus has started: with a store, every consumer group's dead letters are
@@ -720,7 +457,7 @@ impl Bus {
     /// the bus keep publishing, it may never return. Do not call it from inside a handler: it
     /// would wait for that handler's own event.
     pub async fn settled(&self) {
-        self.inner.settled().await
+        self.inner.pending.settled().await
     }
 
     /// Counters per topic, consumer group and partition: published, handled, failed, dropped,
@@ -785,8 +522,8 @@ impl Bus {
     ///
     /// The store's error; the offsets are committed again on the next interval.
     pub async fn commit_offsets(&self) -> Result<(), crate::StoreError> {
-        match &self.inner.durable {
-            Some(_) => durable::commit_offsets(&self.inner).await,
+        match self.inner.engine() {
+            Some(engine) => crate::durable::offsets::commit_offsets(&engine).await,
             None => Ok(()),
         }
     }
@@ -806,10 +543,7 @@ impl Bus {
                 })?;
         Ok(DeadLetters::new(
             Arc::clone(queue),
-            Bus {
-                inner: Arc::clone(&self.inner),
-                _guard: None,
-            },
+            Arc::clone(&self.inner.core),
         ))
     }
 
@@ -849,13 +583,9 @@ impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bus")
             .field("topics", &self.inner.topic_index.keys().collect::<Vec<_>>())
-            .field("pending", &self.inner.pending.load(Ordering::Relaxed))
+            .field("pending", &self.inner.pending.count())
             .finish_non_exhaustive()
     }
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl BusInner {
@@ -888,10 +618,12 @@ impl BusInner {
         self.cancel.cancel();
         let mut drained = match timeout {
             None => {
-                self.settled().await;
+                self.pending.settled().await;
                 true
             }
-            Some(t) => tokio::time::timeout(t, self.settled()).await.is_ok(),
+            Some(t) => tokio::time::timeout(t, self.pending.settled())
+                .await
+                .is_ok(),
         };
         self.close_queues();
         let mut tasks = std::mem::take(&mut *lock(&self.tasks));
@@ -926,19 +658,19 @@ impl BusInner {
                 }
             }
         }
-        if let Some(d) = &self.durable {
+        if let (Some(d), Some(engine)) = (&self.durable, self.engine()) {
             // Publishing is over: stop the appender and commit the groups' offsets (within what
             // is left of the timeout; a commit cut short means a group handles again what it
             // handled since the last periodic commit).
             d.stop.cancel();
             match timeout {
-                None => durable::Durable::stop(self).await,
+                None => Durable::stop(&engine).await,
                 Some(t) => {
                     // At least a second for the last commit, even when the drain used it all.
                     let left = t
                         .saturating_sub(started.elapsed())
                         .max(Duration::from_secs(1));
-                    if tokio::time::timeout(left, durable::Durable::stop(self))
+                    if tokio::time::timeout(left, Durable::stop(&engine))
                         .await
                         .is_err()
                     {
@@ -972,9 +704,9 @@ impl BusInner {
         report.abandoned = if drained {
             0
         } else if self.durable.is_some() {
-            self.pending.load(Ordering::SeqCst) as u64
+            self.pending.count() as u64
         } else {
-            unfinished + self.requests.load(Ordering::SeqCst) as u64
+            unfinished + self.pending.requests() as u64
         };
         tracing::info!(
             handled = report.handled,
@@ -986,334 +718,7 @@ impl BusInner {
         report
     }
 
-    fn route<E: Event>(&self) -> RouteRef<'_> {
-        let type_id = TypeId::of::<E>();
-        if let Some(route) = self.routes.get(&type_id) {
-            return RouteRef::Static(route);
-        }
-        if let Some(route) = self.dynamic_routes.get(&type_id) {
-            return RouteRef::Dynamic(Arc::clone(&route));
-        }
-        self.new_route::<E>(type_id)
-    }
-
-    /// The route of a type first published since the bus was built: computed and kept once per
-    /// type (under the map's entry lock, so two first publishers agree). A type no group takes
-    /// is logged here, so once per type per bus, whatever the number of its events.
-    #[cold]
-    fn new_route<E: Event>(&self, type_id: TypeId) -> RouteRef<'_> {
-        let entry = self.dynamic_routes.entry(type_id).or_insert_with(|| {
-                let route = self.compute_route(E::TOPIC, type_id);
-                if route.slots.is_empty() {
-                    let kept = if self.durable.is_some() {
-                        "appended to the store's log, but no group of this bus handles them"
-                    } else {
-                        "accepted and numbered, but no group handles them: they are dropped"
-                    };
-                    tracing::warn!(
-                        topic = E::TOPIC,
-                        event_type = E::NAME,
-                        "tidings: {} is published on topic {:?}, where no consumer group subscribes to it: its events are {kept} (counted in TopicStats::unrouted; a typo in a topic name?). Logged once per type.",
-                        E::NAME,
-                        E::TOPIC,
-                    );
-                }
-                Arc::new(route)
-            });
-        RouteRef::Dynamic(Arc::clone(entry.value()))
-    }
-
-    pub(crate) fn compute_route(&self, topic: &str, type_id: TypeId) -> Route {
-        match self.topic_index.get(topic) {
-            Some(&index) => {
-                let mut slots: Vec<usize> = self
-                    .typed_slots
-                    .get(&(index, type_id))
-                    .cloned()
-                    .unwrap_or_default();
-                slots.extend(&self.any_slots[index]);
-                slots.sort_unstable();
-                Route {
-                    topic: Arc::clone(&self.topics[index]),
-                    slots: slots.into_boxed_slice(),
-                }
-            }
-            None => {
-                let topic = self
-                    .unsubscribed_topics
-                    .entry(topic.to_owned())
-                    .or_insert_with(|| {
-                        let config = TopicConfig::new(topic);
-                        // With a store, a fixed count: it must not change between runs.
-                        let partitions = if self.durable.is_some() {
-                            1
-                        } else {
-                            default_partitions()
-                        };
-                        Arc::new(Topic::new(&config, partitions, Vec::new()))
-                    })
-                    .clone();
-                Route {
-                    topic,
-                    slots: Box::new([]),
-                }
-            }
-        }
-    }
-
-    /// Where an event goes and what it is called: computed before the partition lock.
-    fn place<E: Event>(&self, event: &E) -> Placement<'_> {
-        let route = self.route::<E>();
-        let partition = route.topic.partition_for(event.key());
-        let timestamp = SystemTime::now();
-        Placement {
-            route,
-            partition,
-            id: new_id(timestamp),
-            timestamp,
-        }
-    }
-
-    /// Accepts `event` into the partition queues of its groups, under the partition lock.
-    fn enqueue<E: Event>(
-        &self,
-        place: &Placement<'_>,
-        state: &mut PartitionState,
-        event: E,
-        origin: &mut Origin,
-        will_wait: bool,
-        garbage: &mut Vec<Erased>,
-    ) -> Result<Published, Reject<E>> {
-        let (route, partition, id, timestamp) =
-            (&*place.route, place.partition, place.id, place.timestamp);
-        Partition::take_graveyard(state, garbage);
-        // Checked under the partition lock: shutdown takes every partition lock once after
-        // closing intake, so an event accepted here is counted before shutdown drains.
-        if state.closed || (!origin.from_handler && !self.intake_open.load(Ordering::SeqCst)) {
-            return Err(Reject::Closed(event));
-        }
-        // A repeat of an id within the producer-side window publishes nothing: answered before
-        // the capacity check, so it never waits for room. The window's lock is taken inside the
-        // partition lock, always in that order.
-        let id = origin.id.unwrap_or(id);
-        let mut dedup = None;
-        if let (Some(window), Some(_)) = (&self.publish_dedup, origin.id) {
-            let mut window = window.lock();
-            if let Some(first) = window.get((E::TOPIC, id)) {
-                return Ok(Published {
-                    duplicate: true,
-                    ..first
-                });
-            }
-            dedup = Some(window);
-        }
-        let topic = &*route.topic;
-        if topic.overflow == Overflow::Block {
-            let mut full = false;
-            for &slot in route.slots.iter() {
-                let q = &mut state.queues[slot];
-                // A handler publishing into the queue its own worker drains is never made to
-                // wait: nobody else could make room, so it would wait forever. That queue may
-                // go past its capacity by what the handler publishes.
-                if q.items.len() >= topic.capacity
-                    && origin.owner != Some(QueueId::of(&route.topic, slot, partition))
-                {
-                    full = true;
-                    // Ask this queue's worker to wake us when it has drained.
-                    q.producer_waiting |= will_wait;
-                }
-            }
-            if full {
-                return Err(Reject::Full(event));
-            }
-        }
-        let offset = state.next_offset;
-        state.next_offset += 1;
-        if let Some(mut window) = dedup {
-            window.complete_with(
-                (E::TOPIC, id),
-                Published {
-                    id,
-                    partition,
-                    offset,
-                    duplicate: false,
-                },
-            );
-        }
-        let erased: Erased = Arc::new(Inner {
-            meta: Metadata {
-                id,
-                topic: E::TOPIC,
-                partition,
-                offset,
-                timestamp,
-                correlation_id: origin.cause.map_or(id, |c| c.correlation),
-                causation_id: origin.cause.map(|c| c.id),
-                headers: std::mem::take(&mut origin.headers),
-            },
-            event,
-        });
-        if !route.slots.is_empty() {
-            self.pending.fetch_add(route.slots.len(), Ordering::SeqCst);
-        } else {
-            // No group takes this type: counted (the warning was logged with the route).
-            topic.unrouted.fetch_add(1, Ordering::Relaxed);
-        }
-        let part = &topic.partitions[partition as usize];
-        let mut dropped = 0;
-        for &slot in route.slots.iter() {
-            let q = &mut state.queues[slot];
-            // Only possible with Overflow::DropOldest: Block refused above.
-            let oldest =
-                if topic.overflow == Overflow::DropOldest && q.items.len() >= topic.capacity {
-                    q.dropped += 1;
-                    q.items.pop_front()
-                } else {
-                    None
-                };
-            q.items.push_back(Arc::clone(&erased));
-            q.delivered += 1;
-            if let Some(oldest) = oldest {
-                // Freed outside the lock, with the graveyard.
-                state.graveyard.push(oldest);
-                dropped += 1;
-                tracing::warn!(
-                    topic = %topic.name,
-                    group = %topic.groups[slot],
-                    partition,
-                    "queue full: dropped the oldest event (Overflow::DropOldest)"
-                );
-            }
-            part.wake(state, slot);
-        }
-        if dropped > 0 {
-            self.finish(dropped);
-        }
-        match &self.recorder {
-            Some(recorder) => lock(&recorder.published).push(AnyEnvelope {
-                inner: erased,
-                attempt: 1,
-            }),
-            // No subscriber and no record: the last reference; free it outside the lock.
-            None if route.slots.is_empty() => garbage.push(erased),
-            None => {}
-        }
-        Ok(Published {
-            id,
-            partition,
-            offset,
-            duplicate: false,
-        })
-    }
-
-    /// Whether the bus still takes events from outside.
-    pub(crate) fn is_open(&self) -> bool {
-        self.intake_open.load(Ordering::SeqCst)
-    }
-
-    /// Puts `item` back into one group's queue (a redrive), waiting for room; gives it back if
-    /// the bus is closing.
-    pub(crate) async fn redeliver(
-        &self,
-        topic: &Topic,
-        slot: usize,
-        item: Erased,
-    ) -> Result<(), Erased> {
-        let Some(part) = topic.partitions.get(item.meta().partition as usize) else {
-            // Not a partition of this bus's topic (a dead letter restored from a store whose
-            // topic had more partitions): nowhere to send it.
-            return Err(item);
-        };
-        loop {
-            let waiting = {
-                let mut state = part.lock();
-                if state.closed || !self.is_open() {
-                    return Err(item);
-                }
-                let q = &mut state.queues[slot];
-                if q.items.len() < topic.capacity {
-                    self.pending.fetch_add(1, Ordering::SeqCst);
-                    q.items.push_back(item);
-                    q.delivered += 1;
-                    part.wake(&mut state, slot);
-                    return Ok(());
-                }
-                q.producer_waiting = true;
-                let mut waiting = Box::pin(part.not_full.notified());
-                waiting.as_mut().enable();
-                waiting
-            };
-            waiting.await;
-        }
-    }
-
-    /// Marks `n` deliveries or requests as finished.
-    pub(crate) fn finish(&self, n: usize) {
-        // Wake `settled` callers only if there are any: the bus goes idle after every request
-        // of a sequential round trip, and a notification costs a lock.
-        if self.pending.fetch_sub(n, Ordering::SeqCst) == n
-            && self.settling.load(Ordering::SeqCst) > 0
-        {
-            self.idle.notify_waiters();
-        }
-    }
-
-    /// Marks `n` requests as finished (answered, or refused).
-    pub(crate) fn finish_requests(&self, n: usize) {
-        self.requests.fetch_sub(n, Ordering::SeqCst);
-        self.finish(n);
-    }
-
-    pub(crate) fn record_failure(&self, failure: impl FnOnce() -> Failure) {
-        if let Some(recorder) = &self.recorder {
-            lock(&recorder.failures).push(failure());
-        }
-    }
-
-    async fn settled(&self) {
-        struct Settling<'a>(&'a AtomicUsize);
-        impl Drop for Settling<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-        self.settling.fetch_add(1, Ordering::SeqCst);
-        let _settling = Settling(&self.settling);
-        loop {
-            let idle = self.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if self.pending.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            idle.await;
-        }
-    }
-
-    fn all_topics(&self) -> Vec<Arc<Topic>> {
-        let mut topics: Vec<Arc<Topic>> = self.topics.clone();
-        let mut extra: Vec<Arc<Topic>> = self
-            .unsubscribed_topics
-            .iter()
-            .map(|e| Arc::clone(e.value()))
-            .collect();
-        extra.sort_by(|a, b| a.name.cmp(&b.name));
-        topics.extend(extra);
-        topics
-    }
-
-    fn close_queues(&self) {
-        for entry in self.commands.values() {
-            (entry.stop)();
-        }
-        for topic in self.all_topics() {
-            for part in topic.partitions.iter() {
-                part.close();
-            }
-        }
-    }
-
-    fn stats(&self) -> Stats {
+    pub(crate) fn stats(&self) -> Stats {
         use std::sync::atomic::Ordering::Relaxed;
         let mut topics = Vec::new();
         for topic in self.all_topics() {
@@ -1381,7 +786,7 @@ impl BusInner {
         }
         Stats {
             topics,
-            pending: self.pending.load(Relaxed) as u64,
+            pending: self.pending.count() as u64,
         }
     }
 }

@@ -30,9 +30,9 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::BusInner;
+use super::Engine;
+use crate::core::queue::WorkerStats;
 use crate::store::{GroupOffset, Store};
-use crate::topic::WorkerStats;
 
 /// Most marks in one transaction.
 const MAX_MARKS: usize = 8192;
@@ -71,16 +71,8 @@ impl MarkCommits {
     }
 
     /// The committer task (spawned once, with the appender).
-    pub(crate) fn task(inner: Arc<BusInner>) -> impl std::future::Future<Output = ()> {
-        let rx = inner
-            .durable
-            .as_ref()
-            .expect("a durable bus")
-            .marks
-            .rx
-            .lock()
-            .take()
-            .expect("started once");
+    pub(crate) fn task(inner: Engine) -> impl std::future::Future<Output = ()> {
+        let rx = inner.d.marks.rx.lock().take().expect("started once");
         run_mark_committer(inner, rx)
     }
 
@@ -282,8 +274,8 @@ impl MarkBook {
     }
 }
 
-async fn run_mark_committer(inner: Arc<BusInner>, mut rx: mpsc::UnboundedReceiver<MarkFlush>) {
-    let d = inner.durable.as_ref().expect("a durable bus");
+async fn run_mark_committer(inner: Engine, mut rx: mpsc::UnboundedReceiver<MarkFlush>) {
+    let d = &*inner.d;
     let mut batch: Vec<MarkFlush> = Vec::new();
     let mut last = tokio::time::Instant::now();
     loop {
@@ -350,8 +342,8 @@ async fn run_mark_committer(inner: Arc<BusInner>, mut rx: mpsc::UnboundedReceive
 
 /// Commits the marks of `batch` in one transaction; with `retry`, again after a failure until
 /// the bus stops. Whether they are durable.
-async fn commit(inner: &BusInner, batch: &mut [MarkFlush], retry: bool) -> bool {
-    let d = inner.durable.as_ref().expect("a durable bus");
+async fn commit(inner: &Engine, batch: &mut [MarkFlush], retry: bool) -> bool {
+    let d = &*inner.d;
     let marks: Vec<(GroupOffset, Uuid)> = batch
         .iter_mut()
         .flat_map(|f| std::mem::take(&mut f.marks))

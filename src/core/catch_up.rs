@@ -1,0 +1,179 @@
+//! With a store, whether a group takes committed events from its queue (*live*) or reads them
+//! from the log (*lagging*, catching up): the whole protocol, in one place.
+//!
+//! - Every queue starts lagging (the builder): a group first reads the log from its committed
+//!   offset.
+//! - The appender offers each committed event to the groups ([`Core::offer_committed`]): a live
+//!   group whose queue has room and whose `live_next` is the event's offset gets it queued; a
+//!   full queue, or a gap (events someone else appended), makes the group lag, with a *marker*:
+//!   one pending count that keeps [`settled`](crate::Bus::settled) waiting until it caught up.
+//! - The worker asks [`Partition::next_durable`]: queued events first; else, if the log's head
+//!   is past what it finished, it catches up (`CatchUp(head)`); once caught up it goes live
+//!   again and the marker's count is released.
+//! - At shutdown a group still catching up stops reading ([`Partition::give_up_catch_up`]):
+//!   the rest waits in the log for the next start.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::pending::Pending;
+use super::queue::{Partition, Topic, WorkerStats};
+use super::Core;
+use crate::envelope::Erased;
+use std::collections::VecDeque;
+
+/// What [`Partition::next_durable`] found.
+pub(crate) enum NextDurable {
+    /// Events in the batch.
+    Batch,
+    /// The queue is empty and the log holds events up to this offset the group has not had.
+    CatchUp(u64),
+    /// Closed and drained.
+    Closed,
+}
+
+impl Partition {
+    /// With a store: moves up to `max` queued events of `slot` into `out`, or says the group
+    /// must catch up from the log, waiting while there is nothing to do.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn next_durable(
+        &self,
+        slot: usize,
+        out: &mut VecDeque<Erased>,
+        done: &mut Vec<Erased>,
+        max: usize,
+        stats: &WorkerStats,
+        may_catch_up: bool,
+        pending: &Pending,
+    ) -> NextDurable {
+        loop {
+            // Finished envelopes are freed here, outside the lock.
+            done.clear();
+            let mut release = false;
+            {
+                let mut state = self.lock();
+                let state = &mut *state;
+                let head = state.next_offset;
+                let q = &mut state.queues[slot];
+                if !q.items.is_empty() {
+                    let n = q.items.len().min(max);
+                    out.extend(q.items.drain(..n));
+                    // A redrive waiting for room (publishers never wait with a store).
+                    if q.producer_waiting {
+                        q.producer_waiting = false;
+                        self.not_full.notify_waiters();
+                    }
+                    return NextDurable::Batch;
+                }
+                let expected = stats.next_offset.load(Ordering::Relaxed);
+                if q.skipped_to > expected && !q.lagging {
+                    stats.next_offset.store(q.skipped_to, Ordering::Release);
+                }
+                let expected = stats.next_offset.load(Ordering::Relaxed);
+                if expected < head && may_catch_up {
+                    q.lagging = true;
+                    return NextDurable::CatchUp(head);
+                }
+                if q.lagging && expected >= head {
+                    // Caught up: committed events are queued for the group again.
+                    q.lagging = false;
+                    q.skipped_to = head;
+                    q.live_next = head;
+                }
+                if q.marker && (!q.lagging || !may_catch_up) {
+                    q.marker = false;
+                    release = true;
+                }
+                if state.closed {
+                    if release {
+                        pending.finish(1);
+                    }
+                    return NextDurable::Closed;
+                }
+                q.parked = true;
+            }
+            if release {
+                pending.finish(1);
+            }
+            self.wakers[slot].notified().await;
+        }
+    }
+
+    /// With a store, when the bus shuts down before the group caught up: it stops reading the
+    /// log (what is left waits for the next start) and no longer holds `settled` up.
+    pub(crate) fn give_up_catch_up(&self, slot: usize, pending: &Pending) {
+        let mut state = self.lock();
+        let q = &mut state.queues[slot];
+        q.lagging = true;
+        let release = std::mem::take(&mut q.marker);
+        drop(state);
+        if release {
+            pending.finish(1);
+        }
+    }
+
+    /// With a store: the log's head is at least `head`.
+    pub(crate) fn raise_head(&self, head: u64) {
+        let mut state = self.lock();
+        if state.next_offset < head {
+            state.next_offset = head;
+        }
+    }
+}
+
+impl Core {
+    /// Hands a committed event to the groups of its route: into each group's queue, unless
+    /// that group is catching up from the log or its queue is full (then it will read the event
+    /// from the log).
+    pub(crate) fn offer_committed(&self, topic: &Topic, slots: &[usize], item: &Erased) {
+        let meta = item.meta();
+        let part: &Partition = &topic.partitions[meta.partition as usize];
+        let mut state = part.lock();
+        if state.next_offset <= meta.offset {
+            state.next_offset = meta.offset + 1;
+        }
+        if state.closed {
+            // Committed as the bus stopped (its workers are gone): the groups read it from the
+            // log when the bus starts again.
+            return;
+        }
+        let mut pushed = 0;
+        let mut markers = 0;
+        for slot in 0..state.queues.len() {
+            let q = &mut state.queues[slot];
+            if q.lagging {
+                continue;
+            }
+            if q.live_next != meta.offset {
+                // Events this bus did not append came first: read them, and this one, from
+                // the log.
+                q.lagging = true;
+                q.marker = true;
+                markers += 1;
+                part.wake(&mut state, slot);
+                continue;
+            }
+            q.live_next = meta.offset + 1;
+            if !slots.contains(&slot) {
+                // Not for this group: its worker passes the offset by.
+                q.skipped_to = meta.offset + 1;
+                continue;
+            }
+            if q.items.len() >= topic.capacity {
+                // The group reads this one and what follows from the log, then joins again.
+                q.lagging = true;
+                q.marker = true;
+                markers += 1;
+                part.wake(&mut state, slot);
+                continue;
+            }
+            q.items.push_back(Arc::clone(item));
+            q.delivered += 1;
+            pushed += 1;
+            part.wake(&mut state, slot);
+        }
+        if pushed + markers > 0 {
+            self.pending.add(pushed + markers);
+        }
+    }
+}
