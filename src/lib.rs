@@ -17,12 +17,12 @@ mod event;
 mod handler;
 pub mod middleware;
 mod publish;
+mod runtime;
 mod stats;
 mod store;
 pub mod testing;
 mod topic;
 mod window;
-mod worker;
 
 #[doc(inline)]
 pub use bus::{Bus, BusBuilder, Failure, PublishOptions, Published, RestartBackoff, Subscription};

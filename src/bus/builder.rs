@@ -1,7 +1,7 @@
 //! Building a bus: topics, subscriptions, command handlers, checked at build time.
 
 use std::any::TypeId;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -20,297 +20,63 @@ use crate::core::queue::Topic;
 use crate::core::request::CommandEntry;
 use crate::core::route::Route;
 use crate::core::{Core, Log, Recorder};
-use crate::dead_letter::{DeadLetterPolicy, DeadLetterQueue, Redelivery};
-use crate::delivery::DeliveryMode;
+use crate::dead_letter::DeadLetterQueue;
+use crate::durable::consume::{LogSource, StoreAck};
 use crate::durable::{Durable, Engine};
 use crate::error::BuildError;
-use crate::event::{validate_topic_name, Event};
+use crate::event::Event;
 use crate::handler::CommandHandler;
 use crate::handler::{AnyHandler, Handler};
-use crate::middleware::{Dedup, DedupWindow, LayerKind, LayerSpec, Middleware};
-use crate::store::{Decoder, Retention, StartFrom, Store, Upcaster, DEFAULT_MAX_PAYLOAD};
+use crate::middleware::DedupWindow;
+use crate::runtime::dispatch::{panic_message, Dispatch, Factory, Typed, Untyped};
+use crate::runtime::subscription::{RestartBackoff, Subscription};
+use crate::runtime::worker::{self, MemorySource, NoAck, WorkerArgs};
+use crate::store::{Decoder, Store, Upcaster, DEFAULT_MAX_PAYLOAD};
 use crate::topic::{default_partitions, Overflow, TopicConfig};
 use crate::window::Window;
-use crate::worker::{self, Factory, Typed, Untyped, WorkerArgs};
 
-/// Settings of one subscription, that is of one consumer group.
-///
-/// A `&str` or `String` converts into a subscription with the defaults.
-///
-/// # Supervision
-///
-/// - A handler that returns an error gets the event again (attempt 2, 3, …) before any later
-///   event of its partition, up to [`max_deliveries`](Subscription::max_deliveries) (default 3)
-///   deliveries in all, at once — or as a [`Retry`](crate::Retry) layer says, with backoff; a
-///   [permanent](crate::HandlerError::permanent) error is not redelivered.
-/// - A handler that panics is caught; the panic is logged with the event's ids and counted, the
-///   handler is replaced by a fresh instance from its factory after a
-///   [restart backoff](Subscription::restart_backoff) (should the factory panic too, the old
-///   instance is kept and the error logged), and the event counts as a failed attempt.
-/// - After the last attempt the event is given up on: logged at `error` level, counted in
-///   [`Bus::stats`](crate::Bus::stats), recorded in [`Bus::failures`](crate::Bus::failures)
-///   when recording, put in the group's [dead-letter queue](crate::DeadLetters) (see
-///   [`dead_letter`](Subscription::dead_letter); at-most-once delivery drops it instead), and
-///   the partition moves on.
-///
-/// [Middleware](crate::middleware) wraps the handler: see [`layer`](Subscription::layer).
-///
-/// ```
-/// use std::time::Duration;
-/// use tidings::{RestartBackoff, Subscription};
-///
-/// let billing = Subscription::new("billing")
-///     .max_deliveries(5)
-///     .restart_backoff(RestartBackoff::new(Duration::from_millis(50), Duration::from_secs(5)))
-///     .batch_size(64);
-/// ```
-#[derive(Debug, Clone)]
-pub struct Subscription {
-    pub(crate) group: String,
-    pub(crate) max_deliveries: Option<u32>,
-    pub(crate) restart_backoff: RestartBackoff,
-    pub(crate) batch_size: usize,
-    /// In declaration order: innermost first.
-    pub(crate) layers: Vec<LayerSpec>,
-    pub(crate) delivery: DeliveryMode,
-    pub(crate) dead_letter: DeadLetterPolicy,
-    pub(crate) redelivery: Option<Redelivery>,
-    pub(crate) start: StartFrom,
-    pub(crate) reset: bool,
-}
+/// Makes a worker of one partition of a group: in memory, or on the store's log.
+type Spawner =
+    Arc<dyn Fn(WorkerArgs, Option<&Arc<Durable>>) -> BoxFuture<'static, ()> + Send + Sync>;
 
-impl Subscription {
-    /// A subscription for the consumer group `group` with the default settings.
-    pub fn new(group: impl Into<String>) -> Self {
-        Subscription {
-            group: group.into(),
-            max_deliveries: None,
-            restart_backoff: RestartBackoff::default(),
-            batch_size: 128,
-            layers: Vec::new(),
-            delivery: DeliveryMode::default(),
-            dead_letter: DeadLetterPolicy::default(),
-            redelivery: None,
-            start: StartFrom::Latest,
-            reset: false,
+/// A worker fed by the partition's queue, or with a store by its log.
+fn spawn_worker<D: Dispatch>(
+    dispatch: D,
+    args: WorkerArgs,
+    durable: Option<&Arc<Durable>>,
+) -> BoxFuture<'static, ()> {
+    match durable {
+        None => {
+            let source = MemorySource::new(&args);
+            Box::pin(worker::run(dispatch, args, source, NoAck))
         }
-    }
-
-    /// How many times an event is delivered at most, one right after the other, before it is
-    /// dead-lettered (at least 1; default 3), when the subscription has no [`Retry`](crate::Retry) layer.
-    /// With a `Retry` layer, the layer decides, and setting this is a build error.
-    pub fn max_deliveries(mut self, n: u32) -> Self {
-        self.max_deliveries = Some(n);
-        self
-    }
-
-    /// Wraps the handler, and every layer declared before, in `layer`: the last layer declared
-    /// sees each event first. See [the middleware module](crate::middleware) for what each
-    /// order means.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use tidings::{Dedup, DedupWindow, Retry, Subscription, Timeout};
-    ///
-    /// let billing = Subscription::new("billing")
-    ///     .layer(Timeout::new(Duration::from_secs(5)))   // each attempt
-    ///     .layer(Retry::new(5))                         // up to 5 attempts
-    ///     .layer(Dedup::new(DedupWindow::new()));       // duplicates skipped first
-    /// ```
-    pub fn layer<M: Middleware>(mut self, layer: M) -> Self {
-        self.layers.push(LayerSpec::new(layer));
-        self
-    }
-
-    /// When events are acknowledged: see [`DeliveryMode`] (default at-least-once).
-    pub fn delivery(mut self, mode: DeliveryMode) -> Self {
-        self.delivery = mode;
-        self
-    }
-
-    /// What happens to events that failed their last attempt: see [`DeadLetterPolicy`]
-    /// (default: parked in the group's dead-letter queue while the partition moves on).
-    pub fn dead_letter(mut self, policy: DeadLetterPolicy) -> Self {
-        self.dead_letter = policy;
-        self
-    }
-
-    /// Redelivers dead-lettered events automatically after delays, while the partition goes on:
-    /// see [`Redelivery`]. With [`DeadLetterPolicy::Sequenced`], only the failed key waits.
-    pub fn redelivery(mut self, redelivery: Redelivery) -> Self {
-        self.redelivery = Some(redelivery);
-        self
-    }
-
-    /// With a store: where this group starts reading when it has no committed offset yet (a new
-    /// group). Default [`StartFrom::Latest`]: only events published from now on. A projection
-    /// rebuilt from scratch uses [`StartFrom::Earliest`] under a new group name (or
-    /// [`reset_to`](Subscription::reset_to)). Without a store, anything but `Latest` is a build
-    /// error: there is no log to read.
-    ///
-    /// ```
-    /// use std::time::{Duration, SystemTime};
-    /// use tidings::{StartFrom, Subscription};
-    ///
-    /// let audit = Subscription::new("audit").start_from(StartFrom::Earliest);
-    /// let recent = Subscription::new("recent")
-    ///     .start_from(StartFrom::Timestamp(SystemTime::now() - Duration::from_secs(3600)));
-    /// ```
-    pub fn start_from(mut self, start: StartFrom) -> Self {
-        self.start = start;
-        self
-    }
-
-    /// With a store: moves this group's offsets to `start` when the bus starts, whatever it
-    /// had committed (replay from the beginning, or skip a backlog). The new position is
-    /// committed at once. Remove the call after the restart that needed it, or every restart
-    /// resets the group again.
-    pub fn reset_to(mut self, start: StartFrom) -> Self {
-        self.start = start;
-        self.reset = true;
-        self
-    }
-
-    /// The consumer group's name.
-    pub fn group(&self) -> &str {
-        &self.group
-    }
-
-    pub(crate) fn effective_max_deliveries(&self) -> u32 {
-        self.max_deliveries.unwrap_or(3)
-    }
-
-    fn has(&self, kind: LayerKind) -> bool {
-        self.layers.iter().any(|l| l.kind == kind)
-    }
-
-    /// Checks the settings, and adds what the delivery mode needs.
-    fn prepare(&mut self) -> Result<(), BuildError> {
-        let group = &self.group;
-        let invalid =
-            |what: String| BuildError::InvalidSetting(format!("subscription {group:?}: {what}"));
-        if self.max_deliveries == Some(0) {
-            return Err(invalid("max_deliveries must be at least 1".into()));
+        Some(d) => {
+            let (source, ack) = (
+                LogSource::new(Arc::clone(d), &args),
+                StoreAck::new(d, &args),
+            );
+            Box::pin(worker::run(dispatch, args, source, ack))
         }
-        if self.batch_size == 0 {
-            return Err(invalid("batch_size must be at least 1".into()));
-        }
-        for layer in &self.layers {
-            layer.check.clone().map_err(invalid)?;
-        }
-        if self
-            .redelivery
-            .as_ref()
-            .is_some_and(|r| r.delays.is_empty())
-        {
-            return Err(invalid(
-                "Redelivery::after got no delays, so it would never redeliver; give at least one delay, or leave redelivery unset".into(),
-            ));
-        }
-        if self.restart_backoff.initial > self.restart_backoff.max {
-            return Err(invalid(format!(
-                "RestartBackoff: the initial delay ({:?}) must not exceed the maximum ({:?})",
-                self.restart_backoff.initial, self.restart_backoff.max
-            )));
-        }
-        let retries = self.has(LayerKind::Retry);
-        if retries && self.max_deliveries.is_some() {
-            return Err(invalid(
-                "max_deliveries and a Retry layer both set the attempts; keep one (Retry::new(n) for n attempts)".into(),
-            ));
-        }
-        if self.delivery == DeliveryMode::AtMostOnce {
-            if retries || self.max_deliveries.is_some_and(|n| n > 1) {
-                return Err(invalid(
-                    "at-most-once delivery never redelivers; remove the Retry layer or max_deliveries".into(),
-                ));
-            }
-            if self.dead_letter == DeadLetterPolicy::Sequenced {
-                return Err(invalid(
-                    "at-most-once delivery drops failed events; a sequenced dead-letter queue needs at-least-once".into(),
-                ));
-            }
-            if self.redelivery.is_some() {
-                return Err(invalid(
-                    "at-most-once delivery drops failed events; redelivery needs at-least-once"
-                        .into(),
-                ));
-            }
-        }
-        if self.delivery == DeliveryMode::EffectivelyOnce && !self.has(LayerKind::Dedup) {
-            self.layers
-                .push(LayerSpec::new(Dedup::new(DedupWindow::default())));
-        }
-        Ok(())
-    }
-
-    /// How long to wait before restarting a handler that panicked.
-    pub fn restart_backoff(mut self, backoff: RestartBackoff) -> Self {
-        self.restart_backoff = backoff;
-        self
-    }
-
-    /// How many events a worker takes from its queue at once (at least 1; default 128).
-    /// Larger batches mean fewer lock round trips; the queue's capacity still bounds what waits.
-    pub fn batch_size(mut self, n: usize) -> Self {
-        self.batch_size = n;
-        self
     }
 }
 
-impl From<&str> for Subscription {
-    fn from(group: &str) -> Self {
-        Subscription::new(group)
-    }
-}
-
-impl From<String> for Subscription {
-    fn from(group: String) -> Self {
-        Subscription::new(group)
-    }
-}
-
-/// Delay before restarting a panicked handler: `initial`, doubled after each consecutive panic,
-/// at most `max`. Default 10 ms up to 1 s.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RestartBackoff {
-    pub(crate) initial: Duration,
-    pub(crate) max: Duration,
-}
-
-impl RestartBackoff {
-    /// A backoff from `initial` doubling up to `max`. `initial` must not exceed `max` (checked
-    /// by [`BusBuilder::build`]); zero restarts at once.
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        RestartBackoff { initial, max }
-    }
-}
-
-impl Default for RestartBackoff {
-    fn default() -> Self {
-        RestartBackoff::new(Duration::from_millis(10), Duration::from_secs(1))
-    }
-}
-
-type Spawner = Arc<dyn Fn(WorkerArgs) -> BoxFuture<'static, ()> + Send + Sync>;
-
-struct SubSpec {
-    options: Subscription,
-    topic: String,
+pub(super) struct SubSpec {
+    pub(super) options: Subscription,
+    pub(super) topic: String,
     /// `None`: every type of the topic.
-    accepts: Option<TypeId>,
-    handler_name: &'static str,
-    spawn: Spawner,
+    pub(super) accepts: Option<TypeId>,
+    pub(super) handler_name: &'static str,
+    pub(super) spawn: Spawner,
 }
 
 type CommandStart = Box<dyn FnOnce(Arc<Core>) -> BoxFuture<'static, ()> + Send>;
 /// Makes a command handler's queue: the type-erased sender, and what starts its task.
 type CommandMake = Box<dyn FnOnce(usize) -> (CommandEntry, CommandStart) + Send>;
 
-struct CmdSpec {
-    type_id: TypeId,
-    name: &'static str,
-    make: CommandMake,
+pub(super) struct CmdSpec {
+    pub(super) type_id: TypeId,
+    pub(super) name: &'static str,
+    pub(super) make: CommandMake,
 }
 
 /// Builds a [`Bus`]: topics, subscriptions and command handlers, all checked by
@@ -340,18 +106,18 @@ struct CmdSpec {
 /// # bus.shutdown().await; Ok(()) }
 /// ```
 pub struct BusBuilder {
-    topics: Vec<TopicConfig>,
-    subs: Vec<SubSpec>,
-    commands: Vec<CmdSpec>,
-    request_timeout: Duration,
-    command_capacity: usize,
-    record: bool,
-    publish_dedup: Option<DedupWindow>,
-    store: Option<Arc<dyn Store>>,
-    upcasters: Vec<Upcaster>,
-    max_payload: usize,
-    commit_interval: Duration,
-    retention_interval: Duration,
+    pub(super) topics: Vec<TopicConfig>,
+    pub(super) subs: Vec<SubSpec>,
+    pub(super) commands: Vec<CmdSpec>,
+    pub(super) request_timeout: Duration,
+    pub(super) command_capacity: usize,
+    pub(super) record: bool,
+    pub(super) publish_dedup: Option<DedupWindow>,
+    pub(super) store: Option<Arc<dyn Store>>,
+    pub(super) upcasters: Vec<Upcaster>,
+    pub(super) max_payload: usize,
+    pub(super) commit_interval: Duration,
+    pub(super) retention_interval: Duration,
 }
 
 impl Default for BusBuilder {
@@ -452,8 +218,8 @@ impl BusBuilder {
             topic: E::TOPIC.to_owned(),
             accepts: Some(TypeId::of::<E>()),
             handler_name: std::any::type_name::<H>(),
-            spawn: Arc::new(move |args| {
-                Box::pin(worker::run(Typed::<E, H>::new(Arc::clone(&factory)), args))
+            spawn: Arc::new(move |args, durable| {
+                spawn_worker(Typed::<E, H>::new(Arc::clone(&factory)), args, durable)
             }),
         });
         self
@@ -476,8 +242,8 @@ impl BusBuilder {
             topic: topic.into(),
             accepts: None,
             handler_name: std::any::type_name::<H>(),
-            spawn: Arc::new(move |args| {
-                Box::pin(worker::run(Untyped::new(Arc::clone(&factory)), args))
+            spawn: Arc::new(move |args, durable| {
+                spawn_worker(Untyped::new(Arc::clone(&factory)), args, durable)
             }),
         });
         self
@@ -499,12 +265,12 @@ impl BusBuilder {
                 let (tx, rx) = mpsc::channel::<CommandMessage<C>>(capacity);
                 let start: CommandStart = Box::new(move |bus| {
                     let handler = factory();
-                    Box::pin(worker::run_commands::<C, H>(
+                    Box::pin(crate::runtime::commands::run_commands::<C, H>(
                         handler,
                         factory,
                         rx,
                         bus,
-                        super::RestartBackoff::default(),
+                        RestartBackoff::default(),
                     ))
                 });
                 let stopper = tx.clone();
@@ -704,7 +470,6 @@ impl BusBuilder {
             log: durable.as_ref().map(|d| Log {
                 store: Arc::clone(&d.store),
                 decoder: Arc::clone(&d.decoder),
-                stop: d.stop.clone(),
             }),
         };
         if durable.is_some() {
@@ -770,7 +535,6 @@ impl BusBuilder {
                 for partition in 0..topic.partitions.len() as u32 {
                     let args = WorkerArgs {
                         core: Arc::clone(&core),
-                        durable: durable.clone(),
                         topic: Arc::clone(topic),
                         slot,
                         partition,
@@ -778,7 +542,7 @@ impl BusBuilder {
                         handler_name: sub.handler_name,
                         dead_letters: Arc::clone(&inner.dead_letters[&sub.options.group]),
                     };
-                    workers.push((sub.spawn)(args));
+                    workers.push((sub.spawn)(args, durable.as_ref()));
                 }
             }
             for (name, start) in command_starts {
@@ -790,7 +554,7 @@ impl BusBuilder {
             drop(workers);
             return Err(BuildError::FactoryPanicked {
                 subscription: making,
-                message: worker::panic_message(&*panic),
+                message: panic_message(&*panic),
             });
         }
         if let Some(durable) = &durable {
@@ -813,135 +577,9 @@ impl BusBuilder {
             );
         }
         Ok(Bus {
-            _guard: Some(Arc::new(HandleGuard(Arc::downgrade(&inner)))),
+            _guard: Some(Arc::new(HandleGuard(Arc::clone(&inner)))),
             inner,
         })
-    }
-
-    /// Settings that need a store, and settings a store rules out.
-    fn validate_store(&self) -> Result<(), BuildError> {
-        let durable = self.store.is_some();
-        for sub in &self.subs {
-            let o = &sub.options;
-            if !durable && (o.start != StartFrom::Latest || o.reset) {
-                return Err(BuildError::InvalidSetting(format!(
-                    "subscription {:?}: start_from / reset_to need a store (BusBuilder::store): without one there is no log to read",
-                    o.group
-                )));
-            }
-        }
-        if durable {
-            for sub in &self.subs {
-                let pinned = self
-                    .topics
-                    .iter()
-                    .any(|c| c.name == sub.topic && c.partitions.is_some());
-                if !pinned {
-                    return Err(BuildError::InvalidSetting(format!(
-                        "topic {:?}: with a store, give it a partition count (BusBuilder::topic(TopicConfig::new({:?}).partitions(n))): the default follows the machine's cores, and a durable topic's partitions must not change between runs",
-                        sub.topic, sub.topic
-                    )));
-                }
-            }
-        }
-        for config in &self.topics {
-            if !durable && config.retention != Retention::KeepAll {
-                return Err(BuildError::InvalidSetting(format!(
-                    "topic {:?}: retention needs a store (BusBuilder::store)",
-                    config.name
-                )));
-            }
-            if durable && config.overflow == Overflow::DropOldest {
-                return Err(BuildError::InvalidSetting(format!(
-                    "topic {:?}: Overflow::DropOldest has no use with a store: a group whose queue is full reads what it missed from the log, nothing is dropped",
-                    config.name
-                )));
-            }
-        }
-        if durable {
-            if self.max_payload == 0 {
-                return Err(BuildError::InvalidSetting(
-                    "max_payload must be at least 1 byte".into(),
-                ));
-            }
-            if self.commit_interval.is_zero() || self.retention_interval.is_zero() {
-                return Err(BuildError::InvalidSetting(
-                    "commit_interval and retention_interval must be above zero".into(),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn validate(&self) -> Result<(), BuildError> {
-        let mut seen = HashSet::new();
-        for config in &self.topics {
-            validate_topic_name(&config.name)
-                .map_err(|reason| BuildError::InvalidTopicName { reason })?;
-            if config.partitions == Some(0) {
-                return Err(BuildError::ZeroPartitions {
-                    topic: config.name.clone(),
-                });
-            }
-            if config.capacity == 0 {
-                return Err(BuildError::ZeroCapacity {
-                    topic: config.name.clone(),
-                });
-            }
-            match config.retention {
-                Retention::MaxAge(age) if age.is_zero() => {
-                    return Err(BuildError::InvalidSetting(format!(
-                        "topic {:?}: Retention::MaxAge must be above zero (zero deletes every event as soon as it is written)",
-                        config.name
-                    )))
-                }
-                Retention::MaxEvents(0) => {
-                    return Err(BuildError::InvalidSetting(format!(
-                        "topic {:?}: Retention::MaxEvents must be at least 1 (zero deletes every event as soon as it is written)",
-                        config.name
-                    )))
-                }
-                _ => {}
-            }
-            if !seen.insert(config.name.as_str()) {
-                return Err(BuildError::DuplicateTopic {
-                    topic: config.name.clone(),
-                });
-            }
-        }
-        let mut groups = HashSet::new();
-        for sub in &self.subs {
-            let group = &sub.options.group;
-            if validate_topic_name(group).is_err() {
-                return Err(BuildError::InvalidSubscriptionName {
-                    group: group.clone(),
-                });
-            }
-            validate_topic_name(&sub.topic)
-                .map_err(|reason| BuildError::InvalidTopicName { reason })?;
-            if !groups.insert(group.as_str()) {
-                return Err(BuildError::DuplicateSubscription {
-                    group: group.clone(),
-                });
-            }
-        }
-        let mut commands = HashSet::new();
-        for cmd in &self.commands {
-            if !commands.insert(cmd.type_id) {
-                return Err(BuildError::DuplicateCommandHandler { command: cmd.name });
-            }
-        }
-        if self.request_timeout.is_zero() {
-            return Err(BuildError::InvalidSetting(
-                "request_timeout must be above zero (every request would time out)".into(),
-            ));
-        }
-        if self.command_capacity == 0 {
-            return Err(BuildError::InvalidSetting(
-                "command_capacity must be at least 1".into(),
-            ));
-        }
-        Ok(())
     }
 }
 

@@ -1,16 +1,22 @@
 //! The bus: publishing, request/reply, settling, stats and shutdown.
 
 mod builder;
+mod shutdown;
+mod stats;
+mod validate;
+
+use shutdown::HandleGuard;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::{BoxFuture, Shared};
 use tokio::task::JoinHandle;
 
-pub use builder::{BusBuilder, RestartBackoff, Subscription};
+pub use crate::runtime::subscription::{RestartBackoff, Subscription};
+pub use builder::BusBuilder;
 
 use crate::command::Command;
 use crate::core::publish::Origin;
@@ -21,7 +27,7 @@ use crate::envelope::{new_id, AnyEnvelope};
 use crate::error::{PublishError, RequestError, TryPublishError};
 use crate::event::Event;
 pub use crate::publish::{Failure, PublishOptions, Published};
-use crate::stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
+use crate::stats::{ShutdownReport, Stats};
 
 /// Past a shutdown's deadline, how long aborted workers are given to stop.
 const ABORT_GRACE: Duration = Duration::from_millis(100);
@@ -68,27 +74,6 @@ const ABORT_GRACE: Duration = Duration::from_millis(100);
 pub struct Bus {
     pub(crate) inner: Arc<BusInner>,
     _guard: Option<Arc<HandleGuard>>,
-}
-
-/// Closes the bus when the last user-held handle goes away.
-struct HandleGuard(Weak<BusInner>);
-
-impl Drop for HandleGuard {
-    fn drop(&mut self) {
-        let Some(inner) = self.0.upgrade() else {
-            return;
-        };
-        if tokio::runtime::Handle::try_current().is_ok() {
-            // A graceful shutdown in the background (or the one already running): queued
-            // events and their follow-ups are handled, then the tasks stop.
-            drop(BusInner::begin_shutdown(&inner, None));
-        } else {
-            // No runtime to drain on: stop intake and let the workers finish what is queued.
-            inner.intake_open.store(false, Ordering::SeqCst);
-            inner.cancel.cancel();
-            inner.close_queues();
-        }
-    }
 }
 
 /// The facade's state: the core every handle shares, and what only the facade reaches (the
@@ -585,208 +570,5 @@ impl std::fmt::Debug for Bus {
             .field("topics", &self.inner.topic_index.keys().collect::<Vec<_>>())
             .field("pending", &self.inner.pending.count())
             .finish_non_exhaustive()
-    }
-}
-
-impl BusInner {
-    /// Starts the shutdown (once) in a task of its own and returns a future of its report.
-    fn begin_shutdown(
-        this: &Arc<BusInner>,
-        timeout: Option<Duration>,
-    ) -> Shared<BoxFuture<'static, ShutdownReport>> {
-        lock(&this.shutdown)
-            .get_or_insert_with(|| {
-                let inner = Arc::clone(this);
-                let task = tokio::spawn(async move { inner.run_shutdown(timeout).await });
-                async move { task.await.unwrap_or_default() }
-                    .boxed()
-                    .shared()
-            })
-            .clone()
-    }
-
-    async fn run_shutdown(&self, timeout: Option<Duration>) -> ShutdownReport {
-        let started = tokio::time::Instant::now();
-        self.intake_open.store(false, Ordering::SeqCst);
-        // Barrier: a publisher that found intake open under a partition lock has counted its
-        // event by the time this takes that lock, so the drain below waits for it.
-        for topic in self.all_topics() {
-            for part in topic.partitions.iter() {
-                drop(part.lock());
-            }
-        }
-        self.cancel.cancel();
-        let mut drained = match timeout {
-            None => {
-                self.pending.settled().await;
-                true
-            }
-            Some(t) => tokio::time::timeout(t, self.pending.settled())
-                .await
-                .is_ok(),
-        };
-        self.close_queues();
-        let mut tasks = std::mem::take(&mut *lock(&self.tasks));
-        match timeout {
-            None => {
-                for task in tasks {
-                    let _ = task.await;
-                }
-            }
-            Some(t) => {
-                // Past the deadline nothing is waited for long. An aborted task stops at its
-                // next await; a handler blocking its thread cannot be stopped (a thread cannot
-                // be preempted): it is left running, and its event is reported abandoned.
-                if !drained {
-                    for task in &tasks {
-                        task.abort();
-                    }
-                }
-                let left = t.saturating_sub(started.elapsed()).max(ABORT_GRACE);
-                let joined =
-                    tokio::time::timeout(left, futures::future::join_all(tasks.iter_mut())).await;
-                if joined.is_err() {
-                    drained = false;
-                    let running = tasks.iter().filter(|task| !task.is_finished()).count();
-                    for task in &tasks {
-                        task.abort();
-                    }
-                    tracing::warn!(
-                        running,
-                        "tidings: shutdown timeout: workers still running were abandoned (a handler blocking its thread cannot be stopped)"
-                    );
-                }
-            }
-        }
-        if let (Some(d), Some(engine)) = (&self.durable, self.engine()) {
-            // Publishing is over: stop the appender and commit the groups' offsets (within what
-            // is left of the timeout; a commit cut short means a group handles again what it
-            // handled since the last periodic commit).
-            d.stop.cancel();
-            match timeout {
-                None => Durable::stop(&engine).await,
-                Some(t) => {
-                    // At least a second for the last commit, even when the drain used it all.
-                    let left = t
-                        .saturating_sub(started.elapsed())
-                        .max(Duration::from_secs(1));
-                    if tokio::time::timeout(left, Durable::stop(&engine))
-                        .await
-                        .is_err()
-                    {
-                        tracing::warn!(
-                            "tidings: shutdown timeout: the last offset commit was cut short"
-                        );
-                    }
-                }
-            }
-        }
-        let stats = self.stats();
-        let mut report = ShutdownReport::default();
-        let mut unfinished = 0;
-        for topic in &stats.topics {
-            for group in &topic.groups {
-                report.handled += group.handled;
-                report.failed += group.failed;
-                report.dropped += group.dropped;
-                report.panics += group.panics;
-                // In memory: delivered, and neither handled, failed nor dropped (read in the
-                // same snapshot as those counts, so that they add up exactly).
-                unfinished += group.lag;
-            }
-        }
-        // After a full drain nothing was abandoned (a request refused at this moment may be
-        // counted for an instant, so do not read the counters). Otherwise, what was never
-        // finished: events queued or in flight (in memory, counted per event above; with a
-        // store, what is still counted pending: workers release their events one by one once
-        // shutdown began, and a group still busy reading the log counts one), and requests not
-        // answered.
-        report.abandoned = if drained {
-            0
-        } else if self.durable.is_some() {
-            self.pending.count() as u64
-        } else {
-            unfinished + self.pending.requests() as u64
-        };
-        tracing::info!(
-            handled = report.handled,
-            failed = report.failed,
-            dropped = report.dropped,
-            abandoned = report.abandoned,
-            "tidings bus shut down"
-        );
-        report
-    }
-
-    pub(crate) fn stats(&self) -> Stats {
-        use std::sync::atomic::Ordering::Relaxed;
-        let mut topics = Vec::new();
-        for topic in self.all_topics() {
-            let mut published = Vec::with_capacity(topic.partitions.len());
-            let mut groups: Vec<GroupStats> = topic
-                .groups
-                .iter()
-                .map(|name| GroupStats {
-                    group: name.clone(),
-                    ..GroupStats::default()
-                })
-                .collect();
-            for (p, part) in topic.partitions.iter().enumerate() {
-                let state = part.lock();
-                published.push(state.next_offset);
-                for (slot, group) in groups.iter_mut().enumerate() {
-                    let q = &state.queues[slot];
-                    let w = &topic.worker_stats[slot][p];
-                    let handled = w.handled.load(Relaxed);
-                    let failed = w.failed.load(Relaxed);
-                    let mut next = w.next_offset.load(Relaxed);
-                    let durable = self.durable.is_some();
-                    if durable && q.items.is_empty() && !q.lagging {
-                        next = next.max(q.skipped_to);
-                    }
-                    let lag = if durable {
-                        state.next_offset.saturating_sub(next)
-                    } else {
-                        q.delivered.saturating_sub(handled + failed + q.dropped)
-                    };
-                    let ps = PartitionStats {
-                        partition: p as u32,
-                        published: state.next_offset,
-                        delivered: q.delivered,
-                        handled,
-                        duplicates: w.duplicates.load(Relaxed),
-                        failed,
-                        dropped: q.dropped,
-                        panics: w.panics.load(Relaxed),
-                        restarts: w.restarts.load(Relaxed),
-                        depth: q.items.len() as u64,
-                        lag,
-                        committed: next.checked_sub(1),
-                    };
-                    group.add(ps);
-                }
-            }
-            for group in &mut groups {
-                if let Some(dlq) = self.dead_letters.get(&group.group) {
-                    let counts = dlq.counts();
-                    group.dead_letters = counts.depth;
-                    group.dead_lettered = counts.total;
-                    group.redriven = counts.redriven;
-                    group.discarded = counts.discarded;
-                }
-            }
-            topics.push(TopicStats {
-                topic: topic.name.clone(),
-                partitions: topic.partitions.len() as u32,
-                published: published.iter().sum(),
-                published_per_partition: published,
-                unrouted: topic.unrouted.load(Relaxed),
-                groups,
-            });
-        }
-        Stats {
-            topics,
-            pending: self.pending.count() as u64,
-        }
     }
 }

@@ -74,9 +74,6 @@ pub(crate) struct Core {
 pub(crate) struct Log {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) decoder: Arc<Decoder>,
-    /// Cancelled once the bus stopped for good (after its drain): retries of the store's writes
-    /// give up then. (Not the shutdown signal: the drain needs them.)
-    pub(crate) stop: CancellationToken,
 }
 
 /// What a bus built with [`BusBuilder::record`](crate::BusBuilder::record) keeps.
@@ -105,15 +102,6 @@ impl Core {
     pub(crate) fn record_failure(&self, failure: impl FnOnce() -> Failure) {
         if let Some(recorder) = &self.recorder {
             lock(&recorder.failures).push(failure());
-        }
-    }
-
-    /// Cancelled once the bus stopped for good: retries of the store's writes give up then.
-    /// Without a store, the shutdown signal.
-    pub(crate) fn stopped(&self) -> &CancellationToken {
-        match &self.log {
-            Some(log) => &log.stop,
-            None => &self.cancel,
         }
     }
 

@@ -8,6 +8,7 @@
 //! saving dead letters and marks) is in `runtime::durable`.
 
 pub(crate) mod append;
+pub(crate) mod consume;
 pub(crate) mod feed;
 pub(crate) mod marks;
 pub(crate) mod offsets;

@@ -1,0 +1,138 @@
+//! Build-time checks of a [`BusBuilder`]'s settings: invalid configuration is a
+//! [`BuildError`], never a surprise at run time.
+
+use std::collections::HashSet;
+
+use super::BusBuilder;
+use crate::error::BuildError;
+use crate::event::validate_topic_name;
+use crate::store::{Retention, StartFrom};
+use crate::topic::Overflow;
+
+impl BusBuilder {
+    /// Settings that need a store, and settings a store rules out.
+    pub(super) fn validate_store(&self) -> Result<(), BuildError> {
+        let durable = self.store.is_some();
+        for sub in &self.subs {
+            let o = &sub.options;
+            if !durable && (o.start != StartFrom::Latest || o.reset) {
+                return Err(BuildError::InvalidSetting(format!(
+                    "subscription {:?}: start_from / reset_to need a store (BusBuilder::store): without one there is no log to read",
+                    o.group
+                )));
+            }
+        }
+        if durable {
+            for sub in &self.subs {
+                let pinned = self
+                    .topics
+                    .iter()
+                    .any(|c| c.name == sub.topic && c.partitions.is_some());
+                if !pinned {
+                    return Err(BuildError::InvalidSetting(format!(
+                        "topic {:?}: with a store, give it a partition count (BusBuilder::topic(TopicConfig::new({:?}).partitions(n))): the default follows the machine's cores, and a durable topic's partitions must not change between runs",
+                        sub.topic, sub.topic
+                    )));
+                }
+            }
+        }
+        for config in &self.topics {
+            if !durable && config.retention != Retention::KeepAll {
+                return Err(BuildError::InvalidSetting(format!(
+                    "topic {:?}: retention needs a store (BusBuilder::store)",
+                    config.name
+                )));
+            }
+            if durable && config.overflow == Overflow::DropOldest {
+                return Err(BuildError::InvalidSetting(format!(
+                    "topic {:?}: Overflow::DropOldest has no use with a store: a group whose queue is full reads what it missed from the log, nothing is dropped",
+                    config.name
+                )));
+            }
+        }
+        if durable {
+            if self.max_payload == 0 {
+                return Err(BuildError::InvalidSetting(
+                    "max_payload must be at least 1 byte".into(),
+                ));
+            }
+            if self.commit_interval.is_zero() || self.retention_interval.is_zero() {
+                return Err(BuildError::InvalidSetting(
+                    "commit_interval and retention_interval must be above zero".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn validate(&self) -> Result<(), BuildError> {
+        let mut seen = HashSet::new();
+        for config in &self.topics {
+            validate_topic_name(&config.name)
+                .map_err(|reason| BuildError::InvalidTopicName { reason })?;
+            if config.partitions == Some(0) {
+                return Err(BuildError::ZeroPartitions {
+                    topic: config.name.clone(),
+                });
+            }
+            if config.capacity == 0 {
+                return Err(BuildError::ZeroCapacity {
+                    topic: config.name.clone(),
+                });
+            }
+            match config.retention {
+                Retention::MaxAge(age) if age.is_zero() => {
+                    return Err(BuildError::InvalidSetting(format!(
+                        "topic {:?}: Retention::MaxAge must be above zero (zero deletes every event as soon as it is written)",
+                        config.name
+                    )))
+                }
+                Retention::MaxEvents(0) => {
+                    return Err(BuildError::InvalidSetting(format!(
+                        "topic {:?}: Retention::MaxEvents must be at least 1 (zero deletes every event as soon as it is written)",
+                        config.name
+                    )))
+                }
+                _ => {}
+            }
+            if !seen.insert(config.name.as_str()) {
+                return Err(BuildError::DuplicateTopic {
+                    topic: config.name.clone(),
+                });
+            }
+        }
+        let mut groups = HashSet::new();
+        for sub in &self.subs {
+            let group = &sub.options.group;
+            if validate_topic_name(group).is_err() {
+                return Err(BuildError::InvalidSubscriptionName {
+                    group: group.clone(),
+                });
+            }
+            validate_topic_name(&sub.topic)
+                .map_err(|reason| BuildError::InvalidTopicName { reason })?;
+            if !groups.insert(group.as_str()) {
+                return Err(BuildError::DuplicateSubscription {
+                    group: group.clone(),
+                });
+            }
+        }
+        let mut commands = HashSet::new();
+        for cmd in &self.commands {
+            if !commands.insert(cmd.type_id) {
+                return Err(BuildError::DuplicateCommandHandler { command: cmd.name });
+            }
+        }
+        if self.request_timeout.is_zero() {
+            return Err(BuildError::InvalidSetting(
+                "request_timeout must be above zero (every request would time out)".into(),
+            ));
+        }
+        if self.command_capacity == 0 {
+            return Err(BuildError::InvalidSetting(
+                "command_capacity must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
