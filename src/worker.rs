@@ -298,7 +298,7 @@ impl<D: Dispatch> Supervised<D> {
                 }
                 // Boxed: the backoff timer's state stays out of the common path's future.
                 Box::pin(self.restart()).await;
-                Err(HandlerError::msg(format!("panic: {message}")))
+                Err(crate::handler::Panicked::handler(message).into())
             }
         }
     }
@@ -415,10 +415,9 @@ impl<D: Dispatch> Worker<D> {
                     .await
                 {
                     Ok(result) => result,
-                    Err(panic) => Err(HandlerError::msg(format!(
-                        "panic in middleware: {}",
-                        panic_message(&*panic)
-                    ))),
+                    Err(panic) => Err(HandlerError::transient(
+                        crate::handler::Panicked::middleware(panic_message(&*panic)),
+                    )),
                 }
             };
             let error = match result {
