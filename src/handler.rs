@@ -102,6 +102,10 @@ pub enum ErrorKind {
 /// Any `std::error::Error` converts into it with `?` (as a transient error); build one from a
 /// message with [`HandlerError::msg`], or mark it permanent with [`HandlerError::permanent`].
 ///
+/// It keeps the error it was made from: match it with [`is`](HandlerError::is) or
+/// [`downcast_ref`](HandlerError::downcast_ref). The failures the bus makes itself (a timeout, an
+/// open circuit, a panic, …) have [types](crate::middleware#failures-the-layers-make) too.
+///
 /// Like `anyhow::Error`, it does not implement `std::error::Error` itself (that would clash with
 /// the blanket conversion); it converts into `Box<dyn Error + Send + Sync>` with `?` instead.
 ///
@@ -162,7 +166,148 @@ impl HandlerError {
     pub fn source(&self) -> &(dyn StdError + Send + Sync + 'static) {
         &*self.source
     }
+
+    /// Whether the underlying error is a `T`: the way to tell apart the failures the bus makes
+    /// itself ([`Panicked`], [`middleware::Elapsed`](crate::middleware::Elapsed),
+    /// [`middleware::CircuitOpen`](crate::middleware::CircuitOpen), …; see
+    /// [the table](crate::middleware#failures-the-layers-make)), or your own error types.
+    ///
+    /// Looks at the underlying error only, as `Box<dyn Error>::is` does; to look at what it
+    /// wraps too, use [`chain`](HandlerError::chain).
+    ///
+    /// ```
+    /// use tidings::HandlerError;
+    ///
+    /// #[derive(Debug)]
+    /// struct Declined;
+    /// impl std::fmt::Display for Declined {
+    ///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    ///         f.write_str("card declined")
+    ///     }
+    /// }
+    /// impl std::error::Error for Declined {}
+    ///
+    /// let err = HandlerError::permanent(Declined);
+    /// assert!(err.is::<Declined>());
+    /// assert!(!HandlerError::msg("card declined").is::<Declined>());
+    /// ```
+    pub fn is<T: StdError + 'static>(&self) -> bool {
+        self.source.is::<T>()
+    }
+
+    /// The underlying error as a `T`, if it is one (see [`is`](HandlerError::is)).
+    ///
+    /// ```
+    /// use std::num::ParseIntError;
+    /// use tidings::HandlerError;
+    ///
+    /// let err = HandlerError::from("x".parse::<u32>().unwrap_err());
+    /// let parse: &ParseIntError = err.downcast_ref().unwrap();
+    /// assert_eq!(parse.to_string(), "invalid digit found in string");
+    /// ```
+    pub fn downcast_ref<T: StdError + 'static>(&self) -> Option<&T> {
+        self.source.downcast_ref::<T>()
+    }
+
+    /// The underlying error, then its [source](StdError::source), and so on: to find an error
+    /// that another one wraps (the last attempt's error under a
+    /// [`middleware::Interrupted`](crate::middleware::Interrupted), say).
+    ///
+    /// ```
+    /// use tidings::HandlerError;
+    ///
+    /// let err = HandlerError::from("x".parse::<u32>().unwrap_err());
+    /// assert_eq!(err.chain().count(), 1);
+    /// assert!(err.chain().any(|e| e.is::<std::num::ParseIntError>()));
+    /// ```
+    pub fn chain(&self) -> impl Iterator<Item = &(dyn StdError + 'static)> {
+        let first: &(dyn StdError + 'static) = &*self.source;
+        std::iter::successors(Some(first), |&err| err.source())
+    }
 }
+
+/// A handler (or a middleware) panicked: the attempt failed.
+///
+/// Made by the worker that runs the handler when it catches a panic: the attempt fails with a
+/// transient [`HandlerError`] whose source is a `Panicked` holding the panic's message, and the
+/// handler is restarted (see the [supervision rules](crate::Subscription#supervision)). A panic
+/// in the handler reaches the middleware around it (a [`Retry`](crate::Retry) retries it); a
+/// panic in a middleware fails the whole delivery, and no layer sees it. Either way, when the
+/// bus gives up, the [dead letter](crate::DeadLetter)'s error is its text: `panic: {message}`,
+/// or `panic in middleware: {message}`.
+///
+/// It lives beside [`HandlerError`] rather than with the middleware errors: it is the
+/// supervision contract of every handler, with or without layers.
+///
+/// # Examples
+///
+/// A layer inside a `Retry` that does not retry a handler that panics (a bug, not a busy
+/// downstream):
+///
+/// ```
+/// use tidings::{AnyEnvelope, HandlerResult, Middleware, Next, Panicked};
+///
+/// #[derive(Clone)]
+/// struct PanicsAreFinal;
+///
+/// impl Middleware for PanicsAreFinal {
+///     async fn call(&mut self, env: &AnyEnvelope, mut next: Next<'_>) -> HandlerResult {
+///         next.run(env).await.map_err(|err| {
+///             if let Some(panicked) = err.downcast_ref::<Panicked>() {
+///                 tracing::error!(message = panicked.message(), "handler bug");
+///                 return err.into_permanent();
+///             }
+///             err
+///         })
+///     }
+/// }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Panicked {
+    message: String,
+    in_middleware: bool,
+}
+
+impl Panicked {
+    /// The handler panicked.
+    pub(crate) fn handler(message: String) -> Self {
+        Panicked {
+            message,
+            in_middleware: false,
+        }
+    }
+
+    /// A middleware of the handler's chain panicked.
+    pub(crate) fn middleware(message: String) -> Self {
+        Panicked {
+            message,
+            in_middleware: true,
+        }
+    }
+
+    /// The panic's message (`"non-string panic payload"` if it panicked with something other
+    /// than a string).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether a middleware panicked, rather than the handler.
+    pub fn in_middleware(&self) -> bool {
+        self.in_middleware
+    }
+}
+
+impl fmt::Display for Panicked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.in_middleware {
+            write!(f, "panic in middleware: {}", self.message)
+        } else {
+            write!(f, "panic: {}", self.message)
+        }
+    }
+}
+
+impl StdError for Panicked {}
 
 impl<E: StdError + Send + Sync + 'static> From<E> for HandlerError {
     fn from(err: E) -> Self {

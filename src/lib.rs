@@ -33,7 +33,9 @@ pub use delivery::DeliveryMode;
 pub use envelope::{AnyEnvelope, Envelope, Headers, Metadata};
 pub use error::{BuildError, PublishError, RequestError, TryPublishError};
 pub use event::{AsKey, DynEvent, Event, EventInfo, Key};
-pub use handler::{AnyHandler, CommandHandler, ErrorKind, Handler, HandlerError, HandlerResult};
+pub use handler::{
+    AnyHandler, CommandHandler, ErrorKind, Handler, HandlerError, HandlerResult, Panicked,
+};
 #[doc(inline)]
 pub use middleware::{
     CircuitBreaker, Dedup, DedupStore, DedupWindow, MemoryDedupStore, Middleware, Next, Retry,

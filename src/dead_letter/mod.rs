@@ -101,7 +101,10 @@ pub struct DeadLetter {
     pub group: String,
     /// The event, with its original id, metadata and correlation.
     pub envelope: AnyEnvelope,
-    /// The last error (or panic, or timeout), as text.
+    /// The last error (or panic, or timeout), as text: its `Display`, such as
+    /// `timed out after 2s`. Only the text is kept (and stored, with a store): to act on the
+    /// error's [type](crate::middleware#failures-the-layers-make), match it in a middleware
+    /// outermost in the chain, which sees the error that goes to the queue.
     pub error: String,
     /// Whether the last error was transient or permanent.
     pub kind: ErrorKind,

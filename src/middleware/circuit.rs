@@ -6,14 +6,14 @@ use std::time::Duration;
 use failsafe::failure_policy::{self, ConsecutiveFailures};
 use failsafe::{backoff, FailurePolicy, StateMachine};
 
-use super::{Middleware, Next};
+use super::{CircuitOpen, Middleware, Next};
 use crate::envelope::AnyEnvelope;
 use crate::handler::{HandlerError, HandlerResult};
 
 /// Stops calling a handler whose outside system is down, and lets it recover.
 ///
 /// After a run of failed calls the circuit **opens**: calls fail at once with a transient
-/// "circuit open" error, without reaching the handler, for a while; then it lets calls through
+/// [`CircuitOpen`](crate::middleware::CircuitOpen) error, without reaching the handler, for a while; then it lets calls through
 /// again (**half-open**) and closes on the first success, or opens again on a failure. [Permanent](crate::HandlerError::permanent) errors do not count: they say the event
 /// is bad, not the system. One breaker is shared by every partition of the subscription (and by
 /// every subscription given a clone).
@@ -145,9 +145,7 @@ impl std::fmt::Debug for CircuitBreaker {
 impl Middleware for CircuitBreaker {
     async fn call(&mut self, env: &AnyEnvelope, mut next: Next<'_>) -> HandlerResult {
         if !self.breaker.is_call_permitted() {
-            return Err(HandlerError::msg(
-                "circuit breaker open: call not attempted",
-            ));
+            return Err(HandlerError::transient(CircuitOpen::new()));
         }
         let result = next.run(env).await;
         match &result {

@@ -70,9 +70,52 @@
 //! A middleware must not hold on to the event past its call, and cannot replace it: the handler
 //! always receives the published event (with the attempt number of the envelope passed to
 //! [`Next::run`]).
+//!
+//! # Failures the layers make
+//!
+//! When a layer of this crate fails a call itself, the [`HandlerError`](crate::HandlerError)'s
+//! source is a type a layer further out can match with
+//! [`HandlerError::is`](crate::HandlerError::is) (the text is for people):
+//!
+//! | made by | error | kind |
+//! |---|---|---|
+//! | [`Timeout`], its deadline passed | [`Elapsed`] | transient |
+//! | [`CircuitBreaker`], open | [`CircuitOpen`] | transient |
+//! | [`Retry`], stopped by the shutdown | [`Interrupted`] (holds the last error) | the last error's |
+//! | `TowerLayer`, its service answered without the handler | `NotHandled` (feature `tower`) | transient |
+//! | the worker, a handler panicked | [`Panicked`](crate::Panicked) | transient |
+//!
+//! ```
+//! use tidings::middleware::{CircuitOpen, Elapsed};
+//! use tidings::{AnyEnvelope, HandlerResult, Middleware, Next, Panicked};
+//!
+//! /// Logs why attempts failed, by cause.
+//! #[derive(Clone)]
+//! struct WhyFailed;
+//!
+//! impl Middleware for WhyFailed {
+//!     async fn call(&mut self, env: &AnyEnvelope, mut next: Next<'_>) -> HandlerResult {
+//!         let result = next.run(env).await;
+//!         if let Err(err) = &result {
+//!             let cause = if err.is::<Elapsed>() {
+//!                 "timeout"
+//!             } else if err.is::<CircuitOpen>() {
+//!                 "circuit open"
+//!             } else if err.is::<Panicked>() {
+//!                 "panic"
+//!             } else {
+//!                 "handler error"
+//!             };
+//!             tracing::warn!(event_id = %env.id(), cause, error = %err, "attempt failed");
+//!         }
+//!         result
+//!     }
+//! }
+//! ```
 
 mod circuit;
 mod dedup;
+mod error;
 mod retry;
 mod throttle;
 mod timeout;
@@ -93,6 +136,9 @@ use crate::handler::HandlerResult;
 pub use crate::window::{Claim, DedupWindow};
 pub use circuit::CircuitBreaker;
 pub use dedup::{Dedup, DedupStore, MemoryDedupStore};
+#[cfg(feature = "tower")]
+pub use error::NotHandled;
+pub use error::{CircuitOpen, Elapsed, Interrupted};
 pub use retry::Retry;
 pub use throttle::Throttle;
 pub use timeout::Timeout;

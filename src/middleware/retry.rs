@@ -5,7 +5,7 @@ use std::time::Duration;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use super::{LayerKind, Middleware, Next};
+use super::{Interrupted, LayerKind, Middleware, Next};
 use crate::envelope::AnyEnvelope;
 use crate::handler::{HandlerError, HandlerResult};
 
@@ -30,8 +30,8 @@ use crate::handler::{HandlerError, HandlerResult};
 /// - **Shutdown**: when the bus begins to shut down while an event waits for its next attempt,
 ///   the wait ends; while the bus drains, a failed event is not retried after a delay either
 ///   (immediate retries still happen). What becomes of such an event:
-///   - without a store, it goes to the dead-letter queue with its last error (it is neither
-///     lost nor handled twice); the entries stay readable through
+///   - without a store, it goes to the dead-letter queue with its last error, in an
+///     [`Interrupted`](crate::middleware::Interrupted) (it is neither lost nor handled twice); the entries stay readable through
 ///     [`Bus::dead_letters`](crate::Bus::dead_letters) after shutdown;
 ///   - with a [store](crate::BusBuilder::store), the log is the buffer: the event is not
 ///     dead-lettered, and the group's offset stays before it, so it is read again and handled
@@ -209,11 +209,9 @@ impl Middleware for Retry {
 
 fn interrupted(err: HandlerError, attempts: u32) -> HandlerError {
     let kind = err.kind();
-    let err = HandlerError::msg(format!(
-        "{err} (retries stopped by shutdown after {attempts} attempt(s))"
-    ));
+    let err = Interrupted::new(err.into(), attempts);
     match kind {
-        crate::ErrorKind::Permanent => err.into_permanent(),
-        crate::ErrorKind::Transient => err,
+        crate::ErrorKind::Permanent => HandlerError::permanent(err),
+        crate::ErrorKind::Transient => HandlerError::transient(err),
     }
 }

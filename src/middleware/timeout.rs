@@ -2,11 +2,12 @@
 
 use std::time::Duration;
 
-use super::{Middleware, Next};
+use super::{Elapsed, Middleware, Next};
 use crate::envelope::AnyEnvelope;
 use crate::handler::{HandlerError, HandlerResult};
 
-/// Fails the rest of the chain with a transient error when it takes longer than a duration.
+/// Fails the rest of the chain with a transient error, an [`Elapsed`](crate::middleware::Elapsed),
+/// when it takes longer than a duration.
 ///
 /// The deadline counts from the moment the call first waits (its first `.await` that is not
 /// ready at once): a call that completes without waiting is never timed, which keeps the layer
@@ -54,7 +55,7 @@ impl Middleware for Timeout {
         // Boxed: the timer's state is only carried by calls that wait.
         match Box::pin(tokio::time::timeout(limit, call)).await {
             Ok(result) => result,
-            Err(_) => Err(HandlerError::msg(format!("timed out after {limit:?}"))),
+            Err(_) => Err(HandlerError::transient(Elapsed::new(limit))),
         }
     }
 

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{Middleware, Next};
+use super::{Middleware, Next, NotHandled};
 use crate::envelope::AnyEnvelope;
 use crate::handler::{HandlerError, HandlerResult};
 
@@ -37,7 +37,9 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// at a time anyway). Errors of the tower service become transient handler errors; a handler's
 /// own error comes back as it was (permanent stays permanent, if the layer passes it through).
 /// An `Ok` answer acknowledges the event only if the handler ran and succeeded: a service that
-/// answers `Ok` after dropping or detaching its inner call fails the attempt.
+/// answers `Ok` after dropping or detaching its inner call fails the attempt, with a
+/// [`NotHandled`](crate::middleware::NotHandled). Errors of the tower service keep their type
+/// (match tower's timeout with `err.is::<tower::timeout::error::Elapsed>()`).
 ///
 /// ```
 /// # #[cfg(feature = "tower")] {
@@ -130,12 +132,12 @@ impl Service<TowerRequest> for Gate {
         Box::pin(async move {
             let TowerRequest { go, done, .. } = request;
             if go.send(()).is_err() {
-                return Err("the delivery was dropped".into());
+                return Err(NotHandled::delivery_dropped().into());
             }
             match done.await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(err)) => Err(Box::new(Carried(err)) as BoxError),
-                Err(_) => Err("the handler's call was dropped".into()),
+                Err(_) => Err(NotHandled::call_dropped().into()),
             }
         })
     }
@@ -190,9 +192,9 @@ where
             () = drive => unreachable!("`drive` never completes"),
         };
         match answer {
-            Ok(()) if !succeeded.load(Ordering::Relaxed) => Err(HandlerError::msg(
-                "the tower service answered Ok without the handler succeeding",
-            )),
+            Ok(()) if !succeeded.load(Ordering::Relaxed) => {
+                Err(HandlerError::transient(NotHandled::answered_ok()))
+            }
             answer => answer,
         }
     }

@@ -90,7 +90,7 @@ impl<D: Dispatch> Supervised<D> {
                 }
                 // Boxed: the backoff timer's state stays out of the common path's future.
                 Box::pin(self.restart()).await;
-                Err(HandlerError::msg(format!("panic: {message}")))
+                Err(crate::handler::Panicked::handler(message).into())
             }
         }
     }

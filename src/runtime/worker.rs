@@ -286,10 +286,9 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
                     .await
                 {
                     Ok(result) => result,
-                    Err(panic) => Err(HandlerError::msg(format!(
-                        "panic in middleware: {}",
-                        panic_message(&*panic)
-                    ))),
+                    Err(panic) => Err(HandlerError::transient(
+                        crate::handler::Panicked::middleware(panic_message(&*panic)),
+                    )),
                 }
             };
             let error = match result {
