@@ -15,7 +15,7 @@ mod event;
 mod handler;
 pub mod middleware;
 mod stats;
-mod store;
+pub mod store;
 pub mod testing;
 mod topic;
 mod worker;
@@ -40,9 +40,12 @@ pub use middleware::{
 pub use middleware::{TowerLayer, TowerRequest};
 pub use stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
 #[cfg(feature = "postgres")]
+#[doc(inline)]
 pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]
+#[doc(inline)]
 pub use store::SqliteStore;
+#[doc(inline)]
 pub use store::{
     DeadLetterRecord, GroupOffset, MemoryStore, Retention, StartFrom, Store, StoreError,
     StoredEvent, TryAppend, Undecodable, UpcastError, Upcaster, DEFAULT_MAX_PAYLOAD,
