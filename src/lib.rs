@@ -19,7 +19,7 @@ pub mod middleware;
 mod publish;
 mod runtime;
 mod stats;
-mod store;
+pub mod store;
 pub mod testing;
 mod topic;
 mod window;
@@ -46,9 +46,12 @@ pub use middleware::{
 pub use middleware::{TowerLayer, TowerRequest};
 pub use stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
 #[cfg(feature = "postgres")]
+#[doc(inline)]
 pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]
+#[doc(inline)]
 pub use store::SqliteStore;
+#[doc(inline)]
 pub use store::{
     DeadLetterRecord, GroupOffset, MemoryStore, Retention, StartFrom, Store, StoreError,
     StoredEvent, TryAppend, Undecodable, UpcastError, Upcaster, DEFAULT_MAX_PAYLOAD,

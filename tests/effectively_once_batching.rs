@@ -11,7 +11,8 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use stores::{Log, Placed};
 use tidings::prelude::*;
-use tidings::{DeadLetterRecord, GroupOffset, MemoryStore, Store, StoreError, StoredEvent, Uuid};
+use tidings::store::Offsets as _;
+use tidings::{DeadLetterRecord, GroupOffset, MemoryStore, StoreError, StoredEvent, Uuid};
 
 /// A MemoryStore that counts its round trips for marks, and can make mark commits slow (the
 /// window in which a mark is pending) or fail (a crash before they commit).
@@ -40,10 +41,11 @@ impl Marks {
     }
 }
 
-impl Store for Marks {
+impl tidings::store::Log for Marks {
     fn append<'a>(&'a self, e: &'a mut [StoredEvent]) -> BoxFuture<'a, Result<(), StoreError>> {
         self.inner.append(e)
     }
+
     fn read<'a>(
         &'a self,
         t: &'a str,
@@ -53,12 +55,15 @@ impl Store for Marks {
     ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
         self.inner.read(t, p, f, l)
     }
-    fn head<'a>(&'a self, t: &'a str, p: u32) -> BoxFuture<'a, Result<u64, StoreError>> {
-        self.inner.head(t, p)
-    }
+
     fn partitions<'a>(&'a self, t: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
         self.inner.partitions(t)
     }
+
+    fn head<'a>(&'a self, t: &'a str, p: u32) -> BoxFuture<'a, Result<u64, StoreError>> {
+        self.inner.head(t, p)
+    }
+
     fn offset_at<'a>(
         &'a self,
         t: &'a str,
@@ -67,6 +72,13 @@ impl Store for Marks {
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         self.inner.offset_at(t, p, a)
     }
+
+    fn trim<'a>(&'a self, t: &'a str, p: u32, b: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
+        self.inner.trim(t, p, b)
+    }
+}
+
+impl tidings::store::Offsets for Marks {
     fn committed<'a>(
         &'a self,
         g: &'a str,
@@ -75,21 +87,24 @@ impl Store for Marks {
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         self.inner.committed(g, t, p)
     }
+
     fn commit<'a>(&'a self, o: &'a [GroupOffset]) -> BoxFuture<'a, Result<(), StoreError>> {
         self.inner.commit(o)
     }
+
     fn reset_offset<'a>(&'a self, o: &'a GroupOffset) -> BoxFuture<'a, Result<(), StoreError>> {
         self.inner.reset_offset(o)
     }
-    fn trim<'a>(&'a self, t: &'a str, p: u32, b: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
-        self.inner.trim(t, p, b)
-    }
+}
+
+impl tidings::store::DeadLetterLog for Marks {
     fn save_dead_letter<'a>(
         &'a self,
         r: &'a DeadLetterRecord,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         self.inner.save_dead_letter(r)
     }
+
     fn delete_dead_letter<'a>(
         &'a self,
         g: &'a str,
@@ -99,16 +114,21 @@ impl Store for Marks {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         self.inner.delete_dead_letter(g, t, p, o)
     }
+
     fn dead_letters<'a>(
         &'a self,
         g: &'a str,
     ) -> BoxFuture<'a, Result<Vec<DeadLetterRecord>, StoreError>> {
         self.inner.dead_letters(g)
     }
+}
+
+impl tidings::store::Marks for Marks {
     fn is_marked<'a>(&'a self, g: &'a str, id: Uuid) -> BoxFuture<'a, Result<bool, StoreError>> {
         self.round_trips.fetch_add(1, Ordering::SeqCst);
         self.inner.is_marked(g, id)
     }
+
     fn commit_marked<'a>(
         &'a self,
         o: &'a GroupOffset,
@@ -120,6 +140,7 @@ impl Store for Marks {
         }
         .boxed()
     }
+
     fn marked<'a>(
         &'a self,
         g: &'a str,
@@ -128,6 +149,7 @@ impl Store for Marks {
         self.round_trips.fetch_add(1, Ordering::SeqCst);
         self.inner.marked(g, ids)
     }
+
     fn commit_marks<'a>(
         &'a self,
         marks: &'a [(GroupOffset, Uuid)],

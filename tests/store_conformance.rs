@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use stores::{publish_orders, record, record_with, Backend, Cancelled, Log, Placed};
 use tidings::prelude::*;
 use tidings::{
-    BuildError, PublishError, StartFrom, Store, StoreError, TryAppend, Undecodable, Upcaster, Uuid,
+    BuildError, PublishError, StartFrom, StoreError, TryAppend, Undecodable, Upcaster, Uuid,
 };
 
 /// One module of tests named `$name`, each running the test body of the same name on

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use stores::{Log, Placed};
 use tidings::prelude::*;
-use tidings::{DeadLetterRecord, GroupOffset, MemoryStore, Redelivery, Store, StoredEvent};
+use tidings::store::{DeadLetterLog as _, Log as _, Offsets as _};
+use tidings::{DeadLetterRecord, GroupOffset, MemoryStore, Redelivery, StoredEvent};
 
 /// A log of order 1, seq 0..n at offsets 0..n of partition 0.
 async fn log_of(store: &MemoryStore, n: u64) -> Vec<StoredEvent> {

@@ -12,8 +12,9 @@ use futures::FutureExt;
 use parking_lot::Mutex;
 use stores::{Log, Placed};
 use tidings::prelude::*;
+use tidings::store::{DeadLetterLog as _, Log as _, Offsets as _};
 use tidings::{
-    DeadLetterRecord, GroupOffset, MemoryStore, Redelivery, Store, StoreError, StoredEvent, Uuid,
+    DeadLetterRecord, GroupOffset, MemoryStore, Redelivery, StoreError, StoredEvent, Uuid,
 };
 
 fn topic(p: u32) -> TopicConfig {
@@ -45,10 +46,11 @@ impl Hooked {
     }
 }
 
-impl Store for Hooked {
+impl tidings::store::Log for Hooked {
     fn append<'a>(&'a self, e: &'a mut [StoredEvent]) -> BoxFuture<'a, Result<(), StoreError>> {
         self.inner.append(e)
     }
+
     fn read<'a>(
         &'a self,
         t: &'a str,
@@ -58,15 +60,15 @@ impl Store for Hooked {
     ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
         self.inner.read(t, p, f, l)
     }
-    fn head<'a>(&'a self, t: &'a str, p: u32) -> BoxFuture<'a, Result<u64, StoreError>> {
-        self.inner.head(t, p)
-    }
+
     fn partitions<'a>(&'a self, t: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
         self.inner.partitions(t)
     }
-    fn reset_offset<'a>(&'a self, o: &'a GroupOffset) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.reset_offset(o)
+
+    fn head<'a>(&'a self, t: &'a str, p: u32) -> BoxFuture<'a, Result<u64, StoreError>> {
+        self.inner.head(t, p)
     }
+
     fn offset_at<'a>(
         &'a self,
         t: &'a str,
@@ -75,6 +77,13 @@ impl Store for Hooked {
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         self.inner.offset_at(t, p, a)
     }
+
+    fn trim<'a>(&'a self, t: &'a str, p: u32, b: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
+        self.inner.trim(t, p, b)
+    }
+}
+
+impl tidings::store::Offsets for Hooked {
     fn committed<'a>(
         &'a self,
         g: &'a str,
@@ -83,6 +92,7 @@ impl Store for Hooked {
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         self.inner.committed(g, t, p)
     }
+
     fn commit<'a>(&'a self, o: &'a [GroupOffset]) -> BoxFuture<'a, Result<(), StoreError>> {
         async move {
             let delay = self.commit_delay_ms.load(Ordering::SeqCst);
@@ -98,9 +108,13 @@ impl Store for Hooked {
         }
         .boxed()
     }
-    fn trim<'a>(&'a self, t: &'a str, p: u32, b: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
-        self.inner.trim(t, p, b)
+
+    fn reset_offset<'a>(&'a self, o: &'a GroupOffset) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.reset_offset(o)
     }
+}
+
+impl tidings::store::DeadLetterLog for Hooked {
     fn save_dead_letter<'a>(
         &'a self,
         r: &'a DeadLetterRecord,
@@ -117,6 +131,7 @@ impl Store for Hooked {
         }
         self.inner.save_dead_letter(r)
     }
+
     fn delete_dead_letter<'a>(
         &'a self,
         g: &'a str,
@@ -126,15 +141,20 @@ impl Store for Hooked {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         self.inner.delete_dead_letter(g, t, p, o)
     }
+
     fn dead_letters<'a>(
         &'a self,
         g: &'a str,
     ) -> BoxFuture<'a, Result<Vec<DeadLetterRecord>, StoreError>> {
         self.inner.dead_letters(g)
     }
+}
+
+impl tidings::store::Marks for Hooked {
     fn is_marked<'a>(&'a self, g: &'a str, id: Uuid) -> BoxFuture<'a, Result<bool, StoreError>> {
         self.inner.is_marked(g, id)
     }
+
     fn commit_marked<'a>(
         &'a self,
         o: &'a GroupOffset,

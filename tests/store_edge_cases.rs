@@ -11,8 +11,9 @@ use std::time::{Duration, SystemTime};
 use futures::future::BoxFuture;
 use stores::{record, record_with, Log, Placed};
 use tidings::prelude::*;
+use tidings::store::{DeadLetterLog as _, Log as _, Offsets as _};
 use tidings::{
-    DeadLetterRecord, GroupOffset, MemoryStore, StartFrom, Store, StoreError, StoredEvent, Uuid,
+    DeadLetterRecord, GroupOffset, MemoryStore, StartFrom, StoreError, StoredEvent, Uuid,
 };
 
 fn topic(p: u32) -> TopicConfig {
@@ -66,10 +67,11 @@ async fn events_appended_by_another_writer_are_handled_not_passed() {
 
 /// A store that counts reads.
 struct Counting(MemoryStore, Arc<AtomicU64>);
-impl Store for Counting {
+impl tidings::store::Log for Counting {
     fn append<'a>(&'a self, e: &'a mut [StoredEvent]) -> BoxFuture<'a, Result<(), StoreError>> {
         self.0.append(e)
     }
+
     fn read<'a>(
         &'a self,
         t: &'a str,
@@ -80,12 +82,15 @@ impl Store for Counting {
         self.1.fetch_add(1, Ordering::Relaxed);
         self.0.read(t, p, f, l)
     }
-    fn head<'a>(&'a self, t: &'a str, p: u32) -> BoxFuture<'a, Result<u64, StoreError>> {
-        self.0.head(t, p)
-    }
+
     fn partitions<'a>(&'a self, t: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
         self.0.partitions(t)
     }
+
+    fn head<'a>(&'a self, t: &'a str, p: u32) -> BoxFuture<'a, Result<u64, StoreError>> {
+        self.0.head(t, p)
+    }
+
     fn offset_at<'a>(
         &'a self,
         t: &'a str,
@@ -94,6 +99,13 @@ impl Store for Counting {
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         self.0.offset_at(t, p, a)
     }
+
+    fn trim<'a>(&'a self, t: &'a str, p: u32, b: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
+        self.0.trim(t, p, b)
+    }
+}
+
+impl tidings::store::Offsets for Counting {
     fn committed<'a>(
         &'a self,
         g: &'a str,
@@ -102,21 +114,24 @@ impl Store for Counting {
     ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         self.0.committed(g, t, p)
     }
+
     fn commit<'a>(&'a self, o: &'a [GroupOffset]) -> BoxFuture<'a, Result<(), StoreError>> {
         self.0.commit(o)
     }
+
     fn reset_offset<'a>(&'a self, o: &'a GroupOffset) -> BoxFuture<'a, Result<(), StoreError>> {
         self.0.reset_offset(o)
     }
-    fn trim<'a>(&'a self, t: &'a str, p: u32, b: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
-        self.0.trim(t, p, b)
-    }
+}
+
+impl tidings::store::DeadLetterLog for Counting {
     fn save_dead_letter<'a>(
         &'a self,
         r: &'a DeadLetterRecord,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         self.0.save_dead_letter(r)
     }
+
     fn delete_dead_letter<'a>(
         &'a self,
         g: &'a str,
@@ -126,15 +141,20 @@ impl Store for Counting {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         self.0.delete_dead_letter(g, t, p, o)
     }
+
     fn dead_letters<'a>(
         &'a self,
         g: &'a str,
     ) -> BoxFuture<'a, Result<Vec<DeadLetterRecord>, StoreError>> {
         self.0.dead_letters(g)
     }
+}
+
+impl tidings::store::Marks for Counting {
     fn is_marked<'a>(&'a self, g: &'a str, id: Uuid) -> BoxFuture<'a, Result<bool, StoreError>> {
         self.0.is_marked(g, id)
     }
+
     fn commit_marked<'a>(
         &'a self,
         o: &'a GroupOffset,

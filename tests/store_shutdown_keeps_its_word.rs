@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use stores::{Backend, Cancelled, Log, Placed};
 use tidings::prelude::*;
-use tidings::{Redelivery, Retry, Store};
+use tidings::{Redelivery, Retry};
 
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {

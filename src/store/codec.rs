@@ -46,14 +46,30 @@ pub(crate) enum EncodeError {
     Serialize(String),
 }
 
-#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
-pub(crate) fn headers_to_json(headers: &Headers) -> String {
+/// `headers` as one JSON text: an array of `[name, value]` pairs, in order (what the SQL stores
+/// keep in their `headers` column). [`headers_from_json`] reads it back.
+///
+/// ```
+/// use tidings::store::driver::{headers_from_json, headers_to_json};
+/// use tidings::Headers;
+///
+/// let headers = Headers::new().with("tenant", "acme");
+/// let json = headers_to_json(&headers);
+/// assert_eq!(json, r#"[["tenant","acme"]]"#);
+/// assert_eq!(headers_from_json(&json).unwrap(), headers);
+/// ```
+pub fn headers_to_json(headers: &Headers) -> String {
     let pairs: Vec<(&str, &str)> = headers.iter().collect();
     serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned())
 }
 
-#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
-pub(crate) fn headers_from_json(json: &str) -> Result<Headers, String> {
+/// Headers written by [`headers_to_json`], read back.
+///
+/// # Errors
+///
+/// Why the text is not such JSON. A backend reading a row keeps the text instead, under the
+/// [`UNREADABLE_HEADERS`] header: the bus then dead-letters the row.
+pub fn headers_from_json(json: &str) -> Result<Headers, String> {
     let pairs: Vec<(String, String)> =
         serde_json::from_str(json).map_err(|e| format!("headers: {e}"))?;
     let mut headers = Headers::new();
@@ -364,14 +380,16 @@ pub(crate) fn stored_event_of(env: &AnyEnvelope) -> Result<StoredEvent, String> 
     })
 }
 
-/// The header a row gets when its stored headers are not valid JSON (with them as its value).
-pub(crate) const UNREADABLE_HEADERS: &str = "tidings.unreadable-headers";
+/// The header a row gets when its stored headers are not valid JSON (with them as its value):
+/// like [`UNREADABLE_ROW`], the decoder refuses it, so each group reading it dead-letters it as
+/// an [`Undecodable`] and goes on.
+pub const UNREADABLE_HEADERS: &str = "tidings.unreadable-headers";
 
 /// The header a row gets when some of its columns cannot be read (a value of the wrong type or
 /// out of range, which SQLite's loose typing lets in), with why as its value: like
 /// [`UNREADABLE_HEADERS`], the decoder refuses it, so each group reading it dead-letters it as
 /// an [`Undecodable`] and goes on.
-pub(crate) const UNREADABLE_ROW: &str = "tidings.unreadable-row";
+pub const UNREADABLE_ROW: &str = "tidings.unreadable-row";
 
 /// The place of a row in the log, read from its columns: without it the row cannot even be
 /// dead-lettered (or skipped), so a value that cannot be read is corruption.
@@ -538,9 +556,28 @@ pub(crate) fn placed_dead_letters(
         .collect()
 }
 
-/// `us` microseconds from the Unix epoch, if a [`SystemTime`] can hold it.
-#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
-pub(crate) fn checked_from_micros(us: i64) -> Option<SystemTime> {
+/// `t` in microseconds since the Unix epoch (negative before it), as the SQL stores keep times.
+/// [`checked_from_micros`] turns it back.
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+/// use tidings::store::driver::{checked_from_micros, micros};
+///
+/// let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+/// assert_eq!(micros(t), 1_700_000_000_123_456);
+/// assert_eq!(checked_from_micros(micros(t)), Some(t));
+/// ```
+pub fn micros(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_micros() as i64,
+        Err(e) => -(e.duration().as_micros() as i64),
+    }
+}
+
+/// `us` microseconds from the Unix epoch, if a [`SystemTime`] can hold it: the inverse of
+/// [`micros`]. `None` for a value out of the platform's range (a backend reading a time column
+/// should then mark the row [`UNREADABLE_ROW`]).
+pub fn checked_from_micros(us: i64) -> Option<SystemTime> {
     let d = Duration::from_micros(us.unsigned_abs());
     if us >= 0 {
         SystemTime::UNIX_EPOCH.checked_add(d)

@@ -7,10 +7,13 @@ use std::time::SystemTime;
 use futures::future::{BoxFuture, FutureExt};
 use parking_lot::Mutex;
 
-use super::{DeadLetterRecord, GroupOffset, Store, StoreError, StoredEvent};
+use super::driver::highest_offsets;
+use super::{
+    DeadLetterLog, DeadLetterRecord, GroupOffset, Log, Marks, Offsets, StoreError, StoredEvent,
+};
 
-/// A [`Store`] in memory: it behaves like the durable ones (serialized payloads, dense offsets,
-/// committed offsets, replay, retention) and lives as long as any clone of it.
+/// A [`Store`](super::Store) in memory: it behaves like the durable ones (serialized payloads,
+/// dense offsets, committed offsets, replay, retention) and lives as long as any clone of it.
 ///
 /// Clones share the same data, so a test simulates a restart by shutting a bus down and
 /// building a new one on a clone: the new bus resumes every group from its committed offset.
@@ -34,20 +37,20 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Inner {
-    logs: HashMap<(String, u32), Log>,
+    logs: HashMap<(String, u32), PartitionLog>,
     offsets: HashMap<(String, String, u32), u64>,
     dead_letters: std::collections::BTreeMap<(String, String, u32, u64), DeadLetterRecord>,
     marks: std::collections::HashSet<(String, uuid::Uuid)>,
 }
 
 #[derive(Default)]
-struct Log {
+struct PartitionLog {
     /// Offset of `events[0]`.
     base: u64,
     events: VecDeque<StoredEvent>,
 }
 
-impl Log {
+impl PartitionLog {
     fn head(&self) -> u64 {
         self.base + self.events.len() as u64
     }
@@ -107,7 +110,7 @@ impl MemoryStore {
     }
 }
 
-impl Store for MemoryStore {
+impl Log for MemoryStore {
     fn append<'a>(
         &'a self,
         events: &'a mut [StoredEvent],
@@ -142,6 +145,14 @@ impl Store for MemoryStore {
         futures::future::ready(Ok(out)).boxed()
     }
 
+    fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
+        futures::future::ready(Ok(self.partition_count(topic))).boxed()
+    }
+
+    fn known_partitions(&self, topic: &str) -> Option<u32> {
+        Some(self.partition_count(topic))
+    }
+
     fn head<'a>(
         &'a self,
         topic: &'a str,
@@ -151,16 +162,8 @@ impl Store for MemoryStore {
         let head = inner
             .logs
             .get(&(topic.to_owned(), partition))
-            .map_or(0, Log::head);
+            .map_or(0, PartitionLog::head);
         futures::future::ready(Ok(head)).boxed()
-    }
-
-    fn partitions<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
-        futures::future::ready(Ok(self.partition_count(topic))).boxed()
-    }
-
-    fn known_partitions(&self, topic: &str) -> Option<u32> {
-        Some(self.partition_count(topic))
     }
 
     fn offset_at<'a>(
@@ -181,6 +184,26 @@ impl Store for MemoryStore {
         futures::future::ready(Ok(offset)).boxed()
     }
 
+    fn trim<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+        before: u64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        let mut inner = self.inner.lock();
+        let mut deleted = 0;
+        if let Some(log) = inner.logs.get_mut(&(topic.to_owned(), partition)) {
+            while log.base < before && !log.events.is_empty() {
+                log.events.pop_front();
+                log.base += 1;
+                deleted += 1;
+            }
+        }
+        futures::future::ready(Ok(deleted)).boxed()
+    }
+}
+
+impl Offsets for MemoryStore {
     fn committed<'a>(
         &'a self,
         group: &'a str,
@@ -214,25 +237,9 @@ impl Store for MemoryStore {
         );
         futures::future::ready(Ok(())).boxed()
     }
+}
 
-    fn trim<'a>(
-        &'a self,
-        topic: &'a str,
-        partition: u32,
-        before: u64,
-    ) -> BoxFuture<'a, Result<u64, StoreError>> {
-        let mut inner = self.inner.lock();
-        let mut deleted = 0;
-        if let Some(log) = inner.logs.get_mut(&(topic.to_owned(), partition)) {
-            while log.base < before && !log.events.is_empty() {
-                log.events.pop_front();
-                log.base += 1;
-                deleted += 1;
-            }
-        }
-        futures::future::ready(Ok(deleted)).boxed()
-    }
-
+impl DeadLetterLog for MemoryStore {
     fn save_dead_letter<'a>(
         &'a self,
         record: &'a DeadLetterRecord,
@@ -275,7 +282,9 @@ impl Store for MemoryStore {
             .collect();
         futures::future::ready(Ok(out)).boxed()
     }
+}
 
+impl Marks for MemoryStore {
     fn is_marked<'a>(
         &'a self,
         group: &'a str,
@@ -323,7 +332,7 @@ impl Store for MemoryStore {
         for (offset, id) in marks {
             inner.marks.insert((offset.group.clone(), *id));
         }
-        for o in super::highest_offsets(marks) {
+        for o in highest_offsets(marks) {
             let next = inner
                 .offsets
                 .entry((o.group.clone(), o.topic.clone(), o.partition))
