@@ -59,7 +59,7 @@ impl Context {
     }
 
     /// Publishes a follow-up event; it carries this event's correlation id and names it as its
-    /// cause. Waits while a subscriber's queue is full, like [`Bus::publish`].
+    /// cause. Waits while a subscriber's queue is full, like [`Bus::publish`](crate::Bus::publish).
     ///
     /// While the bus drains for shutdown, events published by handlers are still accepted, so
     /// causal chains started before shutdown complete.
@@ -77,6 +77,10 @@ impl Context {
     /// # Errors
     ///
     /// [`PublishError::Closed`] once the bus is shut down.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Bus::publish`](crate::Bus::publish).
     pub async fn publish<E: Event>(&self, event: E) -> Result<Published, PublishError<E>> {
         match &self.sink {
             Sink::Core(core) => core.publish_from(event, self.origin()).await,
@@ -90,6 +94,10 @@ impl Context {
     /// # Errors
     ///
     /// As [`publish`](Context::publish).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Bus::publish`](crate::Bus::publish).
     pub async fn publish_with<E: Event>(
         &self,
         event: E,
@@ -109,7 +117,7 @@ impl Context {
         }
     }
 
-    /// Publishes a follow-up event without waiting; see [`Bus::try_publish`].
+    /// Publishes a follow-up event without waiting; see [`Bus::try_publish`](crate::Bus::try_publish).
     ///
     /// # Errors
     ///
@@ -126,8 +134,12 @@ impl Context {
     ///
     /// # Errors
     ///
-    /// See [`Bus::request`]. A context made by [`TestContext`](crate::testing::TestContext)
+    /// See [`Bus::request`](crate::Bus::request). A context made by [`TestContext`](crate::testing::TestContext)
     /// has no command handlers and answers [`RequestError::NoHandler`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Bus::request`](crate::Bus::request).
     pub async fn request<C: Command>(&self, command: C) -> Result<C::Reply, RequestError> {
         match &self.sink {
             Sink::Core(core) => core.request_from(command, self.cause, None).await,
@@ -154,6 +166,10 @@ impl Context {
     }
 
     /// Completes when the bus begins to shut down.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only waits.
     pub async fn shutting_down(&self) {
         self.cancel.cancelled().await
     }

@@ -44,6 +44,7 @@ impl Headers {
     }
 
     /// These headers with `name` set to `value`, for building them in one expression.
+    #[must_use]
     pub fn with(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.insert(name, value);
         self
@@ -192,6 +193,7 @@ impl<E: Event> Envelope<E> {
     }
 
     /// This envelope with its delivery attempt set (for tests of redelivery).
+    #[must_use]
     pub fn with_attempt(mut self, attempt: u32) -> Self {
         self.attempt = attempt;
         self

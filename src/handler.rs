@@ -147,6 +147,7 @@ impl HandlerError {
     }
 
     /// This error, marked permanent.
+    #[must_use]
     pub fn into_permanent(mut self) -> Self {
         self.kind = ErrorKind::Permanent;
         self

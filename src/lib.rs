@@ -1,7 +1,10 @@
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+// The derive macro names `tidings::…`; inside this crate that is the crate itself.
+#[allow(unused_extern_crates)]
 extern crate self as tidings;
 
 mod bus;
@@ -42,13 +45,16 @@ pub use middleware::{
     Throttle, Timeout,
 };
 #[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 #[doc(inline)]
 pub use middleware::{TowerLayer, TowerRequest};
 pub use stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 #[doc(inline)]
 pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 #[doc(inline)]
 pub use store::SqliteStore;
 #[doc(inline)]

@@ -48,12 +48,14 @@ impl PublishOptions {
     /// that option a second publish with the same id is accepted and delivered again (a
     /// [`Dedup`](crate::Dedup) layer then skips it per group). Ids should stay unique per
     /// event; a UUIDv7 keeps them time-ordered.
+    #[must_use]
     pub fn id(mut self, id: Uuid) -> Self {
         self.id = Some(id);
         self
     }
 
     /// Attaches these headers.
+    #[must_use]
     pub fn headers(mut self, headers: Headers) -> Self {
         self.headers = headers;
         self

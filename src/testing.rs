@@ -78,6 +78,14 @@ pub struct TestContext {
     ctx: Context,
 }
 
+impl std::fmt::Debug for TestContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestContext")
+            .field("context", &self.ctx)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for TestContext {
     fn default() -> Self {
         TestContext::new()
@@ -111,6 +119,11 @@ impl TestContext {
     /// # Errors
     ///
     /// What the handler returns.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the handler's call where it stands, as a shutdown timeout would; what
+    /// it published before is recorded.
     pub async fn call<E: Event, H: Handler<E>>(
         &mut self,
         handler: &mut H,
@@ -128,6 +141,10 @@ impl TestContext {
     /// # Errors
     ///
     /// What the handler returns.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`call`](TestContext::call).
     pub async fn call_any<H: AnyHandler>(
         &mut self,
         handler: &mut H,

@@ -61,6 +61,7 @@ impl TopicConfig {
     /// With a store: how long the topic's log keeps events. Default
     /// [`Retention::KeepAll`](crate::Retention::KeepAll). Without a store, anything else is a
     /// build error.
+    #[must_use]
     pub fn retention(mut self, retention: crate::store::Retention) -> Self {
         self.retention = retention;
         self
@@ -74,6 +75,7 @@ impl TopicConfig {
     /// since the events of the others would never be handled. More is allowed, with a warning
     /// in the log: keys then map to other partitions, so a key's events from before and after
     /// the change are not ordered with each other (drain the topic first if that matters).
+    #[must_use]
     pub fn partitions(mut self, partitions: u32) -> Self {
         self.partitions = Some(partitions);
         self
@@ -85,12 +87,14 @@ impl TopicConfig {
     /// subscription's [`batch_size`](crate::Subscription::batch_size)), so up to `capacity +
     /// batch_size` events of a group's partition are in memory at once. A handler publishing
     /// into its own queue may exceed it (see [`Context::publish`](crate::Context::publish)).
+    #[must_use]
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self
     }
 
     /// What to do when a queue is full. Default [`Overflow::Block`].
+    #[must_use]
     pub fn overflow(mut self, overflow: Overflow) -> Self {
         self.overflow = overflow;
         self

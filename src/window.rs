@@ -44,24 +44,28 @@ impl DedupWindow {
     }
 
     /// Forget ids older than `age`.
+    #[must_use]
     pub fn max_age(mut self, age: Duration) -> Self {
         self.max_age = Some(age);
         self
     }
 
     /// Remember ids however old (then `max_entries` alone bounds the window).
+    #[must_use]
     pub fn no_max_age(mut self) -> Self {
         self.max_age = None;
         self
     }
 
     /// Remember at most `n` ids.
+    #[must_use]
     pub fn max_entries(mut self, n: usize) -> Self {
         self.max_entries = Some(n);
         self
     }
 
     /// Remember any number of ids (then `max_age` alone bounds the window).
+    #[must_use]
     pub fn no_max_entries(mut self) -> Self {
         self.max_entries = None;
         self

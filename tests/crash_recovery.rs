@@ -53,7 +53,7 @@ impl Journal {
         Journal(Arc::new(parking_lot::Mutex::new(file)))
     }
 
-    fn line(&self, line: String) {
+    fn line(&self, line: &str) {
         self.0
             .lock()
             .write_all(format!("{line}\n").as_bytes())
@@ -81,7 +81,7 @@ impl Handler<Tick> for Effect {
             tokio::task::yield_now().await;
         }
         self.journal
-            .line(format!("{} {} {}", self.group, e.id(), e.offset()));
+            .line(&format!("{} {} {}", self.group, e.id(), e.offset()));
         Ok(())
     }
 }
@@ -160,17 +160,17 @@ async fn child() {
         bus.publish_with(Tick { key: n % 16, n }, PublishOptions::new().id(id))
             .await
             .expect("republished");
-        published.line(format!("ok {id}"));
+        published.line(&format!("ok {id}"));
     }
     if !last {
         for i in 0..PER_RUN {
             let n = run * 1_000_000 + i;
             let id = Uuid::now_v7();
-            published.line(format!("try {id} {n}"));
+            published.line(&format!("try {id} {n}"));
             bus.publish_with(Tick { key: n % 16, n }, PublishOptions::new().id(id))
                 .await
                 .expect("published");
-            published.line(format!("ok {id}"));
+            published.line(&format!("ok {id}"));
         }
     }
     bus.settled().await;

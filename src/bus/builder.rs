@@ -158,6 +158,7 @@ impl BusBuilder {
     ///     .build()?;
     /// # bus.shutdown().await; Ok(()) }
     /// ```
+    #[must_use]
     pub fn store(mut self, store: impl Store) -> Self {
         self.store = Some(Arc::new(store));
         self
@@ -165,6 +166,7 @@ impl BusBuilder {
 
     /// Registers an [`Upcaster`] for rows read back from the store. Two for the same type and
     /// version are a build error.
+    #[must_use]
     pub fn upcaster(mut self, upcaster: Upcaster) -> Self {
         self.upcasters.push(upcaster);
         self
@@ -173,6 +175,7 @@ impl BusBuilder {
     /// With a store: the largest serialized event `publish` accepts, in bytes; larger ones are
     /// refused with [`PublishError::TooLarge`](crate::PublishError::TooLarge). Default
     /// [`DEFAULT_MAX_PAYLOAD`] (1 MiB).
+    #[must_use]
     pub fn max_payload(mut self, bytes: usize) -> Self {
         self.max_payload = bytes;
         self
@@ -180,12 +183,14 @@ impl BusBuilder {
 
     /// With a store: how often the groups' offsets are committed (and at shutdown). After a
     /// crash a group handles again what it handled since its last commit. Default 100 ms.
+    #[must_use]
     pub fn commit_interval(mut self, interval: Duration) -> Self {
         self.commit_interval = interval;
         self
     }
 
     /// With a store: how often topics' [retention](crate::Retention) is applied. Default 60 s.
+    #[must_use]
     pub fn retention_interval(mut self, interval: Duration) -> Self {
         self.retention_interval = interval;
         self
@@ -193,6 +198,7 @@ impl BusBuilder {
 
     /// Configures a topic. Topics that are only subscribed to get the defaults of
     /// [`TopicConfig::new`].
+    #[must_use]
     pub fn topic(mut self, config: TopicConfig) -> Self {
         self.topics.push(config);
         self
@@ -203,6 +209,7 @@ impl BusBuilder {
     /// `factory` creates the handler: once per partition of `E`'s topic at build, and again
     /// whenever a handler is restarted after a panic. The group receives every `E` published
     /// after `build`.
+    #[must_use]
     pub fn subscribe<E, H>(
         mut self,
         subscription: impl Into<Subscription>,
@@ -230,6 +237,7 @@ impl BusBuilder {
     /// With a store the group consumes every row of the topic's log: a row it cannot read back
     /// as an event of `topic` (an unknown type, a failed upcast, a registered type of another
     /// topic) goes to its dead-letter queue as an [`Undecodable`](crate::Undecodable).
+    #[must_use]
     pub fn subscribe_all<H: AnyHandler>(
         mut self,
         topic: impl Into<String>,
@@ -252,6 +260,7 @@ impl BusBuilder {
     /// Registers the one handler of command type `C`. A second handler for the same type is a
     /// [`BuildError::DuplicateCommandHandler`]. After a panic it is restarted from `factory`
     /// with the default [`RestartBackoff`] (10 ms doubling to 1 s).
+    #[must_use]
     pub fn command_handler<C, H>(mut self, factory: impl Fn() -> H + Send + Sync + 'static) -> Self
     where
         C: Command,
@@ -298,6 +307,7 @@ impl BusBuilder {
 
     /// Default timeout of [`Bus::request`] (default 30 s). Must be above zero (checked by
     /// [`build`](BusBuilder::build)).
+    #[must_use]
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
@@ -307,6 +317,7 @@ impl BusBuilder {
     /// task moves waiting requests aside to keep their deadlines, so requesters rarely wait for
     /// room; what is set aside is bounded by the deadlines (expired requests are answered and
     /// dropped).
+    #[must_use]
     pub fn command_capacity(mut self, capacity: usize) -> Self {
         self.command_capacity = capacity;
         self
@@ -334,6 +345,7 @@ impl BusBuilder {
     /// assert_eq!(again.offset, first.offset);
     /// # bus.shutdown().await; }
     /// ```
+    #[must_use]
     pub fn dedup_publishes(mut self, window: DedupWindow) -> Self {
         self.publish_dedup = Some(window);
         self
@@ -341,6 +353,7 @@ impl BusBuilder {
 
     /// Records every published event and every failure, for [`Bus::published`] and
     /// [`Bus::failures`]. Meant for tests: the record grows without bound.
+    #[must_use]
     pub fn record(mut self, record: bool) -> Self {
         self.record = record;
         self

@@ -54,7 +54,7 @@ const ABORT_GRACE: Duration = Duration::from_millis(100);
 /// another [`DeliveryMode`](crate::DeliveryMode)): every accepted event is handled by every
 /// subscribed group, or after its last attempt lands in the group's
 /// [dead-letter queue](Bus::dead_letters), unless its topic opted into
-/// [`Overflow::DropOldest`], whose drops are counted. Nothing survives a crash of the process
+/// [`Overflow::DropOldest`](crate::Overflow::DropOldest), whose drops are counted. Nothing survives a crash of the process
 /// without a store.
 ///
 /// With a [store](BusBuilder::store), [`publish`](Bus::publish) returns once the event is
@@ -146,7 +146,7 @@ impl Bus {
     ///
     /// Returns once the event is accepted into the partition queue of every subscribed group,
     /// with its id, partition and offset. Waits while one of those queues is full (the slowest
-    /// group sets the pace), unless the topic's overflow policy is [`Overflow::DropOldest`].
+    /// group sets the pace), unless the topic's overflow policy is [`Overflow::DropOldest`](crate::Overflow::DropOldest).
     /// An event whose type no group subscribes to (no [`subscribe`](BusBuilder::subscribe) of
     /// its type, no [`subscribe_all`](BusBuilder::subscribe_all) of its topic: a typo in a
     /// topic name, a subscription forgotten) is accepted and numbered, and handled by nobody
@@ -167,8 +167,12 @@ impl Bus {
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe: if the future is dropped before it completes, the event was not published
-    /// to any group.
+    /// In memory, cancel safe: dropped before it completes, the future publishes nothing (the event is
+    /// accepted in one step, when the call returns). With a [store](crate::BusBuilder::store), once the
+    /// event has been handed to the appender, dropping the future does not withdraw it: it may still be
+    /// committed and handled, without a receipt. Publish it again with the same
+    /// [`PublishOptions::id`](crate::PublishOptions::id) and
+    /// [producer deduplication](crate::BusBuilder::dedup_publishes) to be sure it is there once.
     ///
     /// # Examples
     ///
@@ -209,6 +213,15 @@ impl Bus {
     /// # Errors
     ///
     /// As [`publish`](Bus::publish).
+    ///
+    /// # Cancel safety
+    ///
+    /// In memory, cancel safe: dropped before it completes, the future publishes nothing (the event is
+    /// accepted in one step, when the call returns). With a [store](crate::BusBuilder::store), once the
+    /// event has been handed to the appender, dropping the future does not withdraw it: it may still be
+    /// committed and handled, without a receipt. Publish it again with the same
+    /// [`PublishOptions::id`](crate::PublishOptions::id) and
+    /// [producer deduplication](crate::BusBuilder::dedup_publishes) to be sure it is there once.
     pub async fn publish_with<E: Event>(
         &self,
         event: E,
@@ -253,6 +266,13 @@ impl Bus {
     /// # Errors
     ///
     /// As [`publish`](Bus::publish), carrying the events back.
+    ///
+    /// # Cancel safety
+    ///
+    /// In memory the events are published one by one: dropped half-way, the future has published the
+    /// events before the one it was waiting to place, and none after. With a store they are appended
+    /// in one transaction: dropped before it is handed to the appender nothing is published, after it
+    /// all of them may be (see [`publish`](Bus::publish)).
     pub async fn publish_all<E: Event>(
         &self,
         events: impl IntoIterator<Item = E>,
@@ -307,7 +327,7 @@ impl Bus {
     /// # Errors
     ///
     /// [`TryPublishError::Full`] carries the event back when a queue is full (with
-    /// [`Overflow::Block`]); [`TryPublishError::Closed`] once shutdown has begun;
+    /// [`Overflow::Block`](crate::Overflow::Block)); [`TryPublishError::Closed`] once shutdown has begun;
     /// [`TryPublishError::Durable`] always on a bus with a store (a publish there waits for its
     /// commit: use [`publish`](Bus::publish)).
     pub fn try_publish<E: Event>(&self, event: E) -> Result<Published, TryPublishError<E>> {
@@ -360,6 +380,11 @@ impl Bus {
     /// assert_eq!(bus.request(Double(21)).await, Ok(42));
     /// # bus.shutdown().await; }
     /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future abandons the reply only: a request already queued is still handled (its
+    /// reply is discarded); one not yet queued is not sent.
     pub async fn request<C: Command>(&self, command: C) -> Result<C::Reply, RequestError> {
         self.inner.core.request_from(command, None, None).await
     }
@@ -367,6 +392,10 @@ impl Bus {
     /// Like [`request`](Bus::request) with an explicit timeout.
     ///
     /// # Errors
+    ///
+    /// As [`request`](Bus::request).
+    ///
+    /// # Cancel safety
     ///
     /// As [`request`](Bus::request).
     pub async fn request_timeout<C: Command>(
@@ -412,6 +441,10 @@ impl Bus {
     /// # assert_eq!(waiting, 0);
     /// # bus.shutdown().await; Ok(()) }
     /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only waits.
     pub async fn ready(&self) -> bool {
         if let Some(d) = self.inner.durable.as_ref() {
             tokio::select! {
@@ -441,6 +474,10 @@ impl Bus {
     /// handlers (restart backoff, sleeps) are skipped over while waiting. If publishers outside
     /// the bus keep publishing, it may never return. Do not call it from inside a handler: it
     /// would wait for that handler's own event.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only waits.
     pub async fn settled(&self) {
         self.inner.pending.settled().await
     }
@@ -506,6 +543,11 @@ impl Bus {
     /// # Errors
     ///
     /// The store's error; the offsets are committed again on the next interval.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped half-way, some groups' offsets may be committed and others not; the next commit
+    /// interval (or the shutdown) commits them all. An offset never moves back.
     pub async fn commit_offsets(&self) -> Result<(), crate::StoreError> {
         match self.inner.engine() {
             Some(engine) => crate::durable::offsets::commit_offsets(&engine).await,
@@ -553,6 +595,10 @@ impl Bus {
     /// returns, so the report comes late. Run blocking work in
     /// [`spawn_blocking`](tokio::task::spawn_blocking) (or `block_in_place` on a multi-thread
     /// runtime) and await it.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`shutdown`](Bus::shutdown): the shutdown goes on in its own task.
     pub async fn shutdown_timeout(&self, timeout: Duration) -> ShutdownReport {
         self.shutdown_inner(Some(timeout)).await
     }

@@ -122,6 +122,11 @@ impl DeadLetters {
     ///
     /// [`DeadLetterError::NotFound`], [`DeadLetterError::ParkedBehind`] (sequenced: redrive
     /// the head), or [`DeadLetterError::Closed`] once shutdown has begun (the entry stays).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropped before the event is back in its group's queue, the entry stays in the
+    /// dead-letter queue (with its redelivery count).
     pub async fn redrive(&self, seq: u64) -> Result<(), DeadLetterError> {
         self.redrive_as(seq, false).await
     }
@@ -198,6 +203,11 @@ impl DeadLetters {
     ///
     /// [`DeadLetterError::Closed`] once shutdown has begun; what was redriven before stays
     /// redriven.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped half-way, the entries already redriven are redriven and the others stay, each whole
+    /// (see [`redrive`](DeadLetters::redrive)).
     pub async fn redrive_all(&self) -> Result<usize, DeadLetterError> {
         self.redrive_where(|_| true).await
     }
@@ -215,6 +225,10 @@ impl DeadLetters {
     /// # Errors
     ///
     /// As [`redrive_all`](Self::redrive_all).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`redrive_all`](DeadLetters::redrive_all).
     pub async fn redrive_where(
         &self,
         filter: impl Fn(&DeadLetter) -> bool,

@@ -420,7 +420,7 @@ async fn unreadable<D: Dispatch>(
 ) -> bool {
     worker.track.reset();
     worker.track.note_failure();
-    worker.give_up(env, HandlerError::permanent(error), 0, false);
+    worker.give_up(env, &HandlerError::permanent(error), 0, false);
     worker.ack.save_dead_letter(env, &worker.dead_letters).await
 }
 

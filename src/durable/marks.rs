@@ -5,7 +5,7 @@
 //! retrying after a crash) is never handled twice, even after a restart. One transaction per
 //! event made that cost a commit (an fsync) per event. Here the workers hand their marks to one
 //! committer task, which writes everything waiting in one transaction
-//! ([`Store::commit_marks`](crate::Store::commit_marks)), as the appender does for publishes;
+//! ([`Store::commit_marks`](crate::store::Marks::commit_marks)), as the appender does for publishes;
 //! a worker goes on handling while its marks wait for the commit.
 //!
 //! What keeps the promise while a mark is not yet durable:
@@ -196,7 +196,7 @@ impl MarkBook {
                 match answer {
                     Some(durable) => {
                         let flight = self.in_flight.take().expect("in flight");
-                        self.landed(flight.marks, durable, stats);
+                        self.landed(&flight.marks, durable, stats);
                     }
                     None => return,
                 }
@@ -233,7 +233,7 @@ impl MarkBook {
         };
         if self.tx.send(flush).is_err() {
             // The committer is gone (the bus stopped): not durable.
-            self.landed(marks, false, stats);
+            self.landed(&marks, false, stats);
             return;
         }
         self.in_flight = Some(InFlight {
@@ -243,11 +243,11 @@ impl MarkBook {
     }
 
     /// The committer's answer for `marks`.
-    fn landed(&mut self, marks: Vec<(u64, Uuid)>, durable: bool, stats: &WorkerStats) {
+    fn landed(&mut self, marks: &[(u64, Uuid)], durable: bool, stats: &WorkerStats) {
         if durable {
             // Durable now: copies find them in the store.
             let mut pending = self.pending.lock();
-            for (_, id) in &marks {
+            for (_, id) in marks {
                 pending.remove(id);
             }
         } else {

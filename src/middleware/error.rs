@@ -269,6 +269,7 @@ enum Why {
 }
 
 #[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 impl NotHandled {
     pub(crate) fn answered_ok() -> Self {
         NotHandled {
@@ -290,6 +291,7 @@ impl NotHandled {
 }
 
 #[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 impl fmt::Display for NotHandled {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self.why {
@@ -301,4 +303,5 @@ impl fmt::Display for NotHandled {
 }
 
 #[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 impl StdError for NotHandled {}

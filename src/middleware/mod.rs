@@ -137,12 +137,14 @@ pub use crate::window::{Claim, DedupWindow};
 pub use circuit::CircuitBreaker;
 pub use dedup::{Dedup, DedupStore, MemoryDedupStore};
 #[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub use error::NotHandled;
 pub use error::{CircuitOpen, Elapsed, Interrupted};
 pub use retry::Retry;
 pub use throttle::Throttle;
 pub use timeout::Timeout;
 #[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub use tower::{Gate, TowerLayer, TowerRequest};
 
 /// A step around a subscription's handler: sees every delivery of an event and its result.

@@ -79,6 +79,7 @@ impl Retry {
     }
 
     /// The first delay and the largest one.
+    #[must_use]
     pub fn backoff(mut self, initial: Duration, max_delay: Duration) -> Self {
         self.initial = initial;
         self.max_delay = max_delay;
@@ -86,6 +87,7 @@ impl Retry {
     }
 
     /// How much each delay grows over the previous one (default 2; 1 keeps it constant).
+    #[must_use]
     pub fn multiplier(mut self, multiplier: f64) -> Self {
         self.multiplier = multiplier;
         self
@@ -93,6 +95,7 @@ impl Retry {
 
     /// The share of each delay that is random, from 0 (exact delays) to 1 ("full jitter": any
     /// delay from zero up to the computed one). Default 0.2.
+    #[must_use]
     pub fn jitter(mut self, jitter: f64) -> Self {
         self.jitter = jitter;
         self
@@ -100,6 +103,7 @@ impl Retry {
 
     /// Seeds the jitter's random generator, for reproducible delays (every worker's clone
     /// starts from the same seed).
+    #[must_use]
     pub fn seed(mut self, seed: u64) -> Self {
         self.rng = SmallRng::seed_from_u64(seed);
         self

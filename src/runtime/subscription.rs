@@ -74,6 +74,7 @@ impl Subscription {
     /// How many times an event is delivered at most, one right after the other, before it is
     /// dead-lettered (at least 1; default 3), when the subscription has no [`Retry`](crate::Retry) layer.
     /// With a `Retry` layer, the layer decides, and setting this is a build error.
+    #[must_use]
     pub fn max_deliveries(mut self, n: u32) -> Self {
         self.max_deliveries = Some(n);
         self
@@ -92,12 +93,14 @@ impl Subscription {
     ///     .layer(Retry::new(5))                         // up to 5 attempts
     ///     .layer(Dedup::new(DedupWindow::new()));       // duplicates skipped first
     /// ```
+    #[must_use]
     pub fn layer<M: Middleware>(mut self, layer: M) -> Self {
         self.layers.push(LayerSpec::new(layer));
         self
     }
 
     /// When events are acknowledged: see [`DeliveryMode`] (default at-least-once).
+    #[must_use]
     pub fn delivery(mut self, mode: DeliveryMode) -> Self {
         self.delivery = mode;
         self
@@ -105,6 +108,7 @@ impl Subscription {
 
     /// What happens to events that failed their last attempt: see [`DeadLetterPolicy`]
     /// (default: parked in the group's dead-letter queue while the partition moves on).
+    #[must_use]
     pub fn dead_letter(mut self, policy: DeadLetterPolicy) -> Self {
         self.dead_letter = policy;
         self
@@ -112,6 +116,7 @@ impl Subscription {
 
     /// Redelivers dead-lettered events automatically after delays, while the partition goes on:
     /// see [`Redelivery`]. With [`DeadLetterPolicy::Sequenced`], only the failed key waits.
+    #[must_use]
     pub fn redelivery(mut self, redelivery: Redelivery) -> Self {
         self.redelivery = Some(redelivery);
         self
@@ -131,6 +136,7 @@ impl Subscription {
     /// let recent = Subscription::new("recent")
     ///     .start_from(StartFrom::Timestamp(SystemTime::now() - Duration::from_secs(3600)));
     /// ```
+    #[must_use]
     pub fn start_from(mut self, start: StartFrom) -> Self {
         self.start = start;
         self
@@ -140,6 +146,7 @@ impl Subscription {
     /// had committed (replay from the beginning, or skip a backlog). The new position is
     /// committed at once. Remove the call after the restart that needed it, or every restart
     /// resets the group again.
+    #[must_use]
     pub fn reset_to(mut self, start: StartFrom) -> Self {
         self.start = start;
         self.reset = true;
@@ -220,6 +227,7 @@ impl Subscription {
     }
 
     /// How long to wait before restarting a handler that panicked.
+    #[must_use]
     pub fn restart_backoff(mut self, backoff: RestartBackoff) -> Self {
         self.restart_backoff = backoff;
         self
@@ -227,6 +235,7 @@ impl Subscription {
 
     /// How many events a worker takes from its queue at once (at least 1; default 128).
     /// Larger batches mean fewer lock round trips; the queue's capacity still bounds what waits.
+    #[must_use]
     pub fn batch_size(mut self, n: usize) -> Self {
         self.batch_size = n;
         self
@@ -255,7 +264,7 @@ pub struct RestartBackoff {
 
 impl RestartBackoff {
     /// A backoff from `initial` doubling up to `max`. `initial` must not exceed `max` (checked
-    /// by [`BusBuilder::build`]); zero restarts at once.
+    /// by [`BusBuilder::build`](crate::BusBuilder::build)); zero restarts at once.
     pub fn new(initial: Duration, max: Duration) -> Self {
         RestartBackoff { initial, max }
     }

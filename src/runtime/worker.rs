@@ -184,7 +184,7 @@ impl<D: Dispatch> Source<D> for MemorySource {
                 match worker.deliver_typed(&mut typed, &ctx).await {
                     Outcome::Handled => worker.handled(id, offset),
                     Outcome::Failed { error, attempts } => {
-                        worker.give_up(&D::erase(&typed), error, attempts, false);
+                        worker.give_up(&D::erase(&typed), &error, attempts, false);
                     }
                 }
                 advance(stats, offset);
@@ -324,7 +324,7 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
     pub(crate) fn give_up(
         &self,
         env: &AnyEnvelope,
-        error: HandlerError,
+        error: &HandlerError,
         attempts: u32,
         released: bool,
     ) {
@@ -377,7 +377,7 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
                 }
                 Outcome::Failed { error, attempts } => {
                     // Delivered again, failed again: it goes back to the head of its key.
-                    self.give_up(&next, error, attempts, true);
+                    self.give_up(&next, &error, attempts, true);
                     if A::LOG {
                         self.ack.save_dead_letter(&next, &self.dead_letters).await;
                     }
@@ -507,7 +507,7 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
                     done.push(env.inner);
                     return;
                 }
-                self.give_up(&env, error, attempts, released);
+                self.give_up(&env, &error, attempts, released);
                 if A::LOG && !self.ack.save_dead_letter(&env, &self.dead_letters).await {
                     // Not saved (the bus stopped): its offset is not passed.
                     done.push(env.inner);

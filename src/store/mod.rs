@@ -68,8 +68,10 @@ pub(crate) use codec::{encode, intern, stored_event_of, Decoded, Decoder, Encode
 pub use codec::{Undecodable, UpcastError, Upcaster};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteStore;
 pub use traits::{DeadLetterLog, Log, Marks, Offsets, Store};
 pub use types::{

@@ -70,6 +70,11 @@ impl PostgresStore {
     /// [`StoreError::Backend`] if the URL is invalid, if no connection could be opened within
     /// [`DEFAULT_CONNECT_TIMEOUT`](Self::DEFAULT_CONNECT_TIMEOUT) (a server that is down), or if
     /// the migrations fail.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before it completes, no store is made. Migrations that already ran are kept (sqlx
+    /// runs each in its own transaction and records it), and the next open goes on from there.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_in_schema(url, "public").await
     }
@@ -80,6 +85,11 @@ impl PostgresStore {
     /// # Errors
     ///
     /// As [`connect`](Self::connect); [`StoreError::Config`] for an invalid schema name.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before it completes, no store is made. Migrations that already ran are kept (sqlx
+    /// runs each in its own transaction and records it), and the next open goes on from there.
     pub async fn connect_in_schema(url: &str, schema: &str) -> Result<Self, StoreError> {
         validate_identifier(schema)?;
         let options: PgConnectOptions = url.parse().map_err(StoreError::backend)?;
@@ -114,6 +124,11 @@ impl PostgresStore {
     /// [`StoreError::Config`] for an invalid schema name; [`StoreError::Backend`] if no
     /// connection could be opened in time (its message says how long it tried) or the
     /// migrations fail.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before it completes, no store is made. Migrations that already ran are kept (sqlx
+    /// runs each in its own transaction and records it), and the next open goes on from there.
     pub async fn connect_with(
         options: PgConnectOptions,
         pool: PgPoolOptions,
@@ -145,6 +160,11 @@ impl PostgresStore {
     ///
     /// [`StoreError::Config`] for an invalid schema name; [`StoreError::Backend`] if no
     /// connection can be had from the pool or the migrations fail.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before it completes, no store is made. Migrations that already ran are kept (sqlx
+    /// runs each in its own transaction and records it), and the next open goes on from there.
     pub async fn from_pool(pool: PgPool, schema: &str) -> Result<Self, StoreError> {
         validate_identifier(schema)?;
         let mut conn = pool.acquire().await.map_err(StoreError::backend)?;
@@ -182,6 +202,11 @@ impl PostgresStore {
     /// and reads the log), or at the latest when it restarts. A bus's publishes to a partition
     /// whose head this transaction holds wait for it (its publishes to other partitions go
     /// on): keep the transaction short.
+    ///
+    /// # Cancel safety
+    ///
+    /// It runs on the caller's connection: dropped half-way, the statement may or may not have run;
+    /// the caller's transaction decides (roll it back, or drop it, which rolls back).
     pub async fn append_in(
         &self,
         conn: &mut PgConnection,

@@ -81,6 +81,11 @@ impl SqliteStore {
     ///
     /// [`StoreError::Config`] for `":memory:"` (see [`open_with`](Self::open_with));
     /// [`StoreError::Backend`] if the file cannot be opened or migrated.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before it completes, no store is made. Migrations that already ran are kept (sqlx
+    /// runs each in its own transaction and records it), and the next open goes on from there.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -98,6 +103,11 @@ impl SqliteStore {
     /// `?mode=memory`, an empty file name): it would not be durable, so use
     /// [`MemoryStore`](crate::MemoryStore). [`StoreError::Backend`] if the URL is invalid or the
     /// database cannot be opened or migrated.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before it completes, no store is made. Migrations that already ran are kept (sqlx
+    /// runs each in its own transaction and records it), and the next open goes on from there.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(StoreError::backend)?
@@ -114,6 +124,11 @@ impl SqliteStore {
     /// describe it (each connection would see its own, and nothing would survive the process):
     /// use [`MemoryStore`](crate::MemoryStore). [`StoreError::Backend`] if the database cannot
     /// be opened or migrated.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before it completes, no store is made. Migrations that already ran are kept (sqlx
+    /// runs each in its own transaction and records it), and the next open goes on from there.
     pub async fn open_with(options: SqliteConnectOptions) -> Result<Self, StoreError> {
         if options.get_filename() == Path::new(":memory:") {
             return Err(in_memory_refused());
@@ -138,6 +153,11 @@ impl SqliteStore {
     ///
     /// [`StoreError::Config`] for a pool on an in-memory or temporary database (as
     /// [`open_with`](Self::open_with)); [`StoreError::Backend`] if the migrations fail.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before it completes, no store is made. Migrations that already ran are kept (sqlx
+    /// runs each in its own transaction and records it), and the next open goes on from there.
     pub async fn from_pool(pool: SqlitePool) -> Result<Self, StoreError> {
         // Whatever the form (`in_memory(true)`, which `mode=memory` and `sqlite::memory:` set, a
         // `file::memory:` or `file:x?mode=memory` URI as the file name, an empty name), SQLite
