@@ -15,7 +15,7 @@ use tidings::{TowerLayer, TowerRequest};
 use tower::{Layer, Service};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
-#[event(topic = "mails", key = n)]
+#[event(topic = "mails", key = n, name = "tower_acknowledgement.Mail")]
 struct Mail {
     n: u32,
 }

@@ -7,10 +7,10 @@
 //! commits: at most the events whose marks were waiting for one, see `MARKS_IN_DOUBT`).
 //!
 //! The child is this test binary itself, started with `TIDINGS_CRASH_CHILD` set (the test
-//! `child` runs it). The kill schedule comes from a fixed seed (`TIDINGS_CRASH_SEED`, default
+//! `crash_recovery::child` runs it). The kill schedule comes from a fixed seed (`TIDINGS_CRASH_SEED`, default
 //! 7); `TIDINGS_CRASH_KILLS` changes the number of kills (default 22).
 
-mod stores;
+use crate::support::stores;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -181,7 +181,12 @@ async fn child() {
 fn run_child(spec: &str, dir: &Path, run: u64, kill_after: Option<Duration>) {
     let exe = std::env::current_exe().expect("test binary");
     let mut child = Command::new(exe)
-        .args(["child", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "crash_recovery::child",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("TIDINGS_CRASH_CHILD", spec)
         .env("TIDINGS_CRASH_DIR", dir)
         .env("TIDINGS_CRASH_RUN", run.to_string())

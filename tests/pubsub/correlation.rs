@@ -2,9 +2,7 @@
 
 use tidings::prelude::*;
 
-mod common;
-
-use common::{chain_bus, A, B, C};
+use crate::support::chain::{chain_bus, A, B, C};
 
 #[tokio::test]
 async fn follow_up_events_carry_the_correlation_id_and_name_their_cause() {

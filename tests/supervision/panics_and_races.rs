@@ -12,7 +12,7 @@ use tidings::prelude::*;
 use tidings::{BuildError, RequestError};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
-#[event(topic = "robust", key = n)]
+#[event(topic = "robust", key = n, name = "panics_and_races.Item")]
 struct Item {
     n: u64,
 }
@@ -240,7 +240,7 @@ impl CommandHandler<Ping> for Pong {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
-#[event(topic = "robust.done", key = n)]
+#[event(topic = "robust.done", key = n, name = "panics_and_races.Done")]
 struct Done {
     n: u64,
 }

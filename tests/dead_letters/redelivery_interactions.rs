@@ -13,7 +13,7 @@ use tidings::Redelivery;
 use tokio::time::Instant;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, Event)]
-#[event(topic = "payments", key = key)]
+#[event(topic = "payments", key = key, name = "redelivery_interactions.Payment")]
 struct Payment {
     key: u64,
     seq: u32,

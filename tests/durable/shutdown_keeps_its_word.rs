@@ -2,9 +2,9 @@
 //! stays in the log and is handled after the restart (not a dead letter, not lost), and
 //! redeliveries scheduled by a `Redelivery` go on after the restart on the rest of their
 //! schedule. Run on every backend; a restart is a new bus on the same store.
-//! (Issue 9, item 12. Without a store the old behaviour stays: see `tests/retry.rs` and
-//! `tests/redelivery.rs`.)
-mod stores;
+//! (Issue 9, item 12. Without a store the old behaviour stays: see `tests/middleware/retry.rs`
+//! and `tests/dead_letters/redelivery.rs`.)
+use crate::support::stores;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;

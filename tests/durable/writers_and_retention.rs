@@ -2,7 +2,7 @@
 //! Edge cases of the durable bus: other writers on the same store, retention under a catch-up,
 //! unreadable rows, concurrent repeats of one id, redrives into a full queue.
 //! (First written as reproductions by a review; each failed before its fix.)
-mod stores;
+use crate::support::stores;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

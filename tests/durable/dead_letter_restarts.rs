@@ -1,7 +1,7 @@
 //! Dead letters across restarts whose committed offsets lag behind them: key order under the
 //! sequenced policy, no event handled twice, partitions kept apart, fixed partition counts.
 //! (First written as reproductions by a third review; each failed before its fix.)
-mod stores;
+use crate::support::stores;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! a row with no readable place in the log is an error, and it says "corrupt", not "down".
 #![cfg(feature = "sqlite")]
 
-mod stores;
+use crate::support::stores;
 
 use std::time::Duration;
 

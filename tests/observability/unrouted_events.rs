@@ -2,8 +2,9 @@
 //! subscription) are counted per topic and logged once per type, on every way of publishing,
 //! with or without a store.
 //!
-//! In its own test binary: it installs a global tracing subscriber to count the warnings. Each
-//! test uses event types of its own, so the tests do not see each other's warnings.
+//! It installs a global tracing subscriber to count the warnings (see `main.rs` for what that
+//! asks of the other tests of its binary). Each test uses event types of its own, so the tests do
+//! not see each other's warnings.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -58,7 +59,7 @@ fn warnings() -> Warnings {
             tracing::subscriber::set_global_default(
                 tracing_subscriber::registry().with(warnings.clone()),
             )
-            .expect("the only subscriber of this binary");
+            .expect("the only global subscriber of this binary");
             warnings
         })
         .clone()

@@ -1,7 +1,7 @@
 //! Durable dead letters and effectively-once marks across crashes and restarts: no entry is
 //! lost or duplicated, a sequenced key keeps its order, offsets never move back.
 //! (First written as reproductions by a review; each failed before its fix.)
-mod stores;
+use crate::support::stores;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //!
 //! `TIDINGS_STRESS=N` runs every test N times over, in parallel (stress mode).
 
-mod stores;
+use crate::support::stores;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Effectively-once with a store: the marks of many events share transactions (as publishes
 //! share the appender's), and that batching never lets a copy published again be handled
 //! twice, nor an offset be committed ahead of a mark.
-mod stores;
+use crate::support::stores;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,7 +1,8 @@
 //! A tracing span per handled event carries the event's coordinates.
 //!
-//! In its own test binary: it installs a tracing subscriber, and tracing's per-callsite interest
-//! cache makes that unreliable while other tests run in parallel in the same process.
+//! It installs a thread-local tracing subscriber, which tracing's per-callsite interest cache
+//! makes unreliable while other tests run buses without a subscriber in the same process: see
+//! `main.rs` for why it shares its binary with `unrouted_events` only.
 
 use std::sync::{Arc, Mutex};
 
@@ -11,9 +12,7 @@ use tracing::Subscriber;
 use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
 use tracing_subscriber::Layer;
 
-mod common;
-
-use common::{chain_bus, A};
+use crate::support::chain::{chain_bus, A};
 
 /// Records the fields of every `tidings.handle` span.
 /// The fields of one span, as (name, value) text.

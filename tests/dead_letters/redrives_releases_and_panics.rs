@@ -13,7 +13,7 @@ use tidings::testing::Recorder;
 use tidings::DeadLetterError;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
-#[event(topic = "orders", key = key)]
+#[event(topic = "orders", key = key, name = "redrives_releases_and_panics.Order")]
 struct Order {
     key: u64,
     seq: u32,

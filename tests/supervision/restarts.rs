@@ -12,7 +12,7 @@ use tidings::RestartBackoff;
 use tokio::time::Instant;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
-#[event(topic = "jobs", key = id)]
+#[event(topic = "jobs", key = id, name = "restarts.Job")]
 struct Job {
     id: u64,
     /// How the handler should behave: "ok", "panic-once", "panic-always", "err-twice",

@@ -2,11 +2,11 @@
 //! order states, notifications, and the correlation and causation ids of every order's chain.
 
 #[allow(dead_code)] // `main` and the helpers only the example's `main` uses.
-#[path = "../examples/order_flow.rs"]
-mod order_flow;
+#[path = "../../examples/order_flow.rs"]
+mod example;
 
-use order_flow::orders::OrderStatus;
-use order_flow::{run, sample_orders, Summary};
+use example::orders::OrderStatus;
+use example::{run, sample_orders, Summary};
 use tidings::{AnyEnvelope, Bus, Key};
 
 /// The event types of each sample order's chain, in causal order.

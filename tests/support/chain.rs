@@ -1,4 +1,4 @@
-//! Shared by integration tests: a chain of handlers A → B → C.
+//! A chain of handlers A → B → C (correlation and tracing tests).
 #![allow(dead_code)]
 
 use serde::{Deserialize, Serialize};

@@ -11,7 +11,7 @@ use tidings::Uuid;
 use tokio::sync::Notify;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
-#[event(topic = "ledger", key = account)]
+#[event(topic = "ledger", key = account, name = "dedup_window.Credited")]
 struct Credited {
     account: u64,
     cents: u64,

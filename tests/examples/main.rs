@@ -1,0 +1,3 @@
+//! The examples, run as tests through the public API.
+
+mod order_flow;

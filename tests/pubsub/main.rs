@@ -1,0 +1,13 @@
+//! Publish/subscribe: per-key ordering, fan-out and competing consumers, partitions, delivery
+//! modes, bounded queues and backpressure, correlation and causation.
+//!
+//! `TIDINGS_STRESS=N cargo test --test pubsub ordering::` repeats the concurrency test of the
+//! ordering contract N times with other seeds.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod backpressure;
+mod correlation;
+mod delivery_modes;
+mod ordering;
