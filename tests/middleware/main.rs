@@ -1,4 +1,5 @@
-//! Middleware: custom layers and their nesting, retry, timeout, circuit breaker, throttle,
+//! Middleware: custom layers and their nesting, the typed failures layers make, retry, timeout,
+//! circuit breaker, throttle,
 //! deduplication (consumer and producer side, its window, its claims), tower layers (feature
 //! `tower`), every layer at once under a shutdown, and chaos (random failures and duplicates).
 //!
@@ -15,3 +16,4 @@ mod producer_dedup;
 mod retry;
 mod tower_acknowledgement;
 mod tower_layers;
+mod typed_failures;
