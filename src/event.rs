@@ -392,7 +392,7 @@ mod tests {
 
     #[test]
     fn keys_hash_by_canonical_bytes() {
-        // The golden partition values are pinned in tests/pubsub_ordering.rs.
+        // The golden partition values are pinned in tests/pubsub/ordering.rs.
         assert_eq!(
             Key::Str("order-1").stable_hash(),
             xxhash_rust::xxh3::xxh3_64(b"order-1")
