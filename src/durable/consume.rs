@@ -20,14 +20,14 @@ use super::marks::MarkBook;
 use super::Durable;
 use crate::context::Context;
 use crate::core::catch_up::NextDurable;
-use crate::core::queue::Topic;
+use crate::core::queue::{Partition, Topic, WorkerStats};
 use crate::dead_letter::DeadLetterQueue;
 use crate::delivery::DeliveryMode;
 use crate::envelope::{AnyEnvelope, Erased};
 use crate::handler::HandlerError;
 use crate::runtime::dispatch::Dispatch;
 use crate::runtime::worker::{advance, Ack, Source, Worker, WorkerArgs};
-use crate::store::Store;
+use crate::store::{Decoder, Store};
 
 /// A group's partition on a durable bus: its queue of committed events, or the log.
 pub(crate) struct LogSource {
@@ -184,230 +184,283 @@ impl Ack for StoreAck {
 impl<D: Dispatch> Source<D> for LogSource {
     type Ack = StoreAck;
 
-    async fn run(self, mut worker: Worker<D, StoreAck>, mut ctx: Context) {
+    async fn run(self, worker: Worker<D, StoreAck>, ctx: Context) {
         let topic = Arc::clone(&worker.end.topic);
         let (slot, partition) = (worker.end.slot, worker.end.partition);
-        let group = Arc::clone(&worker.end.group);
-        let part = &topic.partitions[partition as usize];
-        let stats = &topic.worker_stats[slot][partition as usize];
-        let mut batch: VecDeque<Erased> = VecDeque::with_capacity(self.batch_size);
-        let mut done: Vec<Erased> = Vec::new();
-        // With a store: start from the committed offset, catch up from the log, then take events
-        // from the queue as they commit; read the log again whenever the queue missed some.
-        let store = Arc::clone(&self.durable.store);
-        let mut backoff = StoreBackoff::default();
-        // The group's dead letters come back first (its first worker reads them), so that a
-        // sequenced key parked before the restart stays parked.
-        let dlq = Arc::clone(&worker.dead_letters);
+        let mut consumer = Consumer {
+            part: &topic.partitions[partition as usize],
+            stats: &topic.worker_stats[slot][partition as usize],
+            topic: &topic.name,
+            group: Arc::clone(&worker.end.group),
+            slot,
+            partition,
+            worker,
+            ctx,
+            batch: VecDeque::with_capacity(self.batch_size),
+            done: Vec::new(),
+            may_catch_up: true,
+            backoff: StoreBackoff::default(),
+        };
+        let Some(mut feed) = consumer.start(&self).await else {
+            return;
+        };
         loop {
-            let restored = dlq.ensure_restored(&*store, &self.durable.decoder).await;
-            match restored {
-                Ok(_) => break,
-                Err(error) => {
-                    tracing::error!(group = %group, %error, "tidings: reading the group's dead letters from the store failed; retrying");
-                    if !backoff.wait(&worker.core.cancel).await {
-                        self.durable.worker_started();
-                        part.give_up_catch_up(slot, &worker.core.pending);
-                        part.wait_closed(slot).await;
-                        return;
-                    }
+            let next = consumer
+                .part
+                .next_durable(
+                    slot,
+                    &mut consumer.batch,
+                    &mut consumer.done,
+                    self.batch_size,
+                    consumer.stats,
+                    consumer.may_catch_up,
+                    &consumer.worker.core.pending,
+                )
+                .await;
+            match next {
+                NextDurable::Batch => consumer.queued(&feed).await,
+                NextDurable::CatchUp(until) => {
+                    feed.until = until;
+                    consumer.catch_up(&mut feed, &self.durable.decoder).await;
                 }
+                NextDurable::Closed => {
+                    if let Some(book) = consumer.worker.ack.book.as_mut() {
+                        book.sync(true, consumer.stats).await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A [`LogSource`] at work on one partition of one group: the worker and what its loop keeps
+/// between steps.
+struct Consumer<'a, D> {
+    part: &'a Partition,
+    stats: &'a WorkerStats,
+    topic: &'a str,
+    group: Arc<str>,
+    slot: usize,
+    partition: u32,
+    worker: Worker<D, StoreAck>,
+    ctx: Context,
+    batch: VecDeque<Erased>,
+    done: Vec<Erased>,
+    /// Cleared once the group must not read the log any more in this run (shutdown, or an
+    /// event left in the log).
+    may_catch_up: bool,
+    backoff: StoreBackoff,
+}
+
+impl<D: Dispatch> Consumer<'_, D> {
+    /// Where the group starts: its dead letters come back first (its first worker reads them),
+    /// so that a sequenced key parked before the restart stays parked; then its committed offset
+    /// (or [`StartFrom`](crate::StartFrom)). `None` if the bus shut down first: the group starts
+    /// next time.
+    async fn start(&mut self, source: &LogSource) -> Option<Feed> {
+        let durable = &source.durable;
+        let store = Arc::clone(&durable.store);
+        let dlq = Arc::clone(&self.worker.dead_letters);
+        while let Err(error) = dlq.ensure_restored(&*store, &durable.decoder).await {
+            tracing::error!(group = %self.group, %error, "tidings: reading the group's dead letters from the store failed; retrying");
+            if !self.backoff.wait(&self.worker.core.cancel).await {
+                self.give_up_starting(durable).await;
+                return None;
             }
         }
         let (from, head) = loop {
-            match crate::durable::feed::start_offset(
+            let found = super::feed::start_offset(
                 &*store,
-                &group,
-                &topic.name,
-                partition,
-                self.start,
-                self.reset,
+                &self.group,
+                self.topic,
+                self.partition,
+                source.start,
+                source.reset,
             )
-            .await
-            {
+            .await;
+            match found {
                 Ok(found) => break found,
                 Err(error) => {
-                    tracing::error!(topic = %topic.name, group = %group, partition, %error, "tidings: reading the group's offset from the store failed; retrying");
-                    if !backoff.wait(&worker.core.cancel).await {
-                        // Shutting down before the group could start: it starts next time.
-                        self.durable.worker_started();
-                        part.give_up_catch_up(slot, &worker.core.pending);
-                        part.wait_closed(slot).await;
-                        return;
+                    tracing::error!(topic = %self.topic, group = %self.group, partition = self.partition, %error, "tidings: reading the group's offset from the store failed; retrying");
+                    if !self.backoff.wait(&self.worker.core.cancel).await {
+                        self.give_up_starting(durable).await;
+                        return None;
                     }
                 }
             }
         };
-        stats.next_offset.store(from, Relaxed);
-        stats
+        self.stats.next_offset.store(from, Relaxed);
+        self.stats
             .ready
             .store(true, std::sync::atomic::Ordering::Release);
-        part.raise_head(head);
-        self.durable.worker_started();
-        let mut feed = Feed {
+        self.part.raise_head(head);
+        durable.worker_started();
+        Some(Feed {
             store,
             until: 0,
             rows: VecDeque::new(),
-        };
-        let mut may_catch_up = true;
-        loop {
-            match part
-                .next_durable(
-                    slot,
-                    &mut batch,
-                    &mut done,
-                    self.batch_size,
-                    stats,
-                    may_catch_up,
-                    &worker.core.pending,
-                )
-                .await
-            {
-                NextDurable::Closed => {
-                    if let Some(book) = worker.ack.book.as_mut() {
-                        book.sync(true, stats).await;
-                    }
-                    break;
-                }
-                NextDurable::Batch => {
-                    let mut unfinished = batch.len();
-                    done.reserve(unfinished);
-                    if let Some(book) = worker.ack.book.as_mut() {
-                        // Effectively-once: the batch's marks in one query.
-                        let ids = batch.iter().map(|item| item.meta().id).collect();
-                        book.look_ahead(&*feed.store, ids).await;
-                    }
-                    while let Some(item) = batch.pop_front() {
-                        if worker.held {
-                            // Behind an event left in the log: read again after the next start.
-                            done.push(item);
-                        } else {
-                            worker.process(item, &mut ctx, &mut done, stats).await;
-                        }
-                        if worker.core.cancel.is_cancelled() {
-                            // Shutting down: finished one by one, so that a shutdown timeout
-                            // counts exactly what is left.
-                            worker.core.finish(unfinished - batch.len());
-                            unfinished = batch.len();
-                        }
-                    }
-                    if worker.held {
-                        // Nothing more is read or queued for this group in this partition, and no
-                        // event passed by moves its offset past the held one (a queue that is not
-                        // lagging would: `skipped_to`), even if the catch-up was given up before.
-                        may_catch_up = false;
-                        part.give_up_catch_up(slot, &worker.core.pending);
-                    }
-                    if let Some(book) = worker.ack.book.as_mut() {
-                        // The marks go on while more events wait; with none waiting, this batch
-                        // is finished once its marks are committed (`settled` means marked), or
-                        // as soon as more events come (they keep the bus from settling, and the
-                        // wait at their end covers these marks too): the worker does not sit
-                        // idle for a commit while its queue fills.
-                        if part.has_queued(slot) {
-                            book.sync(false, stats).await;
-                        } else {
-                            tokio::select! {
-                                biased;
-                                _ = book.sync(true, stats) => {}
-                                _ = part.changed(slot) => book.sync(false, stats).await,
-                            }
-                        }
-                    }
-                    if unfinished > 0 {
-                        worker.core.finish(unfinished);
-                    }
-                }
-                NextDurable::CatchUp(until) => {
-                    feed.until = until;
-                    loop {
-                        if worker.core.cancel.is_cancelled() {
-                            // Shutting down: what is left in the log waits for the next start.
-                            if let Some(book) = worker.ack.book.as_mut() {
-                                book.sync(true, stats).await;
-                            }
-                            may_catch_up = false;
-                            part.give_up_catch_up(slot, &worker.core.pending);
-                            break;
-                        }
-                        let next = stats.next_offset.load(Relaxed);
-                        let caught = feed
-                            .next(
-                                &topic.name,
-                                partition,
-                                next,
-                                D::accepts,
-                                &self.durable.decoder,
-                            )
-                            .await;
-                        match caught {
-                            Ok(None) => {
-                                if let Some(book) = worker.ack.book.as_mut() {
-                                    book.sync(true, stats).await;
-                                }
-                                break;
-                            }
-                            Ok(Some(Caught::Skip(offset))) => {
-                                backoff = StoreBackoff::default();
-                                advance(stats, offset);
-                            }
-                            Ok(Some(Caught::Gap(to))) => {
-                                if to > 0 {
-                                    advance(stats, to - 1);
-                                }
-                            }
-                            Ok(Some(Caught::Event(item))) => {
-                                backoff = StoreBackoff::default();
-                                let offset = item.meta().offset;
-                                if worker.dead_letters.holds(partition, offset) {
-                                    // Dead-lettered before a restart that came before its offset
-                                    // was committed: it waits in the queue already.
-                                    advance(stats, offset);
-                                    continue;
-                                }
-                                if let Some(book) = worker.ack.book.as_mut() {
-                                    if book.knows(item.meta().id).is_none() {
-                                        // Effectively-once: the marks of the page read in one query.
-                                        let ids = std::iter::once(item.meta().id)
-                                            .chain(feed.rows.iter().map(|r| r.id))
-                                            .collect();
-                                        book.look_ahead(&*feed.store, ids).await;
-                                    }
-                                }
-                                worker.process(item, &mut ctx, &mut done, stats).await;
-                                if let Some(book) = worker.ack.book.as_mut() {
-                                    book.sync(false, stats).await;
-                                }
-                                done.clear();
-                                if worker.held {
-                                    // Left in the log (retries stopped by shutdown): so is the rest.
-                                    may_catch_up = false;
-                                    part.give_up_catch_up(slot, &worker.core.pending);
-                                    break;
-                                }
-                            }
-                            Ok(Some(Caught::Bad(env, error))) => {
-                                if worker.dead_letters.holds(partition, env.offset())
-                                    || unreadable(&mut worker, &env, error).await
-                                {
-                                    advance(stats, env.offset());
-                                }
-                            }
-                            Err(error @ crate::store::StoreError::Corrupt(_)) => {
-                                // Not an outage: a row without a place in the log (a broken row
-                                // with a readable place is a dead letter instead).
-                                tracing::error!(topic = %topic.name, group = %group, partition, %error, "tidings: the log holds data the store cannot place; the partition waits until it is repaired, retrying");
-                                backoff.wait(&worker.core.cancel).await;
-                            }
-                            Err(error) => {
-                                tracing::error!(topic = %topic.name, group = %group, partition, %error, "tidings: reading the log failed; retrying");
-                                backoff.wait(&worker.core.cancel).await;
-                            }
-                        }
-                    }
+        })
+    }
+
+    /// Shutting down before the group could start: it starts next time.
+    async fn give_up_starting(&mut self, durable: &Durable) {
+        durable.worker_started();
+        self.part
+            .give_up_catch_up(self.slot, &self.worker.core.pending);
+        self.part.wait_closed(self.slot).await;
+    }
+
+    /// Events of the queue (committed while the group was live), in `self.batch`.
+    async fn queued(&mut self, feed: &Feed) {
+        let stats = self.stats;
+        let mut unfinished = self.batch.len();
+        self.done.reserve(unfinished);
+        if let Some(book) = self.worker.ack.book.as_mut() {
+            // Effectively-once: the batch's marks in one query.
+            let ids = self.batch.iter().map(|item| item.meta().id).collect();
+            book.look_ahead(&*feed.store, ids).await;
+        }
+        while let Some(item) = self.batch.pop_front() {
+            if self.worker.held {
+                // Behind an event left in the log: read again after the next start.
+                self.done.push(item);
+            } else {
+                self.worker
+                    .process(item, &mut self.ctx, &mut self.done, stats)
+                    .await;
+            }
+            if self.worker.core.cancel.is_cancelled() {
+                // Shutting down: finished one by one, so that a shutdown timeout counts
+                // exactly what is left.
+                self.worker.core.finish(unfinished - self.batch.len());
+                unfinished = self.batch.len();
+            }
+        }
+        if self.worker.held {
+            // Nothing more is read or queued for this group in this partition, and no event
+            // passed by moves its offset past the held one (a queue that is not lagging would:
+            // `skipped_to`), even if the catch-up was given up before.
+            self.stop_catching_up();
+        }
+        if let Some(book) = self.worker.ack.book.as_mut() {
+            // The marks go on while more events wait; with none waiting, this batch is
+            // finished once its marks are committed (`settled` means marked), or as soon as
+            // more events come (they keep the bus from settling, and the wait at their end
+            // covers these marks too): the worker does not sit idle for a commit while its
+            // queue fills.
+            if self.part.has_queued(self.slot) {
+                book.sync(false, stats).await;
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = book.sync(true, stats) => {}
+                    _ = self.part.changed(self.slot) => book.sync(false, stats).await,
                 }
             }
         }
+        if unfinished > 0 {
+            self.worker.core.finish(unfinished);
+        }
+    }
+
+    /// Reads the log up to `feed.until` (the head when the group fell behind), handing its
+    /// events to the worker, until caught up, shut down, or an event is left in the log.
+    async fn catch_up(&mut self, feed: &mut Feed, decoder: &Decoder) {
+        let stats = self.stats;
+        loop {
+            if self.worker.core.cancel.is_cancelled() {
+                // Shutting down: what is left in the log waits for the next start.
+                if let Some(book) = self.worker.ack.book.as_mut() {
+                    book.sync(true, stats).await;
+                }
+                self.stop_catching_up();
+                return;
+            }
+            let next = stats.next_offset.load(Relaxed);
+            let caught = feed
+                .next(self.topic, self.partition, next, D::accepts, decoder)
+                .await;
+            match caught {
+                Ok(None) => {
+                    if let Some(book) = self.worker.ack.book.as_mut() {
+                        book.sync(true, stats).await;
+                    }
+                    return;
+                }
+                Ok(Some(Caught::Skip(offset))) => {
+                    self.backoff = StoreBackoff::default();
+                    advance(stats, offset);
+                }
+                Ok(Some(Caught::Gap(to))) => {
+                    if to > 0 {
+                        advance(stats, to - 1);
+                    }
+                }
+                Ok(Some(Caught::Event(item))) => {
+                    self.backoff = StoreBackoff::default();
+                    self.caught(item, feed).await;
+                    if self.worker.held {
+                        // Left in the log (retries stopped by shutdown): so is the rest.
+                        self.stop_catching_up();
+                        return;
+                    }
+                }
+                Ok(Some(Caught::Bad(env, error))) => {
+                    if self.worker.dead_letters.holds(self.partition, env.offset())
+                        || unreadable(&mut self.worker, &env, error).await
+                    {
+                        advance(stats, env.offset());
+                    }
+                }
+                Err(error @ crate::store::StoreError::Corrupt(_)) => {
+                    // Not an outage: a row without a place in the log (a broken row with a
+                    // readable place is a dead letter instead).
+                    tracing::error!(topic = %self.topic, group = %self.group, partition = self.partition, %error, "tidings: the log holds data the store cannot place; the partition waits until it is repaired, retrying");
+                    self.backoff.wait(&self.worker.core.cancel).await;
+                }
+                Err(error) => {
+                    tracing::error!(topic = %self.topic, group = %self.group, partition = self.partition, %error, "tidings: reading the log failed; retrying");
+                    self.backoff.wait(&self.worker.core.cancel).await;
+                }
+            }
+        }
+    }
+
+    /// One event read from the log, to the worker.
+    async fn caught(&mut self, item: Erased, feed: &Feed) {
+        let stats = self.stats;
+        let offset = item.meta().offset;
+        if self.worker.dead_letters.holds(self.partition, offset) {
+            // Dead-lettered before a restart that came before its offset was committed: it
+            // waits in the queue already.
+            advance(stats, offset);
+            return;
+        }
+        if let Some(book) = self.worker.ack.book.as_mut() {
+            if book.knows(item.meta().id).is_none() {
+                // Effectively-once: the marks of the page read in one query.
+                let ids = std::iter::once(item.meta().id)
+                    .chain(feed.rows.iter().map(|r| r.id))
+                    .collect();
+                book.look_ahead(&*feed.store, ids).await;
+            }
+        }
+        self.worker
+            .process(item, &mut self.ctx, &mut self.done, stats)
+            .await;
+        if let Some(book) = self.worker.ack.book.as_mut() {
+            book.sync(false, stats).await;
+        }
+        self.done.clear();
+    }
+
+    /// The group reads the log no more in this run (what is left waits for the next start),
+    /// and no longer holds `settled` up.
+    fn stop_catching_up(&mut self) {
+        self.may_catch_up = false;
+        self.part
+            .give_up_catch_up(self.slot, &self.worker.core.pending);
     }
 }
 
