@@ -13,10 +13,10 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::plan::Plan;
 use super::{Bus, BusInner, HandleGuard};
 use crate::command::{Command, CommandMessage};
 use crate::core::pending::Pending;
-use crate::core::queue::Topic;
 use crate::core::request::CommandEntry;
 use crate::core::route::Route;
 use crate::core::{Core, Log, Recorder};
@@ -32,7 +32,7 @@ use crate::runtime::dispatch::{panic_message, Dispatch, Factory, Typed, Untyped}
 use crate::runtime::subscription::{RestartBackoff, Subscription};
 use crate::runtime::worker::{self, MemorySource, NoAck, WorkerArgs};
 use crate::store::{Decoder, Store, Upcaster, DEFAULT_MAX_PAYLOAD};
-use crate::topic::{default_partitions, Overflow, TopicConfig};
+use crate::topic::TopicConfig;
 use crate::window::Window;
 
 /// Makes a worker of one partition of a group: in memory, or on the store's log.
@@ -380,63 +380,14 @@ impl BusBuilder {
         let decoder = Decoder::new(std::mem::take(&mut self.upcasters))
             .map_err(BuildError::InvalidSetting)?;
 
-        // Topics: configured ones first, then those only subscribed to, in declaration order.
-        let mut configs: Vec<TopicConfig> = self.topics.clone();
-        for sub in &self.subs {
-            if !configs.iter().any(|c| c.name == sub.topic) {
-                configs.push(TopicConfig::new(sub.topic.clone()));
-            }
-        }
-        let mut topics = Vec::with_capacity(configs.len());
-        let mut topic_index = HashMap::new();
-        let mut typed_slots: HashMap<(usize, TypeId), Vec<usize>> = HashMap::new();
-        let mut any_slots = Vec::with_capacity(configs.len());
-        let mut placements = Vec::with_capacity(self.subs.len());
-        for (index, config) in configs.iter().enumerate() {
-            let mut groups = Vec::new();
-            let mut anys = Vec::new();
-            for (sub_index, sub) in self.subs.iter().enumerate() {
-                if sub.topic != config.name {
-                    continue;
-                }
-                if sub.options.redelivery.is_some() && config.overflow == Overflow::DropOldest {
-                    return Err(BuildError::InvalidSetting(format!(
-                        "subscription {:?}: redelivery on topic {:?}, whose Overflow::DropOldest could drop a redelivered event",
-                        sub.options.group, config.name
-                    )));
-                }
-                let slot = groups.len();
-                groups.push(sub.options.group.clone());
-                match sub.accepts {
-                    Some(type_id) => typed_slots.entry((index, type_id)).or_default().push(slot),
-                    None => anys.push(slot),
-                }
-                placements.push((sub_index, index, slot));
-            }
-            let partitions = config.partitions.unwrap_or_else(|| {
-                if self.store.is_some() {
-                    1
-                } else {
-                    default_partitions()
-                }
-            });
-            if let Some(stored) = self
-                .store
-                .as_ref()
-                .and_then(|s| s.known_partitions(&config.name))
-            {
-                if stored > partitions {
-                    return Err(BuildError::FewerPartitionsThanStored {
-                        topic: config.name.clone(),
-                        configured: partitions,
-                        stored,
-                    });
-                }
-            }
-            topics.push(Arc::new(Topic::new(config, partitions, groups)));
-            topic_index.insert(config.name.clone(), index);
-            any_slots.push(anys);
-        }
+        let Plan {
+            configs,
+            topics,
+            topic_index,
+            typed_slots,
+            any_slots,
+            placements,
+        } = self.plan()?;
 
         let mut commands = FxHashMap::default();
         let mut command_starts = Vec::new();
@@ -486,20 +437,7 @@ impl BusBuilder {
             }),
         };
         if durable.is_some() {
-            // Every group starts by reading the log from its committed offset; `settled` waits
-            // for it to catch up.
-            let mut markers = 0;
-            for topic in &core.topics {
-                for part in topic.partitions.iter() {
-                    let mut state = part.lock();
-                    for q in state.queues.iter_mut() {
-                        q.lagging = true;
-                        q.marker = true;
-                        markers += 1;
-                    }
-                }
-            }
-            core.pending.add(markers);
+            core.start_lagging();
         }
         // Routes of the subscribed event types, resolved once.
         let mut routes: FxHashMap<TypeId, Route> = FxHashMap::default();

@@ -1,6 +1,11 @@
 //! The bus: publishing, request/reply, settling, stats and shutdown.
+//!
+//! `Bus` is the facade: its methods delegate to the core (`crate::core`), the durable layer and
+//! the dead-letter queues. The file is a little over 600 lines because most of it is `Bus`'s
+//! public documentation: its ordering, delivery and shutdown contracts and an example per method.
 
 mod builder;
+mod plan;
 mod shutdown;
 mod stats;
 mod validate;

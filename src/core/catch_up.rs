@@ -122,6 +122,23 @@ impl Partition {
 }
 
 impl Core {
+    /// With a store, at build: every group starts lagging, reading the log from its committed
+    /// offset, with a marker each so that `settled` waits for it to catch up.
+    pub(crate) fn start_lagging(&self) {
+        let mut markers = 0;
+        for topic in &self.topics {
+            for part in topic.partitions.iter() {
+                let mut state = part.lock();
+                for q in state.queues.iter_mut() {
+                    q.lagging = true;
+                    q.marker = true;
+                    markers += 1;
+                }
+            }
+        }
+        self.pending.add(markers);
+    }
+
     /// Hands a committed event to the groups of its route: into each group's queue, unless
     /// that group is catching up from the log or its queue is full (then it will read the event
     /// from the log).
