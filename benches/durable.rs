@@ -33,7 +33,7 @@ use common::{runtime, Counter, Ev, Sink};
 use criterion::{criterion_main, Criterion, Throughput};
 use parking_lot::Mutex;
 use tidings::prelude::*;
-use tidings::{MemoryStore, Store};
+use tidings::store::{MemoryStore, Store};
 
 /// Events per iteration.
 const N: u64 = 20_000;
@@ -124,7 +124,7 @@ async fn postgres_store() -> Option<Arc<dyn Store>> {
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     let schema = format!("bench_{}", std::process::id());
-    match tidings::PostgresStore::connect_in_schema(&url, &schema).await {
+    match tidings::store::PostgresStore::connect_in_schema(&url, &schema).await {
         Ok(store) => Some(Arc::new(store)),
         Err(e) => {
             eprintln!("postgres entry skipped: {e}");
@@ -185,7 +185,7 @@ fn durable(c: &mut Criterion) {
         stores.push((
             "sqlite",
             Some(Arc::new(
-                tidings::SqliteStore::open(dir.path().join("bench.db"))
+                tidings::store::SqliteStore::open(dir.path().join("bench.db"))
                     .await
                     .expect("SQLite"),
             )),

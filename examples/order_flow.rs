@@ -18,8 +18,9 @@ use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tidings::stats::ShutdownReport;
 use tidings::Uuid;
-use tidings::{AnyEnvelope, Bus, BusBuilder, PublishError, ShutdownReport};
+use tidings::{AnyEnvelope, Bus, BusBuilder, PublishError};
 
 /// The orders module: the order state machine, and the only owner of order states.
 pub mod orders {

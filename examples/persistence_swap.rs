@@ -28,7 +28,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tidings::prelude::*;
-use tidings::{BuildError, SqliteStore, StartFrom, Stats, Store};
+use tidings::stats::Stats;
+use tidings::store::{SqliteStore, StartFrom, Store};
+use tidings::BuildError;
 use tokio::sync::watch;
 
 type AnyError = Box<dyn std::error::Error>;

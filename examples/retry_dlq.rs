@@ -18,8 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
+use tidings::dead_letter::DeadLetters;
+use tidings::middleware::{Dedup, DedupWindow, Timeout};
 use tidings::prelude::*;
-use tidings::{DeadLetters, Dedup, DedupWindow, ErrorKind, Timeout, Uuid};
+use tidings::{ErrorKind, Uuid};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 #[event(topic = "orders", key = order_id)]

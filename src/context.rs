@@ -72,7 +72,8 @@ impl Context {
     /// when it is full.
     ///
     /// An event whose type no group subscribes to is counted and warned about as by
-    /// [`Bus::publish`](crate::Bus::publish) ([`TopicStats::unrouted`](crate::TopicStats::unrouted)).
+    /// [`Bus::publish`](crate::Bus::publish)
+    /// ([`TopicStats::unrouted`](crate::stats::TopicStats::unrouted)).
     ///
     /// # Errors
     ///

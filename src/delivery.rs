@@ -5,17 +5,17 @@
 /// | mode | acknowledged | a handler failure | a crash of the process |
 /// |---|---|---|---|
 /// | [`AtMostOnce`](DeliveryMode::AtMostOnce) | on receipt, before the handler runs | no retry; logged, counted as failed, dropped (not dead-lettered) | the event in flight and those queued are lost; none is handled twice |
-/// | [`AtLeastOnce`](DeliveryMode::AtLeastOnce) (default) | after the handler succeeded | redelivered (see [`Retry`](crate::Retry) and [`max_deliveries`](crate::Subscription::max_deliveries)), then dead-lettered | in memory: lost with the process. With a store: redelivered from the last committed offset, so an event may be handled twice |
+/// | [`AtLeastOnce`](DeliveryMode::AtLeastOnce) (default) | after the handler succeeded | redelivered (see [`Retry`](crate::middleware::Retry) and [`max_deliveries`](crate::Subscription::max_deliveries)), then dead-lettered | in memory: lost with the process. With a store: redelivered from the last committed offset, so an event may be handled twice |
 /// | [`EffectivelyOnce`](DeliveryMode::EffectivelyOnce) | after the handler succeeded, with its id marked processed | as at-least-once; a failure leaves the id unmarked | in memory: lost with the process. With a store: each event's mark is committed with its group's offset, the marks of all groups sharing transactions; a copy published again is skipped; only events whose handlers finished just before the crash, their marks not yet committed, are handled again |
 ///
-/// Effectively-once is at-least-once plus [`Dedup`](crate::Dedup): if the subscription has no
-/// `Dedup` layer, one with the default [`DedupWindow`](crate::DedupWindow) is added outermost.
-/// With a [store](crate::Store) it also costs a read of the marks before the handler (one query
-/// per batch of events) and a write of the marks after it (the marks of all workers share
-/// transactions, at most one every few milliseconds): in the durable bench about two thirds of
-/// at-least-once throughput. Keep it for the groups that need it.
-/// A handler's side effects outside the bus (an email, a payment) are still at-least-once:
-/// make them idempotent, or key them by the event id.
+/// Effectively-once is at-least-once plus [`Dedup`](crate::middleware::Dedup): if the subscription
+/// has no `Dedup` layer, one with the default [`DedupWindow`](crate::middleware::DedupWindow) is
+/// added outermost. With a [store](crate::store::Store) it also costs a read of the marks before
+/// the handler (one query per batch of events) and a write of the marks after it (the marks of all
+/// workers share transactions, at most one every few milliseconds): in the durable bench about two
+/// thirds of at-least-once throughput. Keep it for the groups that need it. A handler's side
+/// effects outside the bus (an email, a payment) are still at-least-once: make them idempotent, or
+/// key them by the event id.
 ///
 /// ```
 /// use tidings::{DeliveryMode, Subscription};

@@ -116,7 +116,7 @@ pub enum PublishError<E> {
         /// The event.
         event: E,
         /// The store's error.
-        error: crate::StoreError,
+        error: crate::store::StoreError,
     },
 }
 

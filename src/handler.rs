@@ -231,11 +231,11 @@ impl HandlerError {
 ///
 /// Made by the worker that runs the handler when it catches a panic: the attempt fails with a
 /// transient [`HandlerError`] whose source is a `Panicked` holding the panic's message, and the
-/// handler is restarted (see the [supervision rules](crate::Subscription#supervision)). A panic
-/// in the handler reaches the middleware around it (a [`Retry`](crate::Retry) retries it); a
-/// panic in a middleware fails the whole delivery, and no layer sees it. Either way, when the
-/// bus gives up, the [dead letter](crate::DeadLetter)'s error is its text: `panic: {message}`,
-/// or `panic in middleware: {message}`.
+/// handler is restarted (see the [supervision rules](crate::Subscription#supervision)). A panic in
+/// the handler reaches the middleware around it (a [`Retry`](crate::middleware::Retry) retries it);
+/// a panic in a middleware fails the whole delivery, and no layer sees it. Either way, when the bus
+/// gives up, the [dead letter](crate::dead_letter::DeadLetter)'s error is its text:
+/// `panic: {message}`, or `panic in middleware: {message}`.
 ///
 /// It lives beside [`HandlerError`] rather than with the middleware errors: it is the
 /// supervision contract of every handler, with or without layers.
@@ -246,7 +246,8 @@ impl HandlerError {
 /// downstream):
 ///
 /// ```
-/// use tidings::{AnyEnvelope, HandlerResult, Middleware, Next, Panicked};
+/// use tidings::middleware::{Middleware, Next};
+/// use tidings::{AnyEnvelope, HandlerResult, Panicked};
 ///
 /// #[derive(Clone)]
 /// struct PanicsAreFinal;

@@ -11,7 +11,7 @@ mod bus;
 mod command;
 mod context;
 mod core;
-mod dead_letter;
+pub mod dead_letter;
 mod delivery;
 mod durable;
 mod envelope;
@@ -21,46 +21,23 @@ mod handler;
 pub mod middleware;
 mod publish;
 mod runtime;
-mod stats;
+pub mod stats;
 pub mod store;
 pub mod testing;
 mod topic;
 mod window;
 
-#[doc(inline)]
+// The root: what the first examples of the README use. Extension points (middleware, stores,
+// dead letters, counters, the test harness) have one path each, under their public module.
 pub use bus::{Bus, BusBuilder, Failure, PublishOptions, Published, RestartBackoff, Subscription};
 pub use command::Command;
 pub use context::Context;
-pub use dead_letter::{DeadLetter, DeadLetterError, DeadLetterPolicy, DeadLetters, Redelivery};
 pub use delivery::DeliveryMode;
 pub use envelope::{AnyEnvelope, Envelope, Headers, Metadata};
 pub use error::{BuildError, PublishError, RequestError, TryPublishError};
 pub use event::{AsKey, DynEvent, Event, EventInfo, Key};
 pub use handler::{
     AnyHandler, CommandHandler, ErrorKind, Handler, HandlerError, HandlerResult, Panicked,
-};
-#[doc(inline)]
-pub use middleware::{
-    CircuitBreaker, Dedup, DedupStore, DedupWindow, MemoryDedupStore, Middleware, Next, Retry,
-    Throttle, Timeout,
-};
-#[cfg(feature = "tower")]
-#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
-#[doc(inline)]
-pub use middleware::{TowerLayer, TowerRequest};
-pub use stats::{GroupStats, PartitionStats, ShutdownReport, Stats, TopicStats};
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-#[doc(inline)]
-pub use store::PostgresStore;
-#[cfg(feature = "sqlite")]
-#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
-#[doc(inline)]
-pub use store::SqliteStore;
-#[doc(inline)]
-pub use store::{
-    DeadLetterRecord, GroupOffset, MemoryStore, Retention, StartFrom, Store, StoreError,
-    StoredEvent, TryAppend, Undecodable, UpcastError, Upcaster, DEFAULT_MAX_PAYLOAD,
 };
 pub use topic::{Overflow, TopicConfig, DEFAULT_CAPACITY};
 
@@ -71,12 +48,21 @@ pub use uuid::Uuid;
 pub use tidings_macros::Event;
 
 /// The common imports: `use tidings::prelude::*;`.
+///
+/// The prelude only re-exports: each item here has its own path, at the crate root or under its
+/// module (`Retry`, `Timeout`, `Dedup`, `DedupWindow`, `Middleware` and `Next` are
+/// [`tidings::middleware`](crate::middleware)'s, `DeadLetterPolicy` is
+/// [`tidings::dead_letter`](crate::dead_letter)'s, `StartFrom` is
+/// [`tidings::store`](crate::store)'s). It gives those items a second path so that one glob
+/// import covers what a typical module of an application needs.
 pub mod prelude {
+    pub use crate::dead_letter::DeadLetterPolicy;
+    pub use crate::middleware::{Dedup, DedupWindow, Middleware, Next, Retry, Timeout};
+    pub use crate::store::StartFrom;
     pub use crate::{
-        AnyEnvelope, AnyHandler, Bus, BusBuilder, Command, CommandHandler, Context,
-        DeadLetterPolicy, Dedup, DedupWindow, DeliveryMode, Envelope, ErrorKind, Event, Handler,
-        HandlerError, HandlerResult, Headers, Middleware, Next, Overflow, PublishOptions,
-        RestartBackoff, Retry, StartFrom, Subscription, Timeout, TopicConfig,
+        AnyEnvelope, AnyHandler, Bus, BusBuilder, Command, CommandHandler, Context, DeliveryMode,
+        Envelope, ErrorKind, Event, Handler, HandlerError, HandlerResult, Headers, Overflow,
+        PublishOptions, RestartBackoff, Subscription, TopicConfig,
     };
 }
 

@@ -44,10 +44,10 @@ impl PublishOptions {
     }
 
     /// Publishes the event with this id instead of a fresh one: an idempotency key, for
-    /// [producer-side deduplication](crate::BusBuilder::dedup_publishes) of retried publishes. Without
-    /// that option a second publish with the same id is accepted and delivered again (a
-    /// [`Dedup`](crate::Dedup) layer then skips it per group). Ids should stay unique per
-    /// event; a UUIDv7 keeps them time-ordered.
+    /// [producer-side deduplication](crate::BusBuilder::dedup_publishes) of retried publishes.
+    /// Without that option a second publish with the same id is accepted and delivered again (a
+    /// [`Dedup`](crate::middleware::Dedup) layer then skips it per group). Ids should stay unique
+    /// per event; a UUIDv7 keeps them time-ordered.
     #[must_use]
     pub fn id(mut self, id: Uuid) -> Self {
         self.id = Some(id);

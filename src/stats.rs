@@ -1,5 +1,24 @@
 //! Counters: what [`Bus::stats`](crate::Bus::stats) and [`Bus::shutdown`](crate::Bus::shutdown)
 //! report.
+//!
+//! [`Bus::stats`](crate::Bus::stats) takes a [`Stats`] snapshot of a running bus: per topic
+//! ([`TopicStats`]), per consumer group ([`GroupStats`]) and per partition of a group
+//! ([`PartitionStats`]). The shutdown ends with a [`ShutdownReport`]: what was handled, failed,
+//! dropped or abandoned.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tidings::BuildError> {
+//! use tidings::stats::ShutdownReport;
+//! use tidings::Bus;
+//!
+//! let bus = Bus::builder().build()?;
+//! assert_eq!(bus.stats().pending, 0);
+//! let report: ShutdownReport = bus.shutdown().await;
+//! assert_eq!(report.handled, 0);
+//! # Ok(())
+//! # }
+//! ```
 
 /// A snapshot of the bus's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -64,7 +83,8 @@ pub struct GroupStats {
     pub delivered: u64,
     /// Events handled successfully (duplicates acknowledged without handling included).
     pub handled: u64,
-    /// Of `handled`, duplicates a [`Dedup`](crate::Dedup) layer acknowledged without handling.
+    /// Of `handled`, duplicates a [`Dedup`](crate::middleware::Dedup) layer acknowledged without
+    /// handling.
     pub duplicates: u64,
     /// Events given up on after their last delivery attempt (dead-lettered, or dropped under
     /// at-most-once delivery), and events parked behind them by a sequenced dead-letter queue.
@@ -79,7 +99,7 @@ pub struct GroupStats {
     pub depth: u64,
     /// Events delivered but not finished (queued or in flight).
     pub lag: u64,
-    /// Entries waiting in the group's [dead-letter queue](crate::DeadLetters) now.
+    /// Entries waiting in the group's [dead-letter queue](crate::dead_letter::DeadLetters) now.
     pub dead_letters: u64,
     /// Entries ever added to the dead-letter queue.
     pub dead_lettered: u64,

@@ -14,8 +14,8 @@ pub enum Overflow {
     Block,
     /// Drop the oldest queued event of the full group's partition queue to make room. Meant for
     /// telemetry where fresh data beats complete data. Every drop is counted in
-    /// [`Bus::stats`](crate::Bus::stats) and in the [`ShutdownReport`](crate::ShutdownReport),
-    /// and logged at `warn` level.
+    /// [`Bus::stats`](crate::Bus::stats) and in the
+    /// [`ShutdownReport`](crate::stats::ShutdownReport), and logged at `warn` level.
     DropOldest,
 }
 
@@ -59,8 +59,8 @@ impl TopicConfig {
     }
 
     /// With a store: how long the topic's log keeps events. Default
-    /// [`Retention::KeepAll`](crate::Retention::KeepAll). Without a store, anything else is a
-    /// build error.
+    /// [`Retention::KeepAll`](crate::store::Retention::KeepAll). Without a store, anything else is
+    /// a build error.
     #[must_use]
     pub fn retention(mut self, retention: crate::store::Retention) -> Self {
         self.retention = retention;

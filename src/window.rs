@@ -18,7 +18,7 @@ use uuid::Uuid;
 ///
 /// ```
 /// use std::time::Duration;
-/// use tidings::DedupWindow;
+/// use tidings::middleware::DedupWindow;
 ///
 /// let window = DedupWindow::new().max_age(Duration::from_secs(3600)).max_entries(1_000_000);
 /// ```

@@ -150,7 +150,8 @@ impl BusBuilder {
     /// [`Store`] docs for what changes.
     ///
     /// ```
-    /// use tidings::{Bus, MemoryStore};
+    /// use tidings::store::MemoryStore;
+    /// use tidings::Bus;
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tidings::BuildError> {
     /// let bus = Bus::builder()
@@ -189,7 +190,8 @@ impl BusBuilder {
         self
     }
 
-    /// With a store: how often topics' [retention](crate::Retention) is applied. Default 60 s.
+    /// With a store: how often topics' [retention](crate::store::Retention) is applied.
+    /// Default 60 s.
     #[must_use]
     pub fn retention_interval(mut self, interval: Duration) -> Self {
         self.retention_interval = interval;
@@ -236,7 +238,7 @@ impl BusBuilder {
     ///
     /// With a store the group consumes every row of the topic's log: a row it cannot read back
     /// as an event of `topic` (an unknown type, a failed upcast, a registered type of another
-    /// topic) goes to its dead-letter queue as an [`Undecodable`](crate::Undecodable).
+    /// topic) goes to its dead-letter queue as an [`Undecodable`](crate::store::Undecodable).
     #[must_use]
     pub fn subscribe_all<H: AnyHandler>(
         mut self,
@@ -331,7 +333,8 @@ impl BusBuilder {
     ///
     /// ```
     /// # use serde::{Deserialize, Serialize};
-    /// use tidings::{Bus, DedupWindow, Event, PublishOptions, Uuid};
+    /// use tidings::middleware::DedupWindow;
+    /// use tidings::{Bus, Event, PublishOptions, Uuid};
     /// # #[derive(Serialize, Deserialize, Event)]
     /// # #[event(topic = "orders", key = order_id)]
     /// # struct OrderPlaced { order_id: u64 }

@@ -65,7 +65,7 @@ const ABORT_GRACE: Duration = Duration::from_millis(100);
 /// With a [store](BusBuilder::store), [`publish`](Bus::publish) returns once the event is
 /// committed to its partition's log, and every committed event is handled at least once by
 /// every subscribed group, across crashes and restarts: each group resumes from its committed
-/// offset (see [`Store`](crate::Store) for what else changes).
+/// offset (see [`Store`](crate::store::Store) for what else changes).
 ///
 /// # Shutdown
 ///
@@ -156,7 +156,7 @@ impl Bus {
     /// its type, no [`subscribe_all`](BusBuilder::subscribe_all) of its topic: a typo in a
     /// topic name, a subscription forgotten) is accepted and numbered, and handled by nobody
     /// (with a store it is still appended to the log): it is counted in
-    /// [`TopicStats::unrouted`](crate::TopicStats::unrouted), and the first one of each type
+    /// [`TopicStats::unrouted`](crate::stats::TopicStats::unrouted), and the first one of each type
     /// logs a warning. The same holds for [`publish_all`](Bus::publish_all),
     /// [`try_publish`](Bus::try_publish) and publishes from handlers.
     ///
@@ -252,7 +252,8 @@ impl Bus {
     ///
     /// ```
     /// # use serde::{Deserialize, Serialize};
-    /// use tidings::{Bus, Event, MemoryStore};
+    /// use tidings::store::MemoryStore;
+    /// use tidings::{Bus, Event};
     ///
     /// #[derive(Serialize, Deserialize, Event)]
     /// #[event(topic = "readings", key = sensor)]
@@ -416,7 +417,7 @@ impl Bus {
 
     /// Waits until the bus has started: with a store, every consumer group's dead letters are
     /// read back from it and every worker knows where it starts (its committed offset, or its
-    /// [`StartFrom`](crate::StartFrom)); without a store, at once. Returns
+    /// [`StartFrom`](crate::store::StartFrom)); without a store, at once. Returns
     /// [`is_ready`](Bus::is_ready): `false` if shutdown began first.
     ///
     /// [`build`](BusBuilder::build) cannot wait for the store, so right after it the
@@ -426,7 +427,8 @@ impl Bus {
     /// go idle: it returns even while events keep coming.
     ///
     /// ```
-    /// use tidings::{Bus, MemoryStore};
+    /// use tidings::store::MemoryStore;
+    /// use tidings::Bus;
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// # #[derive(serde::Serialize, serde::Deserialize, tidings::Event)]
@@ -553,7 +555,7 @@ impl Bus {
     ///
     /// Dropped half-way, some groups' offsets may be committed and others not; the next commit
     /// interval (or the shutdown) commits them all. An offset never moves back.
-    pub async fn commit_offsets(&self) -> Result<(), crate::StoreError> {
+    pub async fn commit_offsets(&self) -> Result<(), crate::store::StoreError> {
         match self.inner.engine() {
             Some(engine) => crate::durable::offsets::commit_offsets(&engine).await,
             None => Ok(()),

@@ -20,7 +20,8 @@ use crate::store::{StoreError, StoredEvent};
 use crate::window::Claim;
 
 /// Where a publish goes when there is a log: implemented by the durable layer (a
-/// group-committing appender in front of a [`Store`](crate::Store)); later by other transports.
+/// group-committing appender in front of a [`Store`](crate::store::Store)); later by other
+/// transports.
 pub(crate) trait Append: Send + Sync {
     /// The largest payload accepted, in bytes.
     fn max_payload(&self) -> usize;

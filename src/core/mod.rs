@@ -40,8 +40,8 @@ use route::Route;
 
 /// The shared state every handle of a bus reaches: topics and their queues, routes, command
 /// queues, what is pending, intake and the shutdown signal. Workers, [`Context`](crate::Context)
-/// and [`DeadLetters`](crate::DeadLetters) hold an `Arc<Core>`; only the facade (`Bus`) holds
-/// the rest (dead-letter queues, tasks, the durable layer).
+/// and [`DeadLetters`](crate::dead_letter::DeadLetters) hold an `Arc<Core>`; only the facade
+/// (`Bus`) holds the rest (dead-letter queues, tasks, the durable layer).
 pub(crate) struct Core {
     pub(crate) topics: Vec<Arc<Topic>>,
     pub(crate) topic_index: HashMap<String, usize>,

@@ -26,15 +26,16 @@ impl Drop for Redriving<'_> {
 
 /// The dead-letter queue of one consumer group: list, inspect, redrive, discard.
 ///
-/// Get it with [`Bus::dead_letters`](crate::Bus::dead_letters). An event lands here after its last failed attempt (see
-/// [`Retry`](crate::Retry)), with the error, the attempts and when they failed. Without a store
-/// the queue is in memory: it lives as long as the bus (it stays readable after shutdown) and is
-/// not bounded — watch its depth in [`Bus::stats`](crate::Bus::stats) (`GroupStats::dead_letters`). With a
-/// [store](crate::Store) each entry is also saved there before the group's offset passes its
-/// event, comes back when the bus restarts, and is deleted once a redriven event is handled (or
-/// the entry discarded). A row of the log that could not be read back is an entry too, holding
-/// an [`Undecodable`](crate::Undecodable); redriving it reads the row again (say, after the
-/// missing [`Upcaster`](crate::Upcaster) was registered) and is refused with
+/// Get it with [`Bus::dead_letters`](crate::Bus::dead_letters). An event lands here after its last
+/// failed attempt (see [`Retry`](crate::middleware::Retry)), with the error, the attempts and when
+/// they failed. Without a store the queue is in memory: it lives as long as the bus (it stays
+/// readable after shutdown) and is not bounded — watch its depth in
+/// [`Bus::stats`](crate::Bus::stats) (`GroupStats::dead_letters`). With a
+/// [store](crate::store::Store) each entry is also saved there before the group's offset passes its
+/// event, comes back when the bus restarts, and is deleted once a redriven event is handled (or the
+/// entry discarded). A row of the log that could not be read back is an entry too, holding an
+/// [`Undecodable`](crate::store::Undecodable); redriving it reads the row again (say, after the
+/// missing [`Upcaster`](crate::store::Upcaster) was registered) and is refused with
 /// [`DeadLetterError::Unreadable`] if it still cannot be read.
 ///
 /// A redrive sends the event back to the same group only, with its original id, metadata and
@@ -147,7 +148,7 @@ impl DeadLetters {
         if let Some(letter) = self.queue.get(seq) {
             if letter
                 .envelope
-                .downcast_ref::<crate::Undecodable>()
+                .downcast_ref::<crate::store::Undecodable>()
                 .is_some()
             {
                 let unreadable = |error: String| DeadLetterError::Unreadable { seq, error };
@@ -216,7 +217,8 @@ impl DeadLetters {
     /// transient failures — and returns how many were sent.
     ///
     /// ```no_run
-    /// # async fn f(dlq: tidings::DeadLetters) -> Result<(), tidings::DeadLetterError> {
+    /// # use tidings::dead_letter::{DeadLetterError, DeadLetters};
+    /// # async fn f(dlq: DeadLetters) -> Result<(), DeadLetterError> {
     /// use tidings::ErrorKind;
     /// dlq.redrive_where(|letter| letter.kind == ErrorKind::Transient).await?;
     /// # Ok(()) }

@@ -1,8 +1,25 @@
 //! Dead letters: events a consumer group gave up on, kept for inspection, redrive or discard.
 //!
-//! The public types are here; [`queue`] is one group's queue (entries, the sequenced policy's
-//! parked keys, scheduled redeliveries, what a store holds), [`redrive`] the operations on it
-//! (the sequenced gate, redrive, discard), and [`handle`] the public [`DeadLetters`] handle.
+//! An event that failed its last attempt goes to its group's dead-letter queue and the
+//! partition moves on. [`Bus::dead_letters`](crate::Bus::dead_letters) hands out the queue of a
+//! group as a [`DeadLetters`] handle (list, find, redrive, discard); each entry is a
+//! [`DeadLetter`], and a refused operation a [`DeadLetterError`]. A subscription chooses what
+//! happens to the events of a key behind a failed one with a [`DeadLetterPolicy`], and can have
+//! its dead letters redriven automatically after delays with a [`Redelivery`].
+//!
+//! ```
+//! use std::time::Duration;
+//! use tidings::dead_letter::{DeadLetterPolicy, Redelivery};
+//! use tidings::Subscription;
+//!
+//! let ledger = Subscription::new("ledger")
+//!     .dead_letter(DeadLetterPolicy::Sequenced)
+//!     .redelivery(Redelivery::after([Duration::from_secs(10), Duration::from_secs(60)]));
+//! ```
+
+// The public types are here; `queue` is one group's queue (entries, the sequenced policy's
+// parked keys, scheduled redeliveries, what a store holds), `redrive` the operations on it (the
+// sequenced gate, redrive, discard), and `handle` the public `DeadLetters` handle.
 
 mod handle;
 pub(crate) mod queue;
@@ -20,7 +37,8 @@ pub(crate) use queue::{DeadLetterQueue, Gate};
 /// What a subscription does with events that failed their last attempt.
 ///
 /// ```
-/// use tidings::{DeadLetterPolicy, Subscription};
+/// use tidings::dead_letter::DeadLetterPolicy;
+/// use tidings::Subscription;
 ///
 /// let ledger = Subscription::new("ledger").dead_letter(DeadLetterPolicy::Sequenced);
 /// ```
@@ -47,12 +65,12 @@ pub enum DeadLetterPolicy {
 /// the dead-letter queue and redriven automatically after a delay, then after the next one, and
 /// so on; after the last delay it stays in the queue for a person to look at.
 ///
-/// Unlike [`Retry`](crate::Retry), which retries in place while later events of the partition
-/// wait, the partition goes on meanwhile: with the default [`DeadLetterPolicy::Park`] later
-/// events of the same key are handled before the redelivery; with
+/// Unlike [`Retry`](crate::middleware::Retry), which retries in place while later events of the
+/// partition wait, the partition goes on meanwhile: with the default [`DeadLetterPolicy::Park`]
+/// later events of the same key are handled before the redelivery; with
 /// [`DeadLetterPolicy::Sequenced`] they are parked behind the failed event, so the key's order
-/// holds and only that key waits (should the failed head be discarded, the next event of the
-/// key is released at once). Permanent errors are not redelivered. A manual
+/// holds and only that key waits (should the failed head be discarded, the next event of the key is
+/// released at once). Permanent errors are not redelivered. A manual
 /// [`redrive`](DeadLetters::redrive) also works meanwhile. Not available on a topic with
 /// [`Overflow::DropOldest`](crate::Overflow::DropOldest), which could drop a redelivered event.
 ///
@@ -64,7 +82,9 @@ pub enum DeadLetterPolicy {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tidings::{DeadLetterPolicy, Redelivery, Retry, Subscription};
+/// use tidings::dead_letter::{DeadLetterPolicy, Redelivery};
+/// use tidings::middleware::Retry;
+/// use tidings::Subscription;
 ///
 /// let payments = Subscription::new("payments")
 ///     .layer(Retry::new(3))
@@ -150,8 +170,8 @@ pub enum DeadLetterError {
         /// The head of its key.
         head: u64,
     },
-    /// The entry is a row that could not be read back ([`Undecodable`](crate::Undecodable)),
-    /// and it still cannot (register the missing type or [`Upcaster`](crate::Upcaster), then
+    /// The entry is a row that could not be read back ([`Undecodable`](crate::store::Undecodable)),
+    /// and it still cannot (register the missing type or [`Upcaster`](crate::store::Upcaster), then
     /// redrive it; or discard it).
     #[error("dead letter #{seq} still cannot be read: {error}")]
     Unreadable {

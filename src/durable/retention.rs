@@ -1,4 +1,5 @@
-//! Retention: trims each topic's log as its [`Retention`](crate::Retention) says, on an interval.
+//! Retention: trims each topic's log as its [`Retention`](crate::store::Retention) says, on an
+//! interval.
 
 use std::time::SystemTime;
 

@@ -18,14 +18,15 @@ use crate::handler::{HandlerError, HandlerResult};
 /// is bad, not the system. One breaker is shared by every partition of the subscription (and by
 /// every subscription given a clone).
 ///
-/// Put it inside a [`Retry`](crate::Retry) layer so that an open circuit makes the retry back
-/// off, or outside it to count whole events. State changes are logged (`warn` on open).
+/// Put it inside a [`Retry`](crate::middleware::Retry) layer so that an open circuit makes the
+/// retry back off, or outside it to count whole events. State changes are logged (`warn` on open).
 /// Built on the [`failsafe`](https://docs.rs/failsafe) crate; any failsafe state machine can be
 /// used with [`from_failsafe`](CircuitBreaker::from_failsafe) (its clock is the system clock).
 ///
 /// ```
 /// use std::time::Duration;
-/// use tidings::{CircuitBreaker, Retry, Subscription};
+/// use tidings::middleware::{CircuitBreaker, Retry};
+/// use tidings::Subscription;
 ///
 /// let payments = Subscription::new("payments")
 ///     .layer(CircuitBreaker::new(5, Duration::from_secs(10)))

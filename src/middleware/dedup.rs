@@ -15,8 +15,8 @@ use crate::window::{Claim, DedupWindow, Window};
 /// Where [`Dedup`] remembers the ids a group has handled.
 ///
 /// [`MemoryDedupStore`] keeps them in memory (lost on restart). On a bus with a
-/// [`Store`](crate::Store), [`DeliveryMode::EffectivelyOnce`](crate::DeliveryMode) also marks
-/// each handled id in the store, in the same transaction as the group's offset, and checks it
+/// [`Store`](crate::store::Store), [`DeliveryMode::EffectivelyOnce`](crate::DeliveryMode) also
+/// marks each handled id in the store, in the same transaction as the group's offset, and checks it
 /// before handling: that is what survives a restart.
 pub trait DedupStore: Clone + Send + Sync + 'static {
     /// Claims `id` for `group` before it is handled.
@@ -135,7 +135,8 @@ impl<S: DedupStore> Drop for Claimed<'_, S> {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tidings::{Dedup, DedupWindow, Retry, Subscription};
+/// use tidings::middleware::{Dedup, DedupWindow, Retry};
+/// use tidings::Subscription;
 ///
 /// let ledger = Subscription::new("ledger")
 ///     .layer(Retry::new(5))

@@ -9,14 +9,16 @@
 //! handler contract, not to a layer). Their `Display` text is the text the error had before it
 //! had a type.
 //!
-//! [`Throttle`](crate::Throttle) makes no error: it waits for a permit, it never fails a call.
+//! [`Throttle`](crate::middleware::Throttle) makes no error: it waits for a permit, it never fails
+//! a call.
 //!
-//! Only layers see the types: the [dead-letter queue](crate::DeadLetters) keeps the last
-//! error's text ([`DeadLetter::error`](crate::DeadLetter::error)), as does a store.
+//! Only layers see the types: the [dead-letter queue](crate::dead_letter::DeadLetters) keeps the
+//! last error's text ([`DeadLetter::error`](crate::dead_letter::DeadLetter::error)), as does a
+//! store.
 //!
-//! [`Timeout`]: crate::Timeout
-//! [`CircuitBreaker`]: crate::CircuitBreaker
-//! [`Retry`]: crate::Retry
+//! [`Timeout`]: crate::middleware::Timeout
+//! [`CircuitBreaker`]: crate::middleware::CircuitBreaker
+//! [`Retry`]: crate::middleware::Retry
 //! [`HandlerError`]: crate::HandlerError
 //! [`HandlerError::is`]: crate::HandlerError::is
 //! [`HandlerError::downcast_ref`]: crate::HandlerError::downcast_ref
@@ -25,7 +27,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
-/// The rest of the chain took longer than a [`Timeout`](crate::Timeout)'s limit.
+/// The rest of the chain took longer than a [`Timeout`](crate::middleware::Timeout)'s limit.
 ///
 /// Made by `Timeout` when its deadline passes: the call is dropped and the attempt fails with
 /// a transient [`HandlerError`](crate::HandlerError) whose source is an `Elapsed`. Its text is
@@ -110,7 +112,7 @@ impl fmt::Display for Elapsed {
 
 impl StdError for Elapsed {}
 
-/// A [`CircuitBreaker`](crate::CircuitBreaker) was open: the call was not attempted.
+/// A [`CircuitBreaker`](crate::middleware::CircuitBreaker) was open: the call was not attempted.
 ///
 /// Made by `CircuitBreaker` for each call while it is open: the attempt fails at once, as a
 /// transient [`HandlerError`](crate::HandlerError) whose source is a `CircuitOpen`, without
@@ -124,8 +126,8 @@ impl StdError for Elapsed {}
 /// ```
 /// use std::sync::atomic::{AtomicU64, Ordering};
 /// use std::sync::Arc;
-/// use tidings::middleware::CircuitOpen;
-/// use tidings::{AnyEnvelope, HandlerResult, Middleware, Next};
+/// use tidings::middleware::{CircuitOpen, Middleware, Next};
+/// use tidings::{AnyEnvelope, HandlerResult};
 ///
 /// #[derive(Clone, Default)]
 /// struct CountRefused(Arc<AtomicU64>);
@@ -157,7 +159,7 @@ impl fmt::Display for CircuitOpen {
 
 impl StdError for CircuitOpen {}
 
-/// A [`Retry`](crate::Retry) stopped retrying because the bus began to shut down.
+/// A [`Retry`](crate::middleware::Retry) stopped retrying because the bus began to shut down.
 ///
 /// Made by `Retry` when the shutdown ends the wait before its next attempt (or when a failed
 /// attempt would have to wait while the bus drains). It keeps the last attempt's error, as its
@@ -167,7 +169,7 @@ impl StdError for CircuitOpen {}
 /// `(retries stopped by shutdown after {attempts} attempt(s))`.
 ///
 /// Without a store such an event goes to the dead-letter queue; with one it stays in the log
-/// for the next start (see [`Retry`](crate::Retry), **Shutdown**).
+/// for the next start (see [`Retry`](crate::middleware::Retry), **Shutdown**).
 ///
 /// # Examples
 ///
@@ -230,8 +232,8 @@ impl StdError for Interrupted {
     }
 }
 
-/// A [`TowerLayer`](crate::TowerLayer)'s service answered without the handler's result (feature
-/// `tower`).
+/// A [`TowerLayer`](crate::middleware::TowerLayer)'s service answered without the handler's result
+/// (feature `tower`).
 ///
 /// Made by `TowerLayer` when its tower service answers `Ok` though the handler did not run to
 /// a success (the service dropped or detached the call to its inner service), or when the call

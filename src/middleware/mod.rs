@@ -38,7 +38,7 @@
 //! [`max_deliveries`](crate::Subscription::max_deliveries) (default 3), around the whole chain.
 //! With one, the `Retry` layer alone decides (and `max_deliveries` must be left unset). When the
 //! chain finally returns an error, the event goes to the group's
-//! [dead-letter queue](crate::DeadLetters).
+//! [dead-letter queue](crate::dead_letter::DeadLetters).
 //!
 //! # Writing one
 //!
@@ -49,7 +49,8 @@
 //! ```
 //! use std::sync::atomic::{AtomicU64, Ordering};
 //! use std::sync::Arc;
-//! use tidings::{AnyEnvelope, HandlerResult, Middleware, Next};
+//! use tidings::middleware::{Middleware, Next};
+//! use tidings::{AnyEnvelope, HandlerResult};
 //!
 //! /// Counts failed attempts per subscription.
 //! #[derive(Clone, Default)]
@@ -86,8 +87,8 @@
 //! | the worker, a handler panicked | [`Panicked`](crate::Panicked) | transient |
 //!
 //! ```
-//! use tidings::middleware::{CircuitOpen, Elapsed};
-//! use tidings::{AnyEnvelope, HandlerResult, Middleware, Next, Panicked};
+//! use tidings::middleware::{CircuitOpen, Elapsed, Middleware, Next};
+//! use tidings::{AnyEnvelope, HandlerResult, Panicked};
 //!
 //! /// Logs why attempts failed, by cause.
 //! #[derive(Clone)]
@@ -330,7 +331,7 @@ pub(crate) struct Track {
     pub(crate) attempts: AtomicU32,
     /// A layer acknowledged the event as a duplicate without handling it.
     pub(crate) duplicate: std::sync::atomic::AtomicBool,
-    /// The shutdown cut the event's retries short (see [`Retry`](crate::Retry)).
+    /// The shutdown cut the event's retries short (see [`Retry`](crate::middleware::Retry)).
     pub(crate) interrupted: std::sync::atomic::AtomicBool,
 }
 

@@ -19,14 +19,15 @@ use crate::handler::{HandlerError, HandlerResult};
 ///   most, jitter 0.2.
 /// - A [permanent](crate::HandlerError::permanent) error is not retried. A panic counts as a
 ///   failed attempt (the handler is restarted before the next one), and so does a
-///   [`Timeout`](crate::Timeout) inside this layer.
+///   [`Timeout`](crate::middleware::Timeout) inside this layer.
 /// - **Ordering**: the event is retried in place. Later events of the same partition (and so of
 ///   the same key) wait for it in this group; other partitions and other groups go on. The wait
 ///   is bounded by the attempts and delays; what still fails goes to the
-///   [dead-letter queue](crate::DeadLetters) and the partition moves on. To keep other keys of
-///   the partition moving instead ("park and continue"), use few attempts with short delays, a
-///   [sequenced](crate::DeadLetterPolicy::Sequenced) dead-letter queue, which parks the failed
-///   key (and only it), and [`Redelivery`](crate::Redelivery), which redrives it after delays.
+///   [dead-letter queue](crate::dead_letter::DeadLetters) and the partition moves on. To keep
+///   other keys of the partition moving instead ("park and continue"), use few attempts with
+///   short delays, a [sequenced](crate::dead_letter::DeadLetterPolicy::Sequenced) dead-letter
+///   queue, which parks the failed key (and only it), and
+///   [`Redelivery`](crate::dead_letter::Redelivery), which redrives it after delays.
 /// - **Shutdown**: when the bus begins to shut down while an event waits for its next attempt,
 ///   the wait ends; while the bus drains, a failed event is not retried after a delay either
 ///   (immediate retries still happen). What becomes of such an event:
@@ -41,7 +42,8 @@ use crate::handler::{HandlerError, HandlerResult};
 ///
 /// ```
 /// use std::time::Duration;
-/// use tidings::{Retry, Subscription};
+/// use tidings::middleware::Retry;
+/// use tidings::Subscription;
 ///
 /// let billing = Subscription::new("billing").layer(
 ///     Retry::new(6)

@@ -21,7 +21,8 @@ use crate::handler::HandlerResult;
 ///
 /// ```
 /// use std::time::Duration;
-/// use tidings::{Subscription, Throttle};
+/// use tidings::middleware::Throttle;
+/// use tidings::Subscription;
 ///
 /// // At most 100 calls per second to the mail provider, in bursts of up to 100.
 /// let mailer = Subscription::new("mailer").layer(Throttle::per_second(100));

@@ -13,16 +13,17 @@ use crate::handler::{HandlerError, HandlerResult};
 /// ready at once): a call that completes without waiting is never timed, which keeps the layer
 /// nearly free for quick handlers.
 ///
-/// Inside a [`Retry`](crate::Retry) layer it limits each attempt (a timed-out attempt is
-/// retried); outside, it limits all attempts together. At the deadline the handler's future is
-/// dropped: the handler stops at the `.await` it was waiting on, and keeps whatever it had
-/// changed in its own state by then (write handlers so that an interrupted call can be run
-/// again, as at-least-once delivery asks anyway). A handler that blocks its thread instead of
-/// awaiting cannot be interrupted.
+/// Inside a [`Retry`](crate::middleware::Retry) layer it limits each attempt (a timed-out attempt
+/// is retried); outside, it limits all attempts together. At the deadline the handler's future is
+/// dropped: the handler stops at the `.await` it was waiting on, and keeps whatever it had changed
+/// in its own state by then (write handlers so that an interrupted call can be run again, as
+/// at-least-once delivery asks anyway). A handler that blocks its thread instead of awaiting cannot
+/// be interrupted.
 ///
 /// ```
 /// use std::time::Duration;
-/// use tidings::{Retry, Subscription, Timeout};
+/// use tidings::middleware::{Retry, Timeout};
+/// use tidings::Subscription;
 ///
 /// let mailer = Subscription::new("mailer")
 ///     .layer(Timeout::new(Duration::from_secs(2)))

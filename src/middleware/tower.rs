@@ -44,7 +44,8 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// ```
 /// # #[cfg(feature = "tower")] {
 /// use std::time::Duration;
-/// use tidings::{Subscription, TowerLayer};
+/// use tidings::middleware::TowerLayer;
+/// use tidings::Subscription;
 ///
 /// let mailer = Subscription::new("mailer")
 ///     .layer(TowerLayer::new(tower::timeout::TimeoutLayer::new(Duration::from_secs(2))))

@@ -14,17 +14,17 @@ use crate::store::StartFrom;
 ///
 /// # Supervision
 ///
-/// - A handler that returns an error gets the event again (attempt 2, 3, …) before any later
-///   event of its partition, up to [`max_deliveries`](Subscription::max_deliveries) (default 3)
-///   deliveries in all, at once — or as a [`Retry`](crate::Retry) layer says, with backoff; a
-///   [permanent](crate::HandlerError::permanent) error is not redelivered.
+/// - A handler that returns an error gets the event again (attempt 2, 3, …) before any later event
+///   of its partition, up to [`max_deliveries`](Subscription::max_deliveries) (default 3)
+///   deliveries in all, at once — or as a [`Retry`](crate::middleware::Retry) layer says, with
+///   backoff; a [permanent](crate::HandlerError::permanent) error is not redelivered.
 /// - A handler that panics is caught; the panic is logged with the event's ids and counted, the
 ///   handler is replaced by a fresh instance from its factory after a
 ///   [restart backoff](Subscription::restart_backoff) (should the factory panic too, the old
 ///   instance is kept and the error logged), and the event counts as a failed attempt.
 /// - After the last attempt the event is given up on: logged at `error` level, counted in
 ///   [`Bus::stats`](crate::Bus::stats), recorded in [`Bus::failures`](crate::Bus::failures)
-///   when recording, put in the group's [dead-letter queue](crate::DeadLetters) (see
+///   when recording, put in the group's [dead-letter queue](crate::dead_letter::DeadLetters) (see
 ///   [`dead_letter`](Subscription::dead_letter); at-most-once delivery drops it instead), and
 ///   the partition moves on.
 ///
@@ -72,8 +72,9 @@ impl Subscription {
     }
 
     /// How many times an event is delivered at most, one right after the other, before it is
-    /// dead-lettered (at least 1; default 3), when the subscription has no [`Retry`](crate::Retry) layer.
-    /// With a `Retry` layer, the layer decides, and setting this is a build error.
+    /// dead-lettered (at least 1; default 3), when the subscription has no
+    /// [`Retry`](crate::middleware::Retry) layer. With a `Retry` layer, the layer decides, and
+    /// setting this is a build error.
     #[must_use]
     pub fn max_deliveries(mut self, n: u32) -> Self {
         self.max_deliveries = Some(n);
@@ -86,7 +87,8 @@ impl Subscription {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use tidings::{Dedup, DedupWindow, Retry, Subscription, Timeout};
+    /// use tidings::middleware::{Dedup, DedupWindow, Retry, Timeout};
+    /// use tidings::Subscription;
     ///
     /// let billing = Subscription::new("billing")
     ///     .layer(Timeout::new(Duration::from_secs(5)))   // each attempt
@@ -130,7 +132,8 @@ impl Subscription {
     ///
     /// ```
     /// use std::time::{Duration, SystemTime};
-    /// use tidings::{StartFrom, Subscription};
+    /// use tidings::store::StartFrom;
+    /// use tidings::Subscription;
     ///
     /// let audit = Subscription::new("audit").start_from(StartFrom::Earliest);
     /// let recent = Subscription::new("recent")

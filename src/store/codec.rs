@@ -118,7 +118,8 @@ type UpcastFn = dyn Fn(Value) -> Result<Value, UpcastError> + Send + Sync;
 ///
 /// ```
 /// use serde::{Deserialize, Serialize};
-/// use tidings::{Bus, Event, Upcaster};
+/// use tidings::store::Upcaster;
+/// use tidings::{Bus, Event};
 ///
 /// #[derive(Serialize, Deserialize, Event)]
 /// #[event(topic = "orders", key = order_id, version = 2)]
@@ -193,9 +194,9 @@ impl fmt::Debug for Upcaster {
 /// holds in its place, with the error as the entry's error.
 ///
 /// ```no_run
-/// # async fn f(bus: tidings::Bus) -> Result<(), tidings::DeadLetterError> {
+/// # async fn f(bus: tidings::Bus) -> Result<(), tidings::dead_letter::DeadLetterError> {
 /// for entry in bus.dead_letters("billing")?.list() {
-///     if let Some(raw) = entry.envelope.downcast_ref::<tidings::Undecodable>() {
+///     if let Some(raw) = entry.envelope.downcast_ref::<tidings::store::Undecodable>() {
 ///         eprintln!("{} v{} could not be read: {}", raw.name, raw.version, entry.error);
 ///     }
 /// }

@@ -4,8 +4,8 @@
 //! [`Marks`] (each states its `# Contract`), and is then a [`Store`] that
 //! [`BusBuilder::store`](crate::BusBuilder::store) takes. This module re-exports those traits
 //! and the types they speak, and adds the helpers the backends of tidings
-//! ([`MemoryStore`](crate::MemoryStore), [`SqliteStore`](crate::SqliteStore),
-//! [`PostgresStore`](crate::PostgresStore)) are written with:
+//! ([`MemoryStore`](crate::store::MemoryStore), [`SqliteStore`](crate::store::SqliteStore),
+//! [`PostgresStore`](crate::store::PostgresStore)) are written with:
 //!
 //! | helper | for |
 //! |---|---|
@@ -31,7 +31,7 @@
 //! # Example: a store wrapping another
 //!
 //! A store that counts the events it appends and keeps everything in a
-//! [`MemoryStore`](crate::MemoryStore) (the shape of a metrics or fault-injection wrapper).
+//! [`MemoryStore`](crate::store::MemoryStore) (the shape of a metrics or fault-injection wrapper).
 //! The provided methods it does not override ([`Log::try_append`], [`Marks::marked`],
 //! [`Marks::commit_marks`]) fall back to the required ones: `try_append` calls this `append`,
 //! so the bus's appends are counted too.
@@ -45,7 +45,7 @@
 //!     BoxFuture, DeadLetterLog, DeadLetterRecord, GroupOffset, Log, Marks, Offsets, StoreError,
 //!     StoredEvent, Uuid,
 //! };
-//! use tidings::MemoryStore;
+//! use tidings::store::MemoryStore;
 //!
 //! #[derive(Clone, Default)]
 //! struct Counting {

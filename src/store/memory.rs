@@ -23,7 +23,8 @@ use super::{
 /// down gracefully in the background.)
 ///
 /// ```
-/// use tidings::{Bus, MemoryStore};
+/// use tidings::store::MemoryStore;
+/// use tidings::Bus;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tidings::BuildError> {
 /// let store = MemoryStore::new();

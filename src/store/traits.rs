@@ -13,7 +13,7 @@ use super::types::{DeadLetterRecord, GroupOffset, StoreError, StoredEvent, TryAp
 ///
 /// One of the four capabilities of a [`Store`]. The bus appends every durable publish here
 /// (group commit), reads the log back to catch a group up (after a restart, a replay, or a
-/// queue that fell behind), and trims it for [retention](crate::Retention).
+/// queue that fell behind), and trims it for [retention](crate::store::Retention).
 ///
 /// # Contract
 ///
@@ -45,7 +45,7 @@ use super::types::{DeadLetterRecord, GroupOffset, StoreError, StoredEvent, TryAp
 /// # More than one writer
 ///
 /// Several buses (processes) may append to one store, and so may the application
-/// ([`PostgresStore::append_in`](crate::PostgresStore::append_in), in its own transaction).
+/// ([`PostgresStore::append_in`](crate::store::PostgresStore::append_in), in its own transaction).
 /// Offsets stay dense and in commit order. A bus hands its groups the events it appended
 /// itself right away; events appended by others reach them when the bus next appends to that
 /// partition (it sees the gap and reads the log), or at the latest when it restarts. A writer
@@ -60,8 +60,8 @@ use super::types::{DeadLetterRecord, GroupOffset, StoreError, StoredEvent, TryAp
 ///
 /// ```
 /// use std::sync::Arc;
-/// use tidings::store::Log;
-/// use tidings::{Bus, MemoryStore};
+/// use tidings::store::{Log, MemoryStore};
+/// use tidings::Bus;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let store = Arc::new(MemoryStore::new());
@@ -316,11 +316,11 @@ pub trait Marks: Offsets {
 /// for every type that implements all four, so a backend implements those four traits and is
 /// a `Store`. It is object-safe: the bus holds its store as an `Arc<dyn Store>`.
 ///
-/// Implemented by [`MemoryStore`](crate::MemoryStore), [`SqliteStore`](crate::SqliteStore)
-/// and [`PostgresStore`](crate::PostgresStore); give one to
-/// [`BusBuilder::store`](crate::BusBuilder::store). The traits are public so that a backend for
-/// another database is a little straightforward code (see [`driver`](super::driver)); the bus is
-/// their only caller.
+/// Implemented by [`MemoryStore`](crate::store::MemoryStore),
+/// [`SqliteStore`](crate::store::SqliteStore) and [`PostgresStore`](crate::store::PostgresStore);
+/// give one to [`BusBuilder::store`](crate::BusBuilder::store). The traits are public so that a
+/// backend for another database is a little straightforward code (see [`driver`](super::driver));
+/// the bus is their only caller.
 ///
 /// `Arc<S>` implements each capability of `S`, so the application can keep a handle on the
 /// store beside the bus (give the bus a clone of the `Arc`). To call the methods of a concrete
@@ -328,8 +328,8 @@ pub trait Marks: Offsets {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use tidings::store::Offsets;
-/// use tidings::{Bus, MemoryStore, Store};
+/// use tidings::store::{MemoryStore, Offsets, Store};
+/// use tidings::Bus;
 ///
 /// fn takes_any_store(store: impl Store) -> Arc<dyn Store> {
 ///     Arc::new(store)

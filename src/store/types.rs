@@ -108,7 +108,7 @@ impl StoreError {
     /// what a backend returns when a query fails.
     ///
     /// ```
-    /// use tidings::StoreError;
+    /// use tidings::store::StoreError;
     ///
     /// let error = StoreError::backend(std::io::Error::other("connection reset"));
     /// assert!(matches!(error, StoreError::Backend(_)));
@@ -128,7 +128,7 @@ pub enum TryAppend {
     /// Nothing was appended: these partitions, as (topic, partition), each once, could not be
     /// taken without waiting: another transaction holds them (it appended to them and has not
     /// committed yet). A backend may also name a partition it has never written to, whose
-    /// creation could wait ([`PostgresStore`](crate::PostgresStore) does). Never empty.
+    /// creation could wait ([`PostgresStore`](crate::store::PostgresStore) does). Never empty.
     Busy(Vec<(String, u32)>),
 }
 
@@ -136,7 +136,8 @@ pub enum TryAppend {
 /// it is [reset](crate::Subscription::reset_to)).
 ///
 /// ```
-/// use tidings::{StartFrom, Subscription};
+/// use tidings::store::StartFrom;
+/// use tidings::Subscription;
 ///
 /// // A projection rebuilt from scratch reads the whole log.
 /// let projection = Subscription::new("order-totals").start_from(StartFrom::Earliest);
@@ -163,7 +164,8 @@ pub enum StartFrom {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tidings::{Retention, TopicConfig};
+/// use tidings::store::Retention;
+/// use tidings::TopicConfig;
 ///
 /// let telemetry = TopicConfig::new("telemetry").retention(Retention::MaxAge(Duration::from_secs(3600)));
 /// let orders = TopicConfig::new("orders").retention(Retention::MaxEvents(1_000_000));

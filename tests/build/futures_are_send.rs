@@ -7,9 +7,10 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tidings::dead_letter::DeadLetters;
 use tidings::prelude::*;
 use tidings::testing::TestContext;
-use tidings::{Command, CommandHandler, DeadLetters};
+use tidings::{Command, CommandHandler};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 #[event(topic = "send.checks", key = id)]
@@ -92,7 +93,7 @@ fn testing_futures_are_send(mut tc: TestContext, env: Envelope<Ping>, any: AnyEn
 #[cfg(feature = "sqlite")]
 #[allow(dead_code)]
 fn sqlite_futures_are_send(pool: sqlx::SqlitePool) {
-    use tidings::SqliteStore;
+    use tidings::store::SqliteStore;
     tokio::spawn(async move { SqliteStore::open("events.db").await.is_ok() });
     tokio::spawn(async move { SqliteStore::connect("sqlite://events.db").await.is_ok() });
     tokio::spawn(async move {
@@ -106,8 +107,8 @@ fn sqlite_futures_are_send(pool: sqlx::SqlitePool) {
 /// The PostgreSQL store's constructors and `append_in`, spawned.
 #[cfg(feature = "postgres")]
 #[allow(dead_code)]
-fn postgres_futures_are_send(pool: sqlx::PgPool, store: tidings::PostgresStore) {
-    use tidings::PostgresStore;
+fn postgres_futures_are_send(pool: sqlx::PgPool, store: tidings::store::PostgresStore) {
+    use tidings::store::PostgresStore;
     tokio::spawn(async move {
         PostgresStore::connect("postgres://localhost/x")
             .await

@@ -4,8 +4,11 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tidings::dead_letter::Redelivery;
+use tidings::middleware::{CircuitBreaker, Throttle};
 use tidings::prelude::*;
-use tidings::{BuildError, CircuitBreaker, MemoryStore, Redelivery, Retention, Throttle};
+use tidings::store::{MemoryStore, Retention};
+use tidings::BuildError;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 #[event(topic = "jobs", key = id)]

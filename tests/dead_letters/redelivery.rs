@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use tidings::dead_letter::Redelivery;
 use tidings::prelude::*;
 use tidings::testing::Recorder;
-use tidings::Redelivery;
 use tokio::time::Instant;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, Event)]

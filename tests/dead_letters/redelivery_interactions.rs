@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use tidings::dead_letter::Redelivery;
 use tidings::prelude::*;
-use tidings::Redelivery;
 use tokio::time::Instant;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, Event)]
@@ -175,7 +175,7 @@ async fn dropping_every_handle_shuts_down_with_a_redelivery_scheduled() {
     assert_eq!(probe.len(), 1);
     assert!(matches!(
         probe.redrive(probe.list()[0].seq).await,
-        Err(tidings::DeadLetterError::Closed)
+        Err(tidings::dead_letter::DeadLetterError::Closed)
     ));
 }
 

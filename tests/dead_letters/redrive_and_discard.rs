@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use tidings::dead_letter::DeadLetterError;
 use tidings::prelude::*;
 use tidings::testing::Recorder;
-use tidings::{DeadLetterError, ErrorKind, Uuid};
+use tidings::{ErrorKind, Uuid};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 #[event(topic = "orders", key = key)]
@@ -160,7 +161,7 @@ async fn redrive_where_sends_back_only_the_entries_it_picks() {
     bus.settled().await;
     ship.healthy.store(true, Ordering::SeqCst);
     let dlq = bus.dead_letters("shipping").unwrap();
-    let even = |l: &tidings::DeadLetter| {
+    let even = |l: &tidings::dead_letter::DeadLetter| {
         l.envelope
             .downcast_ref::<Order>()
             .unwrap()
@@ -261,7 +262,7 @@ async fn a_redrive_waits_for_room_in_the_group_queue() {
     bus.shutdown().await;
 }
 
-fn seqs(letters: &[tidings::DeadLetter]) -> Vec<(u32, Option<u64>, u32)> {
+fn seqs(letters: &[tidings::dead_letter::DeadLetter]) -> Vec<(u32, Option<u64>, u32)> {
     letters
         .iter()
         .map(|l| {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tidings::dead_letter::DeadLetterError;
 use tidings::prelude::*;
 use tidings::testing::Recorder;
-use tidings::DeadLetterError;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 #[event(topic = "orders", key = key, name = "redrives_releases_and_panics.Order")]

@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use tidings::dead_letter::DeadLetterPolicy;
 use tidings::prelude::*;
-use tidings::{DeadLetterPolicy, Uuid};
+use tidings::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 #[event(topic = "ledger", key = account)]

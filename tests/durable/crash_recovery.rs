@@ -22,7 +22,8 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tidings::prelude::*;
-use tidings::{Store, Uuid};
+use tidings::store::Store;
+use tidings::Uuid;
 
 const PARTITIONS: u32 = 2;
 /// Events a child publishes per run (a killed child publishes fewer).
@@ -89,7 +90,11 @@ impl Handler<Tick> for Effect {
 async fn open_store(spec: &str) -> Arc<dyn Store> {
     if let Some(path) = spec.strip_prefix("sqlite:") {
         #[cfg(feature = "sqlite")]
-        return Arc::new(tidings::SqliteStore::open(path).await.expect("open SQLite"));
+        return Arc::new(
+            tidings::store::SqliteStore::open(path)
+                .await
+                .expect("open SQLite"),
+        );
         #[cfg(not(feature = "sqlite"))]
         panic!("built without sqlite: {path}");
     }
@@ -97,7 +102,7 @@ async fn open_store(spec: &str) -> Arc<dyn Store> {
         let (url, schema) = rest.split_once('|').expect("url|schema");
         #[cfg(feature = "postgres")]
         return Arc::new(
-            tidings::PostgresStore::connect_in_schema(url, schema)
+            tidings::store::PostgresStore::connect_in_schema(url, schema)
                 .await
                 .expect("open PostgreSQL"),
         );

@@ -8,9 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use stores::{Log, Placed};
+use tidings::dead_letter::Redelivery;
 use tidings::prelude::*;
-use tidings::store::{DeadLetterLog as _, Log as _, Offsets as _};
-use tidings::{DeadLetterRecord, GroupOffset, MemoryStore, Redelivery, StoredEvent};
+use tidings::store::{
+    DeadLetterLog as _, DeadLetterRecord, GroupOffset, Log as _, MemoryStore, Offsets as _,
+    StoredEvent,
+};
 
 /// A log of order 1, seq 0..n at offsets 0..n of partition 0.
 async fn log_of(store: &MemoryStore, n: u64) -> Vec<StoredEvent> {

@@ -11,11 +11,13 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use parking_lot::Mutex;
 use stores::{Log, Placed};
+use tidings::dead_letter::{DeadLetterError, Redelivery};
 use tidings::prelude::*;
-use tidings::store::{DeadLetterLog as _, Log as _, Offsets as _};
-use tidings::{
-    DeadLetterRecord, GroupOffset, MemoryStore, Redelivery, StoreError, StoredEvent, Uuid,
+use tidings::store::{
+    DeadLetterLog as _, DeadLetterRecord, GroupOffset, Log as _, MemoryStore, Offsets as _,
+    StoreError, StoredEvent,
 };
+use tidings::Uuid;
 
 fn topic(p: u32) -> TopicConfig {
     TopicConfig::new("orders").partitions(p)
@@ -403,7 +405,7 @@ async fn an_undecodable_entry_that_still_cannot_be_read_is_not_redriven() {
         .store(store.clone())
         .topic(topic(1))
         .subscribe::<Placed, _>(
-            Subscription::new("g").start_from(tidings::StartFrom::Earliest),
+            Subscription::new("g").start_from(tidings::store::StartFrom::Earliest),
             move || h.clone(),
         )
         .build()
@@ -414,7 +416,7 @@ async fn an_undecodable_entry_that_still_cannot_be_read_is_not_redriven() {
     let seq = dlq.list()[0].seq;
     let refused = dlq.redrive(seq).await.unwrap_err();
     assert!(
-        matches!(refused, tidings::DeadLetterError::Unreadable { .. }),
+        matches!(refused, DeadLetterError::Unreadable { .. }),
         "{refused:?}"
     );
     bus.settled().await;

@@ -11,8 +11,10 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use stores::{Log, Placed};
 use tidings::prelude::*;
-use tidings::store::Offsets as _;
-use tidings::{DeadLetterRecord, GroupOffset, MemoryStore, StoreError, StoredEvent, Uuid};
+use tidings::store::{
+    DeadLetterRecord, GroupOffset, MemoryStore, Offsets as _, StoreError, StoredEvent,
+};
+use tidings::Uuid;
 
 /// A MemoryStore that counts its round trips for marks, and can make mark commits slow (the
 /// window in which a mark is pending) or fail (a crash before they commit).

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stores::{Backend, Cancelled, Log, Placed};
+use tidings::dead_letter::Redelivery;
+use tidings::middleware::Retry;
 use tidings::prelude::*;
-use tidings::{Redelivery, Retry};
 
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {

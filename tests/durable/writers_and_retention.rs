@@ -11,10 +11,11 @@ use std::time::{Duration, SystemTime};
 use futures::future::BoxFuture;
 use stores::{record, record_with, Log, Placed};
 use tidings::prelude::*;
-use tidings::store::{DeadLetterLog as _, Log as _, Offsets as _};
-use tidings::{
-    DeadLetterRecord, GroupOffset, MemoryStore, StartFrom, StoreError, StoredEvent, Uuid,
+use tidings::store::{
+    DeadLetterLog as _, DeadLetterRecord, GroupOffset, Log as _, MemoryStore, Offsets as _,
+    Retention, StartFrom, StoreError, StoredEvent,
 };
+use tidings::Uuid;
 
 fn topic(p: u32) -> TopicConfig {
     TopicConfig::new("orders").partitions(p)
@@ -229,7 +230,7 @@ async fn a_group_behind_retention_settles_after_a_restart() {
     let bus = record(
         Bus::builder()
             .store(store.clone())
-            .topic(topic(1).retention(tidings::Retention::MaxAge(Duration::from_millis(10)))),
+            .topic(topic(1).retention(Retention::MaxAge(Duration::from_millis(10)))),
         "g",
         &log,
     )
@@ -420,7 +421,7 @@ impl Handler<Placed> for Seen {
 
 /// A bus on `pg` with topic "orders" in 4 partitions and groups "a" and "b" recording what
 /// they see; each partition has had a first event (seq 0) of the order returned for it.
-async fn bus_on_four_partitions(pg: &tidings::PostgresStore) -> (Bus, SeenLog, [u64; 4]) {
+async fn bus_on_four_partitions(pg: &tidings::store::PostgresStore) -> (Bus, SeenLog, [u64; 4]) {
     let seen = SeenLog::default();
     let mut builder = Bus::builder().store(pg.clone()).topic(topic(4));
     for group in ["a", "b"] {
@@ -444,7 +445,7 @@ async fn bus_on_four_partitions(pg: &tidings::PostgresStore) -> (Bus, SeenLog, [
 /// Each group saw every event of every partition once, in offset order, with no hole. Returns
 /// what they saw.
 async fn every_event_once_in_offset_order(
-    pg: &tidings::PostgresStore,
+    pg: &tidings::store::PostgresStore,
     seen: &SeenLog,
 ) -> Vec<(String, u32, u64, u64, u64)> {
     let seen = seen.lock().clone();
@@ -653,7 +654,7 @@ async fn postgres_a_held_partition_does_not_stall_the_others() {
 async fn sqlite_a_row_with_unreadable_headers_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.db");
-    let store = tidings::SqliteStore::open(&path).await.unwrap();
+    let store = tidings::store::SqliteStore::open(&path).await.unwrap();
     let mut rows = vec![
         stores::placed_row(0, 1, 0),
         stores::placed_row(0, 1, 1),
@@ -687,8 +688,8 @@ async fn sqlite_a_row_with_unreadable_headers_is_dead_lettered() {
 async fn sqlite_offsets_are_never_reused_by_two_writers() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.db");
-    let a = tidings::SqliteStore::open(&path).await.unwrap();
-    let b = tidings::SqliteStore::open(&path).await.unwrap();
+    let a = tidings::store::SqliteStore::open(&path).await.unwrap();
+    let b = tidings::store::SqliteStore::open(&path).await.unwrap();
     let mut r = vec![stores::placed_row(0, 1, 0)];
     a.append(&mut r).await.unwrap(); // offset 0
     let mut r = vec![stores::placed_row(0, 1, 1), stores::placed_row(0, 1, 2)];
@@ -710,8 +711,8 @@ async fn sqlite_offsets_are_never_reused_by_two_writers() {
 async fn sqlite_a_second_writer_does_not_fail_publishes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.db");
-    let a = tidings::SqliteStore::open(&path).await.unwrap();
-    let b = tidings::SqliteStore::open(&path).await.unwrap();
+    let a = tidings::store::SqliteStore::open(&path).await.unwrap();
+    let b = tidings::store::SqliteStore::open(&path).await.unwrap();
     let bus = Bus::builder().store(a).topic(topic(1)).build().unwrap();
     bus.publish(Placed { order: 1, seq: 0 }).await.unwrap();
     let mut r = vec![stores::placed_row(0, 1, 1)];

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tidings::middleware::MemoryDedupStore;
 use tidings::prelude::*;
 use tidings::testing::Recorder;
-use tidings::{MemoryDedupStore, Published, Uuid};
+use tidings::{Published, Uuid};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 #[event(topic = "ledger", key = account)]

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tidings::middleware::Claim;
+use tidings::middleware::{Claim, DedupStore, MemoryDedupStore};
 use tidings::prelude::*;
-use tidings::{DedupStore, MemoryDedupStore, Uuid};
+use tidings::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 #[event(topic = "orders", key = key)]

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tidings::middleware::{CircuitBreaker, Throttle};
 use tidings::prelude::*;
 use tidings::testing::Recorder;
-use tidings::{CircuitBreaker, Throttle};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, Event)]
 #[event(topic = "jobs", key = key)]

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tidings::middleware::{CircuitBreaker, Throttle};
 use tidings::prelude::*;
 use tidings::testing::Recorder;
-use tidings::{CircuitBreaker, Throttle};
 use tokio::time::Instant;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]

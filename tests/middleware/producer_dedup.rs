@@ -2,8 +2,9 @@
 //! once; the same id on two topics is two events.
 
 use serde::{Deserialize, Serialize};
+use tidings::middleware::DedupWindow;
 use tidings::prelude::*;
-use tidings::{DedupWindow, Uuid};
+use tidings::Uuid;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 #[event(topic = "orders", key = order_id)]

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use serde::{Deserialize, Serialize};
+use tidings::middleware::{TowerLayer, TowerRequest};
 use tidings::prelude::*;
-use tidings::{TowerLayer, TowerRequest};
 use tower::{Layer, Service};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]

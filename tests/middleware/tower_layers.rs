@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tidings::middleware::TowerLayer;
 use tidings::prelude::*;
 use tidings::testing::Recorder;
-use tidings::TowerLayer;
 use tokio::time::Instant;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
@@ -162,9 +162,9 @@ impl<S> tower::Layer<S> for FlakyReadiness {
     }
 }
 
-impl<S> tower::Service<tidings::TowerRequest> for FlakyService<S>
+impl<S> tower::Service<tidings::middleware::TowerRequest> for FlakyService<S>
 where
-    S: tower::Service<tidings::TowerRequest, Response = ()>,
+    S: tower::Service<tidings::middleware::TowerRequest, Response = ()>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     S::Future: Send + 'static,
 {
@@ -189,7 +189,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: tidings::TowerRequest) -> Self::Future {
+    fn call(&mut self, request: tidings::middleware::TowerRequest) -> Self::Future {
         let future = self.inner.call(request);
         Box::pin(async move { future.await.map_err(Into::into) })
     }

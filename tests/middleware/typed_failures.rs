@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tidings::middleware::{CircuitOpen, Elapsed, Interrupted};
+use tidings::dead_letter::DeadLetter;
+use tidings::middleware::{CircuitBreaker, CircuitOpen, Elapsed, Interrupted};
 use tidings::prelude::*;
 use tidings::testing::Recorder;
-use tidings::{CircuitBreaker, DeadLetter, Panicked};
+use tidings::Panicked;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 #[event(topic = "jobs", key = n)]
@@ -310,7 +311,7 @@ async fn retries_stopped_by_the_shutdown_reach_the_outer_layer_as_interrupted_ho
 #[cfg(feature = "tower")]
 mod tower_layer {
     use super::*;
-    use tidings::{TowerLayer, TowerRequest};
+    use tidings::middleware::{TowerLayer, TowerRequest};
 
     type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use tidings::prelude::*;
-use tidings::{MemoryStore, Store};
+use tidings::store::{MemoryStore, Store};
 use tracing::field::{Field, Visit};
 use tracing::{Event as TracingEvent, Level, Subscriber};
 use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
@@ -183,7 +183,7 @@ async fn with_a_store_unrouted_events_are_appended_counted_and_warned_about() {
     let stores: Vec<Arc<dyn Store>> = vec![
         Arc::new(MemoryStore::new()),
         Arc::new(
-            tidings::SqliteStore::open(dir.path().join("events.db"))
+            tidings::store::SqliteStore::open(dir.path().join("events.db"))
                 .await
                 .unwrap(),
         ),

@@ -10,9 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use stores::{publish_orders, record, record_with, Backend, Cancelled, Log, Placed};
 use tidings::prelude::*;
-use tidings::{
-    BuildError, PublishError, StartFrom, StoreError, TryAppend, Undecodable, Upcaster, Uuid,
-};
+use tidings::store::{Retention, StartFrom, StoreError, TryAppend, Undecodable, Upcaster};
+use tidings::{BuildError, PublishError, Uuid};
 
 /// One module of tests named `$name`, each running the test body of the same name on
 /// `$backend` (a closure from the test's name and stress index to a backend future),
@@ -670,7 +669,7 @@ async fn retention_by_count_trims_the_log(b: Backend) {
     let bus = b
         .builder()
         .await
-        .topic(topic(1).retention(tidings::Retention::MaxEvents(5)))
+        .topic(topic(1).retention(Retention::MaxEvents(5)))
         .retention_interval(Duration::from_millis(20))
         .build()
         .unwrap();
@@ -925,7 +924,7 @@ async fn effectively_once_marks_survive_a_restart(b: Backend) {
 }
 
 async fn batched_marks_commit_with_the_highest_offsets(b: Backend) {
-    use tidings::GroupOffset;
+    use tidings::store::GroupOffset;
     let store = b.open().await;
     let at = |group: &str, partition: u32, next_offset: u64| GroupOffset {
         group: group.to_owned(),
@@ -1068,7 +1067,7 @@ async fn try_append_appends_all_or_names_the_busy_partitions(b: Backend) {
         other => panic!("{other:?}"),
     }
     let offsets =
-        |rows: Vec<tidings::StoredEvent>| rows.iter().map(|r| r.offset).collect::<Vec<_>>();
+        |rows: Vec<tidings::store::StoredEvent>| rows.iter().map(|r| r.offset).collect::<Vec<_>>();
     assert_eq!(
         offsets(store.read("orders", 0, 0, 10).await.unwrap()),
         vec![0, 1, 2, 3, 4]
@@ -1083,7 +1082,7 @@ async fn retention_by_age_trims_old_events(b: Backend) {
     let bus = b
         .builder()
         .await
-        .topic(topic(1).retention(tidings::Retention::MaxAge(Duration::from_millis(2500))))
+        .topic(topic(1).retention(Retention::MaxAge(Duration::from_millis(2500))))
         .retention_interval(Duration::from_millis(20))
         .build()
         .unwrap();
@@ -1463,7 +1462,7 @@ async fn offsets_out_of_range_are_reported_as_corrupt_not_wrapped(b: Backend) {
     let mut rows = vec![stores::placed_row(0, 1, 0)];
     store.append(&mut rows).await.unwrap();
     store
-        .commit(&[tidings::GroupOffset {
+        .commit(&[tidings::store::GroupOffset {
             group: "g".into(),
             topic: "orders".into(),
             partition: 0,

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
-use tidings::StoreError;
+use tidings::store::StoreError;
 
 /// Every way of naming an in-memory (or temporary) SQLite database is refused with a
 /// configuration error: such a store would lose every event with the process.
@@ -14,7 +14,7 @@ use tidings::StoreError;
 async fn in_memory_sqlite_databases_are_refused_in_every_form() {
     use sqlx::sqlite::SqliteConnectOptions;
     use std::str::FromStr;
-    use tidings::SqliteStore;
+    use tidings::store::SqliteStore;
 
     let dir = tempfile::tempdir().unwrap();
     let urls = [
@@ -85,7 +85,7 @@ fn closed_port() -> u16 {
 #[cfg(feature = "postgres")]
 #[tokio::test]
 async fn connecting_to_a_postgres_server_that_is_down_fails_within_the_default_timeout() {
-    use tidings::PostgresStore;
+    use tidings::store::PostgresStore;
 
     assert_eq!(
         PostgresStore::DEFAULT_CONNECT_TIMEOUT,
@@ -111,7 +111,7 @@ async fn connecting_to_a_postgres_server_that_is_down_fails_within_the_default_t
 #[cfg(feature = "postgres")]
 #[tokio::test]
 async fn the_postgres_connect_timeout_is_configurable() {
-    use tidings::PostgresStore;
+    use tidings::store::PostgresStore;
 
     let options = format!("postgres://postgres@127.0.0.1:{}/test", closed_port())
         .parse()

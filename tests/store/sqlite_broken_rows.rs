@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use stores::{record_with, Log, Placed};
 use tidings::prelude::*;
-use tidings::store::{DeadLetterLog as _, Log as _};
-use tidings::{SqliteStore, StartFrom, StoreError, Undecodable};
+use tidings::store::{
+    DeadLetterLog as _, Log as _, SqliteStore, StartFrom, StoreError, Undecodable,
+};
 
 fn topic() -> TopicConfig {
     TopicConfig::new("orders").partitions(1)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tidings::prelude::*;
-use tidings::MemoryStore;
+use tidings::store::MemoryStore;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Event)]
 #[event(topic = "jobs", key = key)]

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tidings::prelude::*;
-use tidings::{BusBuilder, MemoryStore, Store};
+use tidings::store::{MemoryStore, Store};
+use tidings::BusBuilder;
 
 /// One backend, able to open its store again (a restart).
 #[derive(Clone)]
@@ -65,11 +66,11 @@ impl Backend {
 
     /// A `PostgresStore` in a fresh schema of its own.
     #[cfg(feature = "postgres")]
-    pub async fn postgres_store(test: &str) -> tidings::PostgresStore {
+    pub async fn postgres_store(test: &str) -> tidings::store::PostgresStore {
         let Backend::Postgres { url, schema } = Backend::postgres(test).await else {
             unreachable!()
         };
-        tidings::PostgresStore::connect_in_schema(&url, &schema)
+        tidings::store::PostgresStore::connect_in_schema(&url, &schema)
             .await
             .expect("open PostgreSQL")
     }
@@ -80,13 +81,13 @@ impl Backend {
             Backend::Memory(store) => Arc::new(store.clone()),
             #[cfg(feature = "sqlite")]
             Backend::Sqlite(dir) => Arc::new(
-                tidings::SqliteStore::open(dir.path().join("events.db"))
+                tidings::store::SqliteStore::open(dir.path().join("events.db"))
                     .await
                     .expect("open SQLite"),
             ),
             #[cfg(feature = "postgres")]
             Backend::Postgres { url, schema } => Arc::new(
-                tidings::PostgresStore::connect_in_schema(url, schema)
+                tidings::store::PostgresStore::connect_in_schema(url, schema)
                     .await
                     .expect("open PostgreSQL"),
             ),
@@ -101,7 +102,7 @@ impl Backend {
             Backend::Memory(_) => panic!("the memory store runs no SQL"),
             #[cfg(feature = "sqlite")]
             Backend::Sqlite(dir) => {
-                let store = tidings::SqliteStore::open(dir.path().join("events.db"))
+                let store = tidings::store::SqliteStore::open(dir.path().join("events.db"))
                     .await
                     .expect("open SQLite");
                 sqlx::query(sqlx::AssertSqlSafe(sql.replace("{t}", "")))
@@ -132,9 +133,9 @@ impl Backend {
 
 /// A row of topic "orders", partition 0, written by hand (what the bus would never write, or
 /// what another writer appends).
-pub fn raw_row(name: &str, version: u32, payload: &str) -> tidings::StoredEvent {
+pub fn raw_row(name: &str, version: u32, payload: &str) -> tidings::store::StoredEvent {
     let id = tidings::Uuid::now_v7();
-    tidings::StoredEvent {
+    tidings::store::StoredEvent {
         topic: "orders".into(),
         partition: 0,
         offset: 0,
@@ -150,7 +151,7 @@ pub fn raw_row(name: &str, version: u32, payload: &str) -> tidings::StoredEvent 
 }
 
 /// The row of a `Placed { order, seq }` in `partition`, written by hand.
-pub fn placed_row(partition: u32, order: u64, seq: u64) -> tidings::StoredEvent {
+pub fn placed_row(partition: u32, order: u64, seq: u64) -> tidings::store::StoredEvent {
     let mut row = raw_row("Placed", 1, &format!(r#"{{"order":{order},"seq":{seq}}}"#));
     row.partition = partition;
     row

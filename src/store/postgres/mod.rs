@@ -32,7 +32,8 @@ use sql::Sql;
 /// [`append_in`]: PostgresStore::append_in
 ///
 /// ```no_run
-/// use tidings::{Bus, PostgresStore};
+/// use tidings::store::PostgresStore;
+/// use tidings::Bus;
 ///
 /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let store = PostgresStore::connect("postgres://postgres@127.0.0.1:5432/app").await?;
@@ -107,7 +108,7 @@ impl PostgresStore {
     ///
     /// ```no_run
     /// use std::time::Duration;
-    /// use tidings::PostgresStore;
+    /// use tidings::store::PostgresStore;
     ///
     /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
     /// let store = PostgresStore::connect_with(

@@ -32,7 +32,8 @@ const COLUMNS: &str = "topic, partition_no, log_offset, event_id, name, version,
 /// ([`from_pool`](SqliteStore::from_pool)).
 ///
 /// ```no_run
-/// use tidings::{Bus, SqliteStore};
+/// use tidings::store::SqliteStore;
+/// use tidings::Bus;
 ///
 /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let store = SqliteStore::open("events.db").await?;
@@ -101,8 +102,8 @@ impl SqliteStore {
     /// [`StoreError::Config`] for an in-memory or temporary database, in any of its forms
     /// (`sqlite::memory:`, `sqlite://:memory:`, `sqlite:file::memory:?cache=shared`,
     /// `?mode=memory`, an empty file name): it would not be durable, so use
-    /// [`MemoryStore`](crate::MemoryStore). [`StoreError::Backend`] if the URL is invalid or the
-    /// database cannot be opened or migrated.
+    /// [`MemoryStore`](crate::store::MemoryStore). [`StoreError::Backend`] if the URL is invalid or
+    /// the database cannot be opened or migrated.
     ///
     /// # Cancel safety
     ///
@@ -120,9 +121,9 @@ impl SqliteStore {
     ///
     /// # Errors
     ///
-    /// [`StoreError::Config`] for an in-memory or temporary database, however the options
-    /// describe it (each connection would see its own, and nothing would survive the process):
-    /// use [`MemoryStore`](crate::MemoryStore). [`StoreError::Backend`] if the database cannot
+    /// [`StoreError::Config`] for an in-memory or temporary database, however the options describe
+    /// it (each connection would see its own, and nothing would survive the process): use
+    /// [`MemoryStore`](crate::store::MemoryStore). [`StoreError::Backend`] if the database cannot
     /// be opened or migrated.
     ///
     /// # Cancel safety
