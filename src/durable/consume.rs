@@ -256,8 +256,8 @@ struct Consumer<'a, D> {
 impl<D: Dispatch> Consumer<'_, D> {
     /// Where the group starts: its dead letters come back first (its first worker reads them),
     /// so that a sequenced key parked before the restart stays parked; then its committed offset
-    /// (or [`StartFrom`](crate::StartFrom)). `None` if the bus shut down first: the group starts
-    /// next time.
+    /// (or [`StartFrom`](crate::store::StartFrom)). `None` if the bus shut down first: the group
+    /// starts next time.
     async fn start(&mut self, source: &LogSource) -> Option<Feed> {
         let durable = &source.durable;
         let store = Arc::clone(&durable.store);
