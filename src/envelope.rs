@@ -84,19 +84,50 @@ impl Headers {
     }
 }
 
+/// What [`new_id`] keeps per thread.
+struct IdSource {
+    /// A fast non-cryptographic generator, seeded from the OS: ids need to be unique, not
+    /// unguessable.
+    rng: rand::rngs::SmallRng,
+    /// The millisecond since the Unix epoch of the last id, and where it starts and ends:
+    /// a timestamp in it has the same millisecond (two comparisons instead of a subtraction
+    /// and a division per id).
+    millis: u64,
+    from: SystemTime,
+    until: SystemTime,
+}
+
 /// A fresh UUIDv7 for an event published at `now`: the millisecond timestamp, then 74 random
 /// bits from the thread-local generator (no global lock, unlike `Uuid::now_v7`).
 pub(crate) fn new_id(now: SystemTime) -> Uuid {
-    let millis = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
     thread_local! {
-        // A fast non-cryptographic generator per thread, seeded from the OS: ids need to be
-        // unique, not unguessable.
-        static RNG: std::cell::RefCell<rand::rngs::SmallRng> =
-            std::cell::RefCell::new(rand::SeedableRng::from_os_rng());
+        static IDS: std::cell::RefCell<IdSource> = std::cell::RefCell::new(IdSource {
+            rng: rand::SeedableRng::from_os_rng(),
+            millis: 0,
+            from: SystemTime::UNIX_EPOCH,
+            until: SystemTime::UNIX_EPOCH,
+        });
     }
-    let random: [u8; 10] = RNG.with(|rng| rand::Rng::random(&mut *rng.borrow_mut()));
+    let (millis, high, low) = IDS.with(|ids| {
+        let ids = &mut *ids.borrow_mut();
+        if !(ids.from <= now && now < ids.until) {
+            ids.millis = now
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            ids.from = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ids.millis);
+            ids.until = ids.from + std::time::Duration::from_millis(1);
+        }
+        // Two draws for the 80 bits (74 of them used): `Rng::random::<[u8; 10]>` draws once
+        // per byte, ten times the work.
+        (
+            ids.millis,
+            rand::RngCore::next_u64(&mut ids.rng),
+            rand::RngCore::next_u32(&mut ids.rng),
+        )
+    });
+    let mut random = [0u8; 10];
+    random[..8].copy_from_slice(&high.to_le_bytes());
+    random[8..].copy_from_slice(&low.to_le_bytes()[..2]);
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 
@@ -109,6 +140,9 @@ pub(crate) struct Inner<E> {
 pub(crate) trait ErasedInner: Any + Send + Sync {
     fn meta(&self) -> &Metadata;
     fn event(&self) -> &dyn DynEvent;
+    /// Whether a publisher may build a new envelope in this one's allocation once nobody else
+    /// holds it (see [`envelope`]).
+    fn reusable(&self) -> bool;
 }
 
 impl<E: Event> ErasedInner for Inner<E> {
@@ -118,6 +152,9 @@ impl<E: Event> ErasedInner for Inner<E> {
     fn event(&self) -> &dyn DynEvent {
         &self.event
     }
+    fn reusable(&self) -> bool {
+        reusable::<E>() && self.meta.headers.0.capacity() == 0
+    }
 }
 
 pub(crate) type Erased = Arc<dyn ErasedInner>;
@@ -125,6 +162,81 @@ pub(crate) type Erased = Arc<dyn ErasedInner>;
 pub(crate) fn downcast<E: Event>(erased: Erased) -> Option<Arc<Inner<E>>> {
     let any: Arc<dyn Any + Send + Sync> = erased;
     any.downcast::<Inner<E>>().ok()
+}
+
+/// Whether envelopes of `E` are built in the allocation of a finished one (see [`envelope`]):
+/// only when dropping the old contents frees nothing, so that the reuse, done under the
+/// partition lock, never frees memory there.
+pub(crate) const fn reusable<E: Event>() -> bool {
+    !std::mem::needs_drop::<E>()
+}
+
+/// The envelope of `event`, for a publisher under the partition lock.
+///
+/// When `E` is [`reusable`], it is built in the allocation of a finished envelope of `E` from
+/// `finished` (what the workers handed back) that nobody else holds and that has no headers to
+/// free: no allocation here and no free later, twice the cost of the rest of the hop (measured
+/// ~300 instructions an event). Envelopes popped on the way that cannot be reused go to
+/// `garbage`, to be freed after the lock; the rest of `finished` stays for later publishes.
+#[inline]
+pub(crate) fn envelope<E: Event>(
+    finished: &mut Vec<Erased>,
+    garbage: &mut Vec<Erased>,
+    meta: Metadata,
+    event: E,
+) -> Erased {
+    if reusable::<E>() {
+        while let Some(item) = finished.pop() {
+            // Held elsewhere (another group, a recorder), or of another type: not for us.
+            if Arc::strong_count(&item) != 1 || !(&*item as &dyn Any).is::<Inner<E>>() {
+                garbage.push(item);
+                continue;
+            }
+            let Some(mut inner) = downcast::<E>(item) else {
+                unreachable!("checked to be an envelope of E");
+            };
+            match Arc::get_mut(&mut inner) {
+                // Nothing to free in the old contents: `E` needs no drop, and no headers.
+                Some(slot) if slot.meta.headers.0.capacity() == 0 => {
+                    slot.meta = meta;
+                    slot.event = event;
+                    return inner;
+                }
+                // A weak reference, or headers to free.
+                _ => garbage.push(inner),
+            }
+        }
+    }
+    Arc::new(Inner { meta, event })
+}
+
+/// Moves the envelopes of `items` that a publisher can build in again (see [`envelope`]) to
+/// `kept`, while `kept` holds fewer than `max`; the rest stay in `items`.
+///
+/// One still held elsewhere may be kept too: it costs no memory while the other holder lives,
+/// and [`envelope`] checks that it is not held any more before building in it.
+pub(crate) fn keep_reusable(items: &mut Vec<Erased>, kept: &mut Vec<Erased>, max: usize) {
+    let room = max.saturating_sub(kept.len());
+    if room == 0 {
+        return;
+    }
+    // The common case: all of them fit and all are reusable.
+    if items.len() <= room && items.iter().all(|item| item.reusable()) {
+        if kept.is_empty() {
+            std::mem::swap(items, kept);
+        } else {
+            kept.append(items);
+        }
+        return;
+    }
+    let mut i = 0;
+    while i < items.len() && kept.len() < max {
+        if items[i].reusable() {
+            kept.push(items.swap_remove(i));
+        } else {
+            i += 1;
+        }
+    }
 }
 
 /// An event of type `E` as a handler receives it: the event, its [`Metadata`] and the delivery
@@ -412,5 +524,34 @@ mod tests {
         assert_ne!(a, b);
         let later = new_id(now + std::time::Duration::from_millis(5));
         assert!(later > a && later > b, "a later millisecond sorts after");
+    }
+
+    /// The millisecond of `id`'s timestamp, since the Unix epoch.
+    fn millis_of(id: Uuid) -> u64 {
+        let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
+        secs * 1000 + u64::from(nanos) / 1_000_000
+    }
+
+    #[test]
+    fn an_id_carries_the_millisecond_of_its_time_on_either_side_of_a_millisecond_boundary() {
+        use std::time::Duration;
+        let base = SystemTime::UNIX_EPOCH + Duration::from_millis(1_750_000_000_123);
+        // In order, backwards, across boundaries, repeated: the thread's cached millisecond
+        // must never leak into an id of another one.
+        let offsets_micros = [
+            0, 999, 1000, 1001, 999, 0, 5_000_500, 1, 2_000_000, 1999, 2000,
+        ];
+        for micros in offsets_micros {
+            let at = base + Duration::from_micros(micros);
+            let expected = at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_millis();
+            assert_eq!(u128::from(millis_of(new_id(at))), expected, "{micros} µs");
+        }
+        // Before the epoch: millisecond 0, as before.
+        let before = SystemTime::UNIX_EPOCH - Duration::from_millis(3);
+        assert_eq!(millis_of(new_id(before)), 0);
+        assert_eq!(millis_of(new_id(base)), 1_750_000_000_123);
     }
 }

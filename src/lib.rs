@@ -7,6 +7,7 @@
 #[allow(unused_extern_crates)]
 extern crate self as tidings;
 
+mod budget;
 mod bus;
 mod command;
 mod context;
@@ -21,6 +22,7 @@ mod handler;
 pub mod middleware;
 mod publish;
 mod runtime;
+mod spans;
 pub mod stats;
 pub mod store;
 pub mod testing;

@@ -87,6 +87,8 @@ impl TopicConfig {
     /// subscription's [`batch_size`](crate::Subscription::batch_size)), so up to `capacity +
     /// batch_size` events of a group's partition are in memory at once. A handler publishing
     /// into its own queue may exceed it (see [`Context::publish`](crate::Context::publish)).
+    /// Of events with no heap data (types that need no drop), up to `capacity` finished
+    /// envelopes per partition are kept, also while idle, for the next publishes to reuse.
     #[must_use]
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;

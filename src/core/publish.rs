@@ -9,15 +9,12 @@ use super::queue::{Partition, PartitionState, Topic};
 use super::route::Placement;
 use super::route::QueueId;
 use super::Core;
-use crate::envelope::{AnyEnvelope, Erased, Headers, Inner, Metadata};
+use crate::envelope::{AnyEnvelope, Erased, Headers, Metadata};
 use crate::error::{PublishError, TryPublishError};
 use crate::event::Event;
 use crate::publish::{Cause, Published};
 use crate::topic::Overflow;
 use uuid::Uuid;
-
-/// How many times `publish` yields to the scheduler on a full queue before it sleeps.
-const FULL_QUEUE_SPINS: u32 = 8;
 
 /// Where a publish comes from: a handler (with its cause and its own queue) or outside.
 #[derive(Default)]
@@ -64,9 +61,10 @@ impl Core {
         }
         let mut event = event;
         let mut garbage = Vec::new();
-        // When a queue is full, first yield to the scheduler a few times (the worker is likely
-        // draining right now), then sleep until the worker has drained half the queue.
-        let mut spins = 0;
+        // When a queue is full, sleep until its worker has drained half of it. (No yielding
+        // first: a yielded task runs again only once its thread has nothing else to do, i.e.
+        // after the worker's batch, and then leaves tokio's scheduler looking for work and
+        // waking another thread for nothing, once per queue cycle.)
         let mut retry = false;
         loop {
             if retry {
@@ -75,38 +73,23 @@ impl Core {
             }
             retry = true;
             let part = place.partition();
-            let will_wait = spins >= FULL_QUEUE_SPINS;
             let waiting = {
                 let mut state = part.lock();
-                match inner.enqueue(
-                    &place,
-                    &mut state,
-                    event,
-                    &mut origin,
-                    will_wait,
-                    &mut garbage,
-                ) {
+                match inner.enqueue(&place, &mut state, event, &mut origin, true, &mut garbage) {
                     Ok(published) => return Ok(published),
                     Err(Reject::Closed(e)) => return Err(PublishError::Closed(e)),
                     Err(Reject::Full(e)) => {
                         event = e;
-                        will_wait.then(|| {
-                            let mut waiting = Box::pin(part.not_full.notified());
-                            waiting.as_mut().enable();
-                            waiting
-                        })
+                        let mut waiting = Box::pin(part.not_full.notified());
+                        waiting.as_mut().enable();
+                        waiting
                     }
                 }
             };
             // Free what this publisher collected before it waits, not after.
             drop(std::mem::take(&mut garbage));
-            match waiting {
-                Some(waiting) => waiting.await,
-                None => {
-                    spins += 1;
-                    tokio::task::yield_now().await;
-                }
-            }
+            crate::budget::spend_turn().await;
+            waiting.await;
         }
     }
 
@@ -145,7 +128,9 @@ impl Core {
     ) -> Result<Published, Reject<E>> {
         let (route, partition, id, timestamp) =
             (&*place.route, place.partition, place.id, place.timestamp);
-        Partition::take_graveyard(state, garbage);
+        if !crate::envelope::reusable::<E>() {
+            Partition::take_graveyard(state, garbage);
+        }
         // Checked under the partition lock: shutdown takes every partition lock once after
         // closing intake, so an event accepted here is counted before shutdown drains.
         if state.closed || (!origin.from_handler && !self.intake_open.load(Ordering::SeqCst)) {
@@ -199,8 +184,10 @@ impl Core {
                 },
             );
         }
-        let erased: Erased = Arc::new(Inner {
-            meta: Metadata {
+        let erased: Erased = crate::envelope::envelope(
+            &mut state.graveyard,
+            garbage,
+            Metadata {
                 id,
                 topic: E::TOPIC,
                 partition,
@@ -211,7 +198,7 @@ impl Core {
                 headers: std::mem::take(&mut origin.headers),
             },
             event,
-        });
+        );
         if !route.slots.is_empty() {
             self.pending.add(route.slots.len());
         } else {

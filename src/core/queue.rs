@@ -178,7 +178,7 @@ impl Partition {
         let low_water = capacity / 2;
         loop {
             // Freed after the lock is released, never under it.
-            let garbage: (Vec<Erased>, Vec<Erased>);
+            let mut garbage: (Vec<Erased>, Vec<Erased>);
             let closed;
             {
                 let mut state = self.lock();
@@ -210,6 +210,18 @@ impl Partition {
                     closed = state.closed;
                     if !closed {
                         q.parked = true;
+                        // Except up to a queue's worth of envelopes that the next publishes
+                        // build in again (plain-data events: see `envelope::envelope`).
+                        crate::envelope::keep_reusable(
+                            &mut garbage.1,
+                            &mut state.graveyard,
+                            capacity,
+                        );
+                        crate::envelope::keep_reusable(
+                            &mut garbage.0,
+                            &mut state.graveyard,
+                            capacity,
+                        );
                     }
                 }
             }

@@ -178,7 +178,7 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
             timeout,
         };
         ctx.cause = Some(cause);
-        let span = tracing::info_span!(
+        let span = crate::spans::info_span!(
             "tidings.request",
             command = name,
             request_id = %cause.id,
@@ -187,12 +187,13 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
         // The handler's future is made inside the unwind guard: a handler that panics before
         // returning its future is caught too.
         let call = AssertUnwindSafe(async { handler.handle(command, &ctx).await }).catch_unwind();
-        let outcome = if span.is_disabled() {
-            deadlines.drive(call, Some(&mut current)).await
-        } else {
-            deadlines
-                .drive(call.instrument(span), Some(&mut current))
-                .await
+        let outcome = match span.filter(|span| !span.is_disabled()) {
+            None => deadlines.drive(call, Some(&mut current)).await,
+            Some(span) => {
+                deadlines
+                    .drive(call.instrument(span), Some(&mut current))
+                    .await
+            }
         };
         let answer = match outcome {
             Ok(Ok(value)) => {

@@ -53,7 +53,7 @@ impl<D: Dispatch> Supervised<D> {
     pub(crate) async fn attempt(&mut self, env: &D::Env, ctx: &Context) -> HandlerResult {
         let attempt = D::attempt(env);
         let meta = D::meta(env);
-        let span = tracing::info_span!(
+        let span = crate::spans::info_span!(
             "tidings.handle",
             topic = %self.topic.name,
             partition = self.partition,
@@ -68,10 +68,9 @@ impl<D: Dispatch> Supervised<D> {
         // returning its future is caught too.
         let call = AssertUnwindSafe(async { dispatch.call(env, ctx).await }).catch_unwind();
         // A disabled span (no subscriber interested) costs nothing to skip.
-        let outcome = if span.is_disabled() {
-            call.await
-        } else {
-            call.instrument(span.clone()).await
+        let outcome = match span.as_ref().filter(|span| !span.is_disabled()) {
+            None => call.await,
+            Some(span) => call.instrument(span.clone()).await,
         };
         match outcome {
             Ok(Ok(())) => {
@@ -85,7 +84,7 @@ impl<D: Dispatch> Supervised<D> {
                 bump(&stats.panics);
                 self.consecutive_panics += 1;
                 {
-                    let _enter = span.enter();
+                    let _enter = span.as_ref().map(tracing::Span::enter);
                     tracing::error!(topic = %self.topic.name, group = %self.group, partition = self.partition, offset = meta.offset, event_id = %meta.id, correlation_id = %meta.correlation_id, attempt, panic = %message, handler = self.handler_name, "handler panicked; restarting it");
                 }
                 // Boxed: the backoff timer's state stays out of the common path's future.

@@ -10,4 +10,6 @@ mod support;
 mod backpressure;
 mod correlation;
 mod delivery_modes;
+mod envelope_reuse;
 mod ordering;
+mod scheduler_cooperation;
