@@ -195,7 +195,16 @@ impl Bus {
     /// # bus.shutdown().await; }
     /// ```
     pub async fn publish<E: Event>(&self, event: E) -> Result<Published, PublishError<E>> {
-        self.inner.core.publish_from(event, Origin::default()).await
+        let core = &self.inner.core;
+        // Room in every queue (and no store): accepted at once, without building the state of
+        // a publish that may wait.
+        match core.try_publish_from(event, Origin::default()) {
+            Ok(published) => Ok(published),
+            Err(TryPublishError::Closed(event)) => Err(PublishError::Closed(event)),
+            Err(TryPublishError::Full(event) | TryPublishError::Durable(event)) => {
+                core.publish_from(event, Origin::default()).await
+            }
+        }
     }
 
     /// Like [`publish`](Bus::publish), with [options](PublishOptions): headers attached to the
