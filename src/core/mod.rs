@@ -7,6 +7,14 @@
 //! [`publish`] (into the queues, or to the log through [`append`]), [`queue`] (the partition
 //! queues), [`catch_up`] (with a log: live or catching up), [`pending`] (what is not finished),
 //! [`request`] (request/reply).
+//!
+//! # Performance
+//!
+//! The publish path crosses several files; the small functions it calls in another module
+//! (`Core::route`, `Core::place`, `Topic::partition_for`, `Partition::lock` / `wake`) are
+//! `#[inline]`, so that splitting the code did not cost cross-unit calls: callgrind, 100k p2p
+//! events, 120.4 M instructions without them, 111.4 M with (118.4 M for the same optimizations
+//! in the single-file layout before this one).
 
 pub(crate) mod append;
 pub(crate) mod catch_up;

@@ -77,6 +77,7 @@ impl Topic {
         }
     }
 
+    #[inline]
     pub(crate) fn partition_for(&self, key: Option<Key<'_>>) -> u32 {
         let n = self.partitions.len() as u32;
         if n == 1 {
@@ -147,11 +148,13 @@ impl Partition {
         }
     }
 
+    #[inline]
     pub(crate) fn lock(&self) -> MutexGuard<'_, PartitionState> {
         self.state.lock()
     }
 
     /// Wakes the worker of `slot` if it is parked. Call with the lock held.
+    #[inline]
     pub(crate) fn wake(&self, state: &mut PartitionState, slot: usize) {
         let q = &mut state.queues[slot];
         if q.parked {

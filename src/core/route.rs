@@ -58,6 +58,7 @@ pub(crate) struct Placement<'a> {
 }
 
 impl Placement<'_> {
+    #[inline]
     pub(crate) fn partition(&self) -> &Partition {
         &self.route.topic.partitions[self.partition as usize]
     }
@@ -69,6 +70,7 @@ impl Placement<'_> {
 }
 
 impl Core {
+    #[inline]
     pub(crate) fn route<E: Event>(&self) -> RouteRef<'_> {
         let type_id = TypeId::of::<E>();
         if let Some(route) = self.routes.get(&type_id) {
@@ -145,6 +147,7 @@ impl Core {
     }
 
     /// Where an event goes and what it is called: computed before the partition lock.
+    #[inline]
     pub(crate) fn place<E: Event>(&self, event: &E) -> Placement<'_> {
         let route = self.route::<E>();
         let partition = route.topic.partition_for(event.key());
