@@ -15,8 +15,9 @@ use crate::handler::{HandlerError, HandlerResult};
 ///
 /// - Attempt `n + 1` starts `initial × multiplierⁿ⁻¹` after attempt `n` failed, at most
 ///   `max_delay`, minus a random share of up to `jitter` of it (so that many failing workers do
-///   not retry in lockstep). Defaults: 5 attempts, 100 ms initial delay, multiplier 2, 30 s at
-///   most, jitter 0.2.
+///   not retry in lockstep). [`Retry::new(n)`](Retry::new) sets the attempts (`n`, the first
+///   one included); the rest default to a 100 ms initial delay, multiplier 2, 30 s at most,
+///   jitter 0.2.
 /// - A [permanent](crate::HandlerError::permanent) error is not retried. A panic counts as a
 ///   failed attempt (the handler is restarted before the next one), and so does a
 ///   [`Timeout`](crate::middleware::Timeout) inside this layer.
