@@ -6,22 +6,15 @@ use std::collections::HashSet;
 use super::BusBuilder;
 use crate::error::BuildError;
 use crate::event::validate_topic_name;
-use crate::store::{Retention, StartFrom};
+use crate::store::Retention;
 use crate::topic::Overflow;
 
 impl BusBuilder {
     /// Settings that need a store, and settings a store rules out.
     pub(super) fn validate_store(&self) -> Result<(), BuildError> {
         let durable = self.store.is_some();
-        for sub in &self.subs {
-            let o = &sub.options;
-            if !durable && (o.start != StartFrom::Latest || o.reset) {
-                return Err(BuildError::InvalidSetting(format!(
-                    "subscription {:?}: start_from / reset_to need a store (BusBuilder::store): without one there is no log to read",
-                    o.group
-                )));
-            }
-        }
+        // `start_from` / `reset_to` without a store are allowed: the same module code runs on
+        // the in-memory bus, where a group has every event since the bus was built.
         if durable {
             for sub in &self.subs {
                 let pinned = self

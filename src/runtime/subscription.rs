@@ -127,8 +127,12 @@ impl Subscription {
     /// With a store: where this group starts reading when it has no committed offset yet (a new
     /// group). Default [`StartFrom::Latest`]: only events published from now on. A projection
     /// rebuilt from scratch uses [`StartFrom::Earliest`] under a new group name (or
-    /// [`reset_to`](Subscription::reset_to)). Without a store, anything but `Latest` is a build
-    /// error: there is no log to read.
+    /// [`reset_to`](Subscription::reset_to)).
+    ///
+    /// Without a store there is no log: every group gets every event published after the bus
+    /// was built, so the start of the log is the start of the process and any `StartFrom` means
+    /// the same. The setting is accepted, so that one module's code runs on the in-memory bus
+    /// and on a store alike (a projection that replays with a store starts empty in memory).
     ///
     /// ```
     /// use std::time::{Duration, SystemTime};
@@ -148,7 +152,8 @@ impl Subscription {
     /// With a store: moves this group's offsets to `start` when the bus starts, whatever it
     /// had committed (replay from the beginning, or skip a backlog). The new position is
     /// committed at once. Remove the call after the restart that needed it, or every restart
-    /// resets the group again.
+    /// resets the group again. Without a store it changes nothing (see
+    /// [`start_from`](Subscription::start_from)).
     #[must_use]
     pub fn reset_to(mut self, start: StartFrom) -> Self {
         self.start = start;

@@ -13,3 +13,4 @@ mod delivery_modes;
 mod envelope_reuse;
 mod ordering;
 mod scheduler_cooperation;
+mod start_without_store;
