@@ -5,7 +5,7 @@ use crate::support::stores;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -15,7 +15,7 @@ use tidings::dead_letter::{DeadLetterError, Redelivery};
 use tidings::prelude::*;
 use tidings::store::{
     DeadLetterLog as _, DeadLetterRecord, GroupOffset, Log as _, MemoryStore, Offsets as _,
-    StoreError, StoredEvent,
+    StoreError,
 };
 use tidings::Uuid;
 
@@ -48,42 +48,7 @@ impl Hooked {
     }
 }
 
-impl tidings::store::Log for Hooked {
-    fn append<'a>(&'a self, e: &'a mut [StoredEvent]) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.append(e)
-    }
-
-    fn read<'a>(
-        &'a self,
-        t: &'a str,
-        p: u32,
-        f: u64,
-        l: usize,
-    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
-        self.inner.read(t, p, f, l)
-    }
-
-    fn partitions<'a>(&'a self, t: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
-        self.inner.partitions(t)
-    }
-
-    fn head<'a>(&'a self, t: &'a str, p: u32) -> BoxFuture<'a, Result<u64, StoreError>> {
-        self.inner.head(t, p)
-    }
-
-    fn offset_at<'a>(
-        &'a self,
-        t: &'a str,
-        p: u32,
-        a: SystemTime,
-    ) -> BoxFuture<'a, Result<u64, StoreError>> {
-        self.inner.offset_at(t, p, a)
-    }
-
-    fn trim<'a>(&'a self, t: &'a str, p: u32, b: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
-        self.inner.trim(t, p, b)
-    }
-}
+crate::support::stores::forward_log!(Hooked, inner);
 
 impl tidings::store::Offsets for Hooked {
     fn committed<'a>(

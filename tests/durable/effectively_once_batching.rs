@@ -5,15 +5,13 @@ use crate::support::stores;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use stores::{Log, Placed};
 use tidings::prelude::*;
-use tidings::store::{
-    DeadLetterRecord, GroupOffset, MemoryStore, Offsets as _, StoreError, StoredEvent,
-};
+use tidings::store::{DeadLetterRecord, GroupOffset, MemoryStore, Offsets as _, StoreError};
 use tidings::Uuid;
 
 /// A MemoryStore that counts its round trips for marks, and can make mark commits slow (the
@@ -43,42 +41,7 @@ impl Marks {
     }
 }
 
-impl tidings::store::Log for Marks {
-    fn append<'a>(&'a self, e: &'a mut [StoredEvent]) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.append(e)
-    }
-
-    fn read<'a>(
-        &'a self,
-        t: &'a str,
-        p: u32,
-        f: u64,
-        l: usize,
-    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, StoreError>> {
-        self.inner.read(t, p, f, l)
-    }
-
-    fn partitions<'a>(&'a self, t: &'a str) -> BoxFuture<'a, Result<u32, StoreError>> {
-        self.inner.partitions(t)
-    }
-
-    fn head<'a>(&'a self, t: &'a str, p: u32) -> BoxFuture<'a, Result<u64, StoreError>> {
-        self.inner.head(t, p)
-    }
-
-    fn offset_at<'a>(
-        &'a self,
-        t: &'a str,
-        p: u32,
-        a: SystemTime,
-    ) -> BoxFuture<'a, Result<u64, StoreError>> {
-        self.inner.offset_at(t, p, a)
-    }
-
-    fn trim<'a>(&'a self, t: &'a str, p: u32, b: u64) -> BoxFuture<'a, Result<u64, StoreError>> {
-        self.inner.trim(t, p, b)
-    }
-}
+crate::support::stores::forward_log!(Marks, inner);
 
 impl tidings::store::Offsets for Marks {
     fn committed<'a>(

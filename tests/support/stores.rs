@@ -239,3 +239,67 @@ pub async fn publish_orders(bus: &Bus, orders: u64, per_order: u64) {
         }
     }
 }
+
+/// `impl Log for $wrapper`, every method passed to `self.$inner`: for test stores that hook
+/// another capability (offsets, dead letters, marks) and leave the log alone.
+#[allow(unused_macros)]
+macro_rules! forward_log {
+    ($wrapper:ty, $inner:tt) => {
+        impl tidings::store::Log for $wrapper {
+            fn append<'a>(
+                &'a self,
+                e: &'a mut [tidings::store::StoredEvent],
+            ) -> futures::future::BoxFuture<'a, Result<(), tidings::store::StoreError>> {
+                tidings::store::Log::append(&self.$inner, e)
+            }
+
+            fn read<'a>(
+                &'a self,
+                t: &'a str,
+                p: u32,
+                f: u64,
+                l: usize,
+            ) -> futures::future::BoxFuture<
+                'a,
+                Result<Vec<tidings::store::StoredEvent>, tidings::store::StoreError>,
+            > {
+                tidings::store::Log::read(&self.$inner, t, p, f, l)
+            }
+
+            fn partitions<'a>(
+                &'a self,
+                t: &'a str,
+            ) -> futures::future::BoxFuture<'a, Result<u32, tidings::store::StoreError>> {
+                tidings::store::Log::partitions(&self.$inner, t)
+            }
+
+            fn head<'a>(
+                &'a self,
+                t: &'a str,
+                p: u32,
+            ) -> futures::future::BoxFuture<'a, Result<u64, tidings::store::StoreError>> {
+                tidings::store::Log::head(&self.$inner, t, p)
+            }
+
+            fn offset_at<'a>(
+                &'a self,
+                t: &'a str,
+                p: u32,
+                a: std::time::SystemTime,
+            ) -> futures::future::BoxFuture<'a, Result<u64, tidings::store::StoreError>> {
+                tidings::store::Log::offset_at(&self.$inner, t, p, a)
+            }
+
+            fn trim<'a>(
+                &'a self,
+                t: &'a str,
+                p: u32,
+                b: u64,
+            ) -> futures::future::BoxFuture<'a, Result<u64, tidings::store::StoreError>> {
+                tidings::store::Log::trim(&self.$inner, t, p, b)
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use forward_log;
