@@ -31,7 +31,10 @@ mod window;
 
 // The root: what the first examples of the README use. Extension points (middleware, stores,
 // dead letters, counters, the test harness) have one path each, under their public module.
-pub use bus::{Bus, BusBuilder, Failure, PublishOptions, Published, RestartBackoff, Subscription};
+pub use bus::{
+    Bus, BusBuilder, EventSet, Failure, Handles, Module, PublishOptions, Published, RestartBackoff,
+    Subscription,
+};
 pub use command::Command;
 pub use context::Context;
 pub use delivery::DeliveryMode;
@@ -63,8 +66,8 @@ pub mod prelude {
     pub use crate::store::StartFrom;
     pub use crate::{
         AnyEnvelope, AnyHandler, Bus, BusBuilder, Command, CommandHandler, Context, DeliveryMode,
-        Envelope, ErrorKind, Event, Handler, HandlerError, HandlerResult, Headers, Overflow,
-        PublishOptions, RestartBackoff, Subscription, TopicConfig,
+        Envelope, ErrorKind, Event, EventSet, Handler, HandlerError, HandlerResult, Handles,
+        Headers, Module, Overflow, PublishOptions, RestartBackoff, Subscription, TopicConfig,
     };
 }
 

@@ -13,6 +13,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::handles::{EventSet, Handles, Member, Spawner};
 use super::plan::Plan;
 use super::{Bus, BusInner, HandleGuard};
 use crate::command::{Command, CommandMessage};
@@ -24,23 +25,18 @@ use crate::dead_letter::DeadLetterQueue;
 use crate::durable::consume::{LogSource, StoreAck};
 use crate::durable::{Durable, Engine};
 use crate::error::BuildError;
-use crate::event::Event;
+use crate::handler::AnyHandler;
 use crate::handler::CommandHandler;
-use crate::handler::{AnyHandler, Handler};
 use crate::middleware::DedupWindow;
-use crate::runtime::dispatch::{panic_message, Dispatch, Factory, Typed, Untyped};
+use crate::runtime::dispatch::{panic_message, Dispatch, Factory, Untyped};
 use crate::runtime::subscription::{RestartBackoff, Subscription};
 use crate::runtime::worker::{self, MemorySource, NoAck, WorkerArgs};
 use crate::store::{Decoder, Store, Upcaster, DEFAULT_MAX_PAYLOAD};
 use crate::topic::TopicConfig;
 use crate::window::Window;
 
-/// Makes a worker of one partition of a group: in memory, or on the store's log.
-type Spawner =
-    Arc<dyn Fn(WorkerArgs, Option<&Arc<Durable>>) -> BoxFuture<'static, ()> + Send + Sync>;
-
 /// A worker fed by the partition's queue, or with a store by its log.
-fn spawn_worker<D: Dispatch>(
+pub(super) fn spawn_worker<D: Dispatch>(
     dispatch: D,
     args: WorkerArgs,
     durable: Option<&Arc<Durable>>,
@@ -64,9 +60,48 @@ pub(super) struct SubSpec {
     pub(super) options: Subscription,
     pub(super) topic: String,
     /// `None`: every type of the topic.
-    pub(super) accepts: Option<TypeId>,
+    pub(super) accepts: Option<Vec<Member>>,
     pub(super) handler_name: &'static str,
     pub(super) spawn: Spawner,
+    /// The [`Module`](super::Module) that registered it.
+    pub(super) module: Option<String>,
+}
+
+impl SubSpec {
+    /// A group handling the event set `S`.
+    pub(super) fn typed<S: EventSet, H: Handles<S>>(
+        options: Subscription,
+        factory: Factory<H>,
+    ) -> Self {
+        let members = S::members();
+        SubSpec {
+            options,
+            // A set spanning topics is refused by `validate`.
+            topic: members[0].topic.to_owned(),
+            accepts: Some(members),
+            handler_name: std::any::type_name::<H>(),
+            spawn: H::spawner(factory),
+            module: None,
+        }
+    }
+
+    /// A group handling every type of `topic`.
+    pub(super) fn any<H: AnyHandler>(
+        topic: String,
+        options: Subscription,
+        factory: Factory<H>,
+    ) -> Self {
+        SubSpec {
+            options,
+            topic,
+            accepts: None,
+            handler_name: std::any::type_name::<H>(),
+            spawn: Arc::new(move |args, durable| {
+                spawn_worker(Untyped::new(Arc::clone(&factory)), args, durable)
+            }),
+            module: None,
+        }
+    }
 }
 
 type CommandStart = Box<dyn FnOnce(Arc<Core>) -> BoxFuture<'static, ()> + Send>;
@@ -77,6 +112,50 @@ pub(super) struct CmdSpec {
     pub(super) type_id: TypeId,
     pub(super) name: &'static str,
     pub(super) make: CommandMake,
+    /// The [`Module`](super::Module) that registered it.
+    pub(super) module: Option<String>,
+}
+
+impl CmdSpec {
+    /// The one handler of command type `C`.
+    pub(super) fn new<C: Command, H: CommandHandler<C>>(factory: Factory<H>) -> Self {
+        CmdSpec {
+            type_id: TypeId::of::<C>(),
+            name: std::any::type_name::<C>(),
+            make: Box::new(move |capacity| {
+                let (tx, rx) = mpsc::channel::<CommandMessage<C>>(capacity);
+                let start: CommandStart = Box::new(move |bus| {
+                    let handler = factory();
+                    Box::pin(crate::runtime::commands::run_commands::<C, H>(
+                        handler,
+                        factory,
+                        rx,
+                        bus,
+                        RestartBackoff::default(),
+                    ))
+                });
+                let stopper = tx.clone();
+                let entry = CommandEntry {
+                    sender: Box::new(tx),
+                    // Sent once shutdown has drained every request, so there is room.
+                    stop: Box::new(move || {
+                        if let Err(mpsc::error::TrySendError::Full(_)) = stopper.try_send(None) {
+                            // Only when the last handle is dropped with requests still queued:
+                            // queue the stop behind them.
+                            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                                let stopper = stopper.clone();
+                                runtime.spawn(async move {
+                                    let _ = stopper.send(None).await;
+                                });
+                            }
+                        }
+                    }),
+                };
+                (entry, start)
+            }),
+            module: None,
+        }
+    }
 }
 
 /// Builds a [`Bus`]: topics, subscriptions and command handlers, all checked by
@@ -109,6 +188,8 @@ pub struct BusBuilder {
     pub(super) topics: Vec<TopicConfig>,
     pub(super) subs: Vec<SubSpec>,
     pub(super) commands: Vec<CmdSpec>,
+    /// Names of the [`Module`](super::Module)s added.
+    pub(super) modules: Vec<String>,
     pub(super) request_timeout: Duration,
     pub(super) command_capacity: usize,
     pub(super) record: bool,
@@ -133,6 +214,7 @@ impl BusBuilder {
             topics: Vec::new(),
             subs: Vec::new(),
             commands: Vec::new(),
+            modules: Vec::new(),
             request_timeout: Duration::from_secs(30),
             command_capacity: 1024,
             record: false,
@@ -206,11 +288,19 @@ impl BusBuilder {
         self
     }
 
-    /// Subscribes a consumer group to events of type `E`.
+    /// Subscribes a consumer group to events of type `E`, or of each type of a tuple of them
+    /// (an [`EventSet`]): `subscribe::<(OrderPlaced, OrderPaid), _>` for a handler that
+    /// implements both `Handler<OrderPlaced>` and `Handler<OrderPaid>`. The types of a set must
+    /// share a topic; the group gets them in partition order, so per key in publish order
+    /// across types (see [`Handles`]).
     ///
-    /// `factory` creates the handler: once per partition of `E`'s topic at build, and again
-    /// whenever a handler is restarted after a panic. The group receives every `E` published
-    /// after `build`.
+    /// `factory` creates the handler: once per partition of the topic at build, and again
+    /// whenever a handler is restarted after a panic. The group receives every event of its
+    /// types published after `build` (with a store, from where
+    /// [`start_from`](Subscription::start_from) says).
+    ///
+    /// To give handlers shared state without cloning it into each factory, register them in a
+    /// [`Module`](crate::Module).
     #[must_use]
     pub fn subscribe<E, H>(
         mut self,
@@ -218,19 +308,13 @@ impl BusBuilder {
         factory: impl Fn() -> H + Send + Sync + 'static,
     ) -> Self
     where
-        E: Event,
-        H: Handler<E>,
+        E: EventSet,
+        H: Handles<E>,
     {
-        let factory: Factory<H> = Arc::new(factory);
-        self.subs.push(SubSpec {
-            options: subscription.into(),
-            topic: E::TOPIC.to_owned(),
-            accepts: Some(TypeId::of::<E>()),
-            handler_name: std::any::type_name::<H>(),
-            spawn: Arc::new(move |args, durable| {
-                spawn_worker(Typed::<E, H>::new(Arc::clone(&factory)), args, durable)
-            }),
-        });
+        self.subs.push(SubSpec::typed::<E, H>(
+            subscription.into(),
+            Arc::new(factory),
+        ));
         self
     }
 
@@ -246,16 +330,11 @@ impl BusBuilder {
         subscription: impl Into<Subscription>,
         factory: impl Fn() -> H + Send + Sync + 'static,
     ) -> Self {
-        let factory: Factory<H> = Arc::new(factory);
-        self.subs.push(SubSpec {
-            options: subscription.into(),
-            topic: topic.into(),
-            accepts: None,
-            handler_name: std::any::type_name::<H>(),
-            spawn: Arc::new(move |args, durable| {
-                spawn_worker(Untyped::new(Arc::clone(&factory)), args, durable)
-            }),
-        });
+        self.subs.push(SubSpec::any(
+            topic.into(),
+            subscription.into(),
+            Arc::new(factory),
+        ));
         self
     }
 
@@ -268,42 +347,7 @@ impl BusBuilder {
         C: Command,
         H: CommandHandler<C>,
     {
-        let factory: Factory<H> = Arc::new(factory);
-        self.commands.push(CmdSpec {
-            type_id: TypeId::of::<C>(),
-            name: std::any::type_name::<C>(),
-            make: Box::new(move |capacity| {
-                let (tx, rx) = mpsc::channel::<CommandMessage<C>>(capacity);
-                let start: CommandStart = Box::new(move |bus| {
-                    let handler = factory();
-                    Box::pin(crate::runtime::commands::run_commands::<C, H>(
-                        handler,
-                        factory,
-                        rx,
-                        bus,
-                        RestartBackoff::default(),
-                    ))
-                });
-                let stopper = tx.clone();
-                let entry = CommandEntry {
-                    sender: Box::new(tx),
-                    // Sent once shutdown has drained every request, so there is room.
-                    stop: Box::new(move || {
-                        if let Err(mpsc::error::TrySendError::Full(_)) = stopper.try_send(None) {
-                            // Only when the last handle is dropped with requests still queued:
-                            // queue the stop behind them.
-                            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                                let stopper = stopper.clone();
-                                runtime.spawn(async move {
-                                    let _ = stopper.send(None).await;
-                                });
-                            }
-                        }
-                    }),
-                };
-                (entry, start)
-            }),
-        });
+        self.commands.push(CmdSpec::new::<C, H>(Arc::new(factory)));
         self
     }
 
@@ -445,8 +489,11 @@ impl BusBuilder {
         // Routes of the subscribed event types, resolved once.
         let mut routes: FxHashMap<TypeId, Route> = FxHashMap::default();
         for sub in &self.subs {
-            if let Some(type_id) = sub.accepts {
-                routes.insert(type_id, core.compute_route(&sub.topic, type_id));
+            for member in sub.accepts.iter().flatten() {
+                routes.insert(
+                    member.type_id,
+                    core.compute_route(member.topic, member.type_id),
+                );
             }
         }
         core.routes = routes;

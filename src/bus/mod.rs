@@ -5,6 +5,8 @@
 //! public documentation: its ordering, delivery and shutdown contracts and an example per method.
 
 mod builder;
+mod handles;
+mod module;
 mod plan;
 mod shutdown;
 mod stats;
@@ -22,6 +24,8 @@ use tokio::task::JoinHandle;
 
 pub use crate::runtime::subscription::{RestartBackoff, Subscription};
 pub use builder::BusBuilder;
+pub use handles::{EventSet, Handles};
+pub use module::Module;
 
 use crate::command::Command;
 use crate::core::publish::Origin;

@@ -51,8 +51,15 @@ impl BusBuilder {
                 }
                 let slot = groups.len();
                 groups.push(sub.options.group.clone());
-                match sub.accepts {
-                    Some(type_id) => typed_slots.entry((index, type_id)).or_default().push(slot),
+                match &sub.accepts {
+                    Some(members) => {
+                        for member in members {
+                            typed_slots
+                                .entry((index, member.type_id))
+                                .or_default()
+                                .push(slot);
+                        }
+                    }
                     None => anys.push(slot),
                 }
                 placements.push((sub_index, index, slot));

@@ -109,6 +109,38 @@ impl BusBuilder {
                     group: group.clone(),
                 });
             }
+            let members = sub.accepts.as_deref().unwrap_or_default();
+            for (i, member) in members.iter().enumerate() {
+                let first = &members[0];
+                if member.topic != first.topic {
+                    return Err(BuildError::EventSetSpansTopics {
+                        group: group.clone(),
+                        first: first.name,
+                        first_topic: first.topic,
+                        other: member.name,
+                        other_topic: member.topic,
+                    });
+                }
+                if members[..i].iter().any(|m| m.type_id == member.type_id) {
+                    return Err(BuildError::InvalidSetting(format!(
+                        "subscription {group:?}: event type {} is named twice in its set",
+                        member.name
+                    )));
+                }
+            }
+        }
+        let mut modules = HashSet::new();
+        for module in &self.modules {
+            if validate_topic_name(module).is_err() {
+                return Err(BuildError::InvalidSetting(format!(
+                    "invalid module name {module:?}: use 1 to 249 ASCII letters, digits, '.', '_' or '-'"
+                )));
+            }
+            if !modules.insert(module.as_str()) {
+                return Err(BuildError::DuplicateModule {
+                    module: module.clone(),
+                });
+            }
         }
         let mut commands = HashSet::new();
         for cmd in &self.commands {

@@ -1,5 +1,5 @@
 //! How a worker turns a queued event into a handler call: [`Dispatch`], for one event type
-//! ([`Typed`]) or every type of a topic ([`Untyped`]).
+//! ([`Typed`]), a set of types of one topic ([`Multi`]) or every type of a topic ([`Untyped`]).
 
 use std::future::Future;
 use std::marker::PhantomData;
@@ -130,14 +130,20 @@ impl<H> Untyped<H> {
     }
 }
 
-impl<H: AnyHandler> Dispatch for Untyped<H> {
-    type Env = AnyEnvelope;
-
-    fn wrap(item: Erased) -> Option<AnyEnvelope> {
+impl<H> Untyped<H> {
+    fn wrap_any(item: Erased) -> Option<AnyEnvelope> {
         Some(AnyEnvelope {
             inner: item,
             attempt: 1,
         })
+    }
+}
+
+impl<H: AnyHandler> Dispatch for Untyped<H> {
+    type Env = AnyEnvelope;
+
+    fn wrap(item: Erased) -> Option<AnyEnvelope> {
+        Untyped::<H>::wrap_any(item)
     }
 
     fn set_attempt(env: &mut AnyEnvelope, attempt: u32) {
@@ -174,6 +180,87 @@ impl<H: AnyHandler> Dispatch for Untyped<H> {
 
     fn accepts(_: &str) -> bool {
         true
+    }
+
+    fn restart(&mut self) -> bool {
+        fresh(&self.factory)
+            .map(|h| replace_handler(&mut self.handler, h))
+            .is_some()
+    }
+}
+
+/// How a handler of several event types is called: one entry per type of the set, in the order
+/// the set names them. Implemented for tuples of events in `bus::handles`.
+pub(crate) trait Table<H>: Send + 'static {
+    /// Whether a stored event of this type name is one of the set's.
+    fn accepts(name: &str) -> bool;
+    /// Calls `H`'s `Handler` impl for the event's type.
+    fn call<'a>(
+        handler: &'a mut H,
+        env: &'a AnyEnvelope,
+        ctx: &'a Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a;
+}
+
+/// A handler of several event types of one topic (a tuple `S` of them), fed the topic's
+/// partition in order and dispatched by type to its `Handler<E>` impls.
+pub(crate) struct Multi<S, H> {
+    handler: H,
+    factory: Factory<H>,
+    _set: PhantomData<fn() -> S>,
+}
+
+impl<S, H> Multi<S, H> {
+    pub(crate) fn new(factory: Factory<H>) -> Self {
+        Multi {
+            handler: factory(),
+            factory,
+            _set: PhantomData,
+        }
+    }
+}
+
+impl<S: Table<H>, H: Send + 'static> Dispatch for Multi<S, H> {
+    type Env = AnyEnvelope;
+
+    fn wrap(item: Erased) -> Option<AnyEnvelope> {
+        Untyped::<H>::wrap_any(item)
+    }
+
+    fn set_attempt(env: &mut AnyEnvelope, attempt: u32) {
+        env.attempt = attempt;
+    }
+
+    fn erase(env: &AnyEnvelope) -> AnyEnvelope {
+        env.clone()
+    }
+
+    fn into_item(env: AnyEnvelope) -> Erased {
+        env.inner
+    }
+
+    fn from_any(env: &AnyEnvelope) -> Option<AnyEnvelope> {
+        Some(env.clone())
+    }
+
+    fn attempt(env: &AnyEnvelope) -> u32 {
+        env.attempt
+    }
+
+    fn meta(env: &AnyEnvelope) -> &Metadata {
+        env.metadata()
+    }
+
+    fn call<'a>(
+        &'a mut self,
+        env: &'a AnyEnvelope,
+        ctx: &'a Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a {
+        S::call(&mut self.handler, env, ctx)
+    }
+
+    fn accepts(name: &str) -> bool {
+        S::accepts(name)
     }
 
     fn restart(&mut self) -> bool {

@@ -5,3 +5,4 @@
 mod derive_event;
 mod futures_are_send;
 mod invalid_settings;
+mod modules;

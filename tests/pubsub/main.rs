@@ -11,6 +11,7 @@ mod backpressure;
 mod correlation;
 mod delivery_modes;
 mod envelope_reuse;
+mod event_sets;
 mod ordering;
 mod scheduler_cooperation;
 mod start_without_store;
