@@ -55,6 +55,7 @@
 //! [`subscribe_all`](crate::BusBuilder::subscribe_all) group reads every row of its topic.
 
 mod codec;
+mod connect;
 pub mod driver;
 mod memory;
 #[cfg(feature = "postgres")]
@@ -66,6 +67,7 @@ mod types;
 
 pub(crate) use codec::{encode, intern, stored_event_of, Decoded, Decoder, EncodeError};
 pub use codec::{Undecodable, UpcastError, Upcaster};
+pub use connect::connect;
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -143,3 +143,58 @@ async fn the_postgres_connect_timeout_is_configurable() {
         .await
         .unwrap();
 }
+
+/// `store::connect` picks the backend from the URL's scheme, and the store it returns keeps a
+/// bus's events (SQLite: across a reopen); an unknown scheme is a configuration error.
+#[tokio::test]
+async fn connect_opens_the_store_a_url_names() {
+    use serde::{Deserialize, Serialize};
+    use tidings::prelude::*;
+    use tidings::store::{self as stores, Log};
+
+    #[derive(Debug, Serialize, Deserialize, Event)]
+    #[event(topic = "connect_url", key = n, name = "connect.Noted")]
+    struct Noted {
+        n: u32,
+    }
+
+    async fn publish_three(url: &str) -> u64 {
+        let store = stores::connect(url).await.unwrap();
+        let bus = Bus::builder()
+            .store(std::sync::Arc::clone(&store))
+            .topic(TopicConfig::new("connect_url").partitions(1))
+            .build()
+            .unwrap();
+        for n in 0..3 {
+            bus.publish(Noted { n }).await.unwrap();
+        }
+        bus.shutdown().await;
+        store.head("connect_url", 0).await.unwrap()
+    }
+
+    assert_eq!(publish_three("memory:").await, 3);
+    #[cfg(feature = "sqlite")]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("events.db").display());
+        assert_eq!(publish_three(&url).await, 3);
+        assert_eq!(
+            publish_three(&url).await,
+            6,
+            "the file kept the first three"
+        );
+    }
+    #[cfg(feature = "postgres")]
+    {
+        let store = stores::connect(&crate::support::stores::database_url()).await;
+        assert!(store.is_ok(), "{:?}", store.err());
+    }
+    for url in ["redis://127.0.0.1", "memory:x", "events.db"] {
+        match stores::connect(url).await {
+            Err(tidings::store::StoreError::Config(message)) => {
+                assert!(message.contains("no store for"), "{url}: {message}")
+            }
+            other => panic!("{url}: {:?}", other.map(|_| ())),
+        }
+    }
+}
