@@ -431,7 +431,8 @@ impl Bus {
     ///
     /// Meant for tests (see [`testing`](crate::testing)); with tokio's paused clock, timers in
     /// handlers (restart backoff, sleeps) are skipped over while waiting. If publishers outside
-    /// the bus keep publishing, it may never return. Do not call it from inside a handler: it
+    /// the bus keep publishing, it may never return: a readiness probe or an operator tool
+    /// waits for [`ready`](Bus::ready) instead (started and caught up). Do not call it from inside a handler: it
     /// would wait for that handler's own event.
     ///
     /// # Cancel safety
