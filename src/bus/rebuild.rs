@@ -144,7 +144,9 @@ impl Bus {
     /// events reach the fresh handler once each, in offset order (the events queued for the
     /// old handler and not yet handled are read from the log again instead). The
     /// group's dead letters stay in its queue, and the replay passes their events by: redrive
-    /// them as before. Other groups are not affected.
+    /// them as before (one redriven before the replay reaches its offset is handled then, and
+    /// again when the replay reaches it: at least once, never lost). Other groups are not
+    /// affected, and the bus stays [ready](Bus::ready).
     ///
     /// The handler must start empty, or clear what it owns: the bus cannot undo what the old
     /// handler wrote elsewhere (a read model's table). The factory runs once per partition.

@@ -508,3 +508,101 @@ async fn a_redrive_queued_before_a_rebuild_loses_nothing() {
     assert_eq!(fresh, [2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
     bus.shutdown().await;
 }
+
+/// The replay's progress is committed as it goes, from the reset offset on (not only once the
+/// group passes the offset it had committed before the rebuild): a crash mid-replay resumes it.
+#[tokio::test]
+async fn a_rebuild_commits_its_replay_as_it_goes() {
+    use tidings::store::Offsets as _;
+    let store = tidings::store::MemoryStore::new();
+    let committed = || async {
+        store
+            .committed("tally", "tallies", 0)
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let (seen, made) = (Seen::default(), Arc::new(AtomicU64::new(0)));
+    let gate = Arc::new(Semaphore::new(10));
+    let bus = Bus::builder()
+        .store(store.clone())
+        .topic(TopicConfig::new("tallies").partitions(1))
+        .subscribe::<Counted, _>("tally", {
+            let (seen, made, gate) = (seen.clone(), Arc::clone(&made), Arc::clone(&gate));
+            move || Tally {
+                instance: made.fetch_add(1, Ordering::SeqCst) + 1,
+                seen: seen.clone(),
+                gate: Some(Arc::clone(&gate)),
+            }
+        })
+        .build()
+        .unwrap();
+    publish(&bus, 1, 0..10).await;
+    bus.settled().await;
+    bus.commit_offsets().await.unwrap();
+    assert_eq!(committed().await, 10);
+
+    let rebuild = bus.rebuild("tally", StartFrom::Earliest).await.unwrap();
+    assert_eq!(committed().await, 0, "reset in the store at once");
+    gate.add_permits(4);
+    while seen.by_key_after(1).get(&0).map_or(0, Vec::len) < 4 {
+        tokio::task::yield_now().await;
+    }
+    bus.commit_offsets().await.unwrap();
+    assert_eq!(committed().await, 4);
+    gate.add_permits(1 << 20);
+    rebuild.caught_up().await.unwrap();
+    bus.commit_offsets().await.unwrap();
+    assert_eq!(committed().await, 10);
+    bus.shutdown().await;
+}
+
+/// A factory that panics during a rebuild: that partition keeps its handler and its offset,
+/// `caught_up` says so, and the group can be rebuilt again.
+#[tokio::test]
+async fn a_factory_panic_during_a_rebuild_is_reported() {
+    let (seen, made) = (Seen::default(), Arc::new(AtomicU64::new(0)));
+    let bus = Bus::builder()
+        .store(tidings::store::MemoryStore::new())
+        .topic(TopicConfig::new("tallies").partitions(2))
+        .subscribe::<Counted, _>("tally", {
+            let (seen, made) = (seen.clone(), Arc::clone(&made));
+            move || {
+                let instance = made.fetch_add(1, Ordering::SeqCst) + 1;
+                assert_ne!(instance, 3, "the third handler cannot be made");
+                Tally {
+                    instance,
+                    seen: seen.clone(),
+                    gate: None,
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    publish(&bus, KEYS, 0..5).await;
+    bus.settled().await;
+    let rebuild = bus.rebuild("tally", StartFrom::Earliest).await.unwrap();
+    assert_eq!(
+        rebuild.caught_up().await,
+        Err(RebuildError::FactoryPanicked {
+            group: "tally".into(),
+            partitions: 1
+        })
+    );
+    assert!(!rebuild.is_caught_up());
+    // One partition replayed with its fresh handler (instance 4), the other did not.
+    bus.settled().await;
+    let replayed = seen.by_partition(4..=4);
+    assert_eq!(replayed.len(), 1);
+    let again = bus.rebuild("tally", StartFrom::Earliest).await.unwrap();
+    again.caught_up().await.unwrap();
+    bus.settled().await;
+    assert_eq!(
+        seen.by_partition(5..=6)
+            .values()
+            .map(Vec::len)
+            .sum::<usize>(),
+        40
+    );
+    bus.shutdown().await;
+}
