@@ -151,6 +151,9 @@ impl Bus {
     /// The handler must start empty, or clear what it owns: the bus cannot undo what the old
     /// handler wrote elsewhere (a read model's table). The factory runs once per partition.
     ///
+    /// Do not await it (or [`caught_up`](Rebuild::caught_up)) from a handler of the same
+    /// group: it waits for that handler's own event to finish.
+    ///
     /// # Errors
     ///
     /// - [`RebuildError::UnknownGroup`] if no subscription has that name;
