@@ -31,6 +31,7 @@ mod window;
 
 // The root: what the first examples of the README use. Extension points (middleware, stores,
 // dead letters, counters, the test harness) have one path each, under their public module.
+pub use bus::rebuild;
 pub use bus::{
     Bus, BusBuilder, EventSet, Failure, Handles, Module, PublishOptions, Published, RestartBackoff,
     Subscription,

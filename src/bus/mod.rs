@@ -8,6 +8,8 @@ mod builder;
 mod handles;
 mod module;
 mod plan;
+mod ready;
+pub mod rebuild;
 mod shutdown;
 mod stats;
 mod validate;
@@ -428,71 +430,13 @@ impl Bus {
             .await
     }
 
-    /// Waits until the bus has started: with a store, every consumer group's dead letters are
-    /// read back from it and every worker knows where it starts (its committed offset, or its
-    /// [`StartFrom`](crate::store::StartFrom)); without a store, at once. Returns
-    /// [`is_ready`](Bus::is_ready): `false` if shutdown began first.
-    ///
-    /// [`build`](BusBuilder::build) cannot wait for the store, so right after it the
-    /// dead-letter queues of a restarted bus may still be empty: an operator tool or a health
-    /// check reads them after `ready()`. (Redrives wait for their group's entries on their
-    /// own.) Unlike [`settled`](Bus::settled), this does not wait for the groups to catch up or
-    /// go idle: it returns even while events keep coming.
-    ///
-    /// ```
-    /// use tidings::store::MemoryStore;
-    /// use tidings::Bus;
-    ///
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # #[derive(serde::Serialize, serde::Deserialize, tidings::Event)]
-    /// # #[event(topic = "orders")] struct Placed;
-    /// # struct H;
-    /// # impl tidings::Handler<Placed> for H {
-    /// #     async fn handle(&mut self, _: &tidings::Envelope<Placed>, _: &tidings::Context) -> Result<(), tidings::HandlerError> { Ok(()) }
-    /// # }
-    /// let bus = Bus::builder()
-    ///     .store(MemoryStore::new())
-    ///     .topic(tidings::TopicConfig::new("orders").partitions(2))
-    ///     .subscribe::<Placed, _>("billing", || H)
-    ///     .build()?;
-    /// assert!(bus.ready().await);
-    /// // Complete, whatever the store held before this start.
-    /// let waiting = bus.dead_letters("billing")?.len();
-    /// # assert_eq!(waiting, 0);
-    /// # bus.shutdown().await; Ok(()) }
-    /// ```
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe: it only waits.
-    pub async fn ready(&self) -> bool {
-        if let Some(d) = self.inner.durable.as_ref() {
-            tokio::select! {
-                _ = d.started.cancelled() => {}
-                _ = self.inner.cancel.cancelled() => {}
-            }
-        }
-        self.is_ready()
-    }
-
-    /// Whether the bus has started ([`ready`](Bus::ready)) and is not shutting down: what a
-    /// readiness probe asks.
-    pub fn is_ready(&self) -> bool {
-        self.inner.is_open()
-            && !self.inner.cancel.is_cancelled()
-            && self
-                .inner
-                .durable
-                .as_ref()
-                .is_none_or(|d| d.started.is_cancelled())
-    }
-
     /// Waits until the bus is idle: every queue empty, every handler idle, every request
     /// answered — including the events that handlers published while the bus settled.
     ///
     /// Meant for tests (see [`testing`](crate::testing)); with tokio's paused clock, timers in
     /// handlers (restart backoff, sleeps) are skipped over while waiting. If publishers outside
-    /// the bus keep publishing, it may never return. Do not call it from inside a handler: it
+    /// the bus keep publishing, it may never return: a readiness probe or an operator tool
+    /// waits for [`ready`](Bus::ready) instead (started and caught up). Do not call it from inside a handler: it
     /// would wait for that handler's own event.
     ///
     /// # Cancel safety

@@ -12,6 +12,8 @@
 //!   again and the marker's count is released.
 //! - At shutdown a group still catching up stops reading ([`Partition::give_up_catch_up`]):
 //!   the rest waits in the log for the next start.
+//! - A rebuild ([`Partition::request_reset`]) makes the worker stop at its next event boundary
+//!   (`Reset`); it lags again from its new offset ([`Partition::restart_catch_up`]), as at start.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -30,6 +32,8 @@ pub(crate) enum NextDurable {
     CatchUp(u64),
     /// Closed and drained.
     Closed,
+    /// A rebuild asked the worker to reset (see [`Partition::request_reset`]).
+    Reset,
 }
 
 impl Partition {
@@ -52,6 +56,10 @@ impl Partition {
             let mut release = false;
             {
                 let mut state = self.lock();
+                if stats.reset.load(Ordering::Acquire) {
+                    // Read under the lock: a reset asked before the worker parks wakes it.
+                    return NextDurable::Reset;
+                }
                 let state = &mut *state;
                 let head = state.next_offset;
                 let q = &mut state.queues[slot];
@@ -110,6 +118,36 @@ impl Partition {
         if release {
             pending.finish(1);
         }
+    }
+
+    /// With a store: asks the worker of `slot` to reset at its next event boundary (it finds
+    /// its order with the durable layer), waking it if it is parked.
+    pub(crate) fn request_reset(&self, slot: usize, stats: &WorkerStats) {
+        // Set under the lock, where the worker looks before it parks: it sees the flag, or it
+        // parked before and is woken here.
+        let mut state = self.lock();
+        stats.reset.store(true, Ordering::Release);
+        self.wake(&mut state, slot);
+    }
+
+    /// With a store, as a rebuild resets the group: it reads the log again, from the offset
+    /// the worker sets next, and holds `settled` up until it caught up. The events queued for
+    /// it are taken out (they are in the log); the caller finishes or handles them.
+    pub(crate) fn restart_catch_up(&self, slot: usize, pending: &Pending) -> Vec<Erased> {
+        let mut state = self.lock();
+        let q = &mut state.queues[slot];
+        q.lagging = true;
+        let marker = !std::mem::replace(&mut q.marker, true);
+        let queued: Vec<Erased> = q.items.drain(..).collect();
+        if q.producer_waiting {
+            q.producer_waiting = false;
+            self.not_full.notify_waiters();
+        }
+        drop(state);
+        if marker {
+            pending.add(1);
+        }
+        queued
     }
 
     /// With a store: the log's head is at least `head`.

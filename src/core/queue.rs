@@ -54,6 +54,9 @@ pub(crate) struct WorkerStats {
     /// Effectively-once with a store: 1 + the lowest offset whose mark is not durable yet (0:
     /// none). Offsets are committed below it (see `bus::marks`).
     pub(crate) unmarked: AtomicU64,
+    /// With a store: a rebuild asks the worker to reset at its next event boundary (set by the
+    /// bus, cleared by the worker: the one counter here not only the worker writes).
+    pub(crate) reset: std::sync::atomic::AtomicBool,
 }
 
 impl Topic {

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use super::feed::{Caught, Feed};
 use super::marks::MarkBook;
+use super::rebuild::Target;
 use super::Durable;
 use crate::context::Context;
 use crate::core::catch_up::NextDurable;
@@ -39,6 +40,13 @@ pub(crate) struct LogSource {
 
 impl LogSource {
     pub(crate) fn new(durable: Arc<Durable>, args: &WorkerArgs) -> Self {
+        let dedups = args.options.delivery == DeliveryMode::EffectivelyOnce
+            || args.options.has(crate::middleware::LayerKind::Dedup);
+        durable.rebuilds.register(
+            &args.topic.groups[args.slot],
+            args.topic.partitions.len() as u32,
+            dedups,
+        );
         LogSource {
             durable,
             batch_size: args.options.batch_size,
@@ -200,11 +208,14 @@ impl<D: Dispatch> Source<D> for LogSource {
             done: Vec::new(),
             may_catch_up: true,
             backoff: StoreBackoff::default(),
+            durable: Arc::clone(&self.durable),
+            targets: Vec::new(),
         };
         let Some(mut feed) = consumer.start(&self).await else {
             return;
         };
         loop {
+            consumer.check_targets();
             let next = consumer
                 .part
                 .next_durable(
@@ -223,6 +234,13 @@ impl<D: Dispatch> Source<D> for LogSource {
                     feed.until = until;
                     consumer.catch_up(&mut feed, &self.durable.decoder).await;
                 }
+                NextDurable::Reset => {
+                    consumer.reset(&mut feed).await;
+                    if !consumer.batch.is_empty() {
+                        // Redriven dead letters that were queued: handled first.
+                        consumer.queued(&feed).await;
+                    }
+                }
                 NextDurable::Closed => {
                     if let Some(book) = consumer.worker.ack.book.as_mut() {
                         book.sync(true, consumer.stats).await;
@@ -236,21 +254,24 @@ impl<D: Dispatch> Source<D> for LogSource {
 
 /// A [`LogSource`] at work on one partition of one group: the worker and what its loop keeps
 /// between steps.
-struct Consumer<'a, D> {
-    part: &'a Partition,
-    stats: &'a WorkerStats,
-    topic: &'a str,
-    group: Arc<str>,
-    slot: usize,
-    partition: u32,
-    worker: Worker<D, StoreAck>,
+pub(super) struct Consumer<'a, D> {
+    pub(super) part: &'a Partition,
+    pub(super) stats: &'a WorkerStats,
+    pub(super) topic: &'a str,
+    pub(super) group: Arc<str>,
+    pub(super) slot: usize,
+    pub(super) partition: u32,
+    pub(super) worker: Worker<D, StoreAck>,
     ctx: Context,
-    batch: VecDeque<Erased>,
-    done: Vec<Erased>,
+    pub(super) batch: VecDeque<Erased>,
+    pub(super) done: Vec<Erased>,
     /// Cleared once the group must not read the log any more in this run (shutdown, or an
     /// event left in the log).
-    may_catch_up: bool,
-    backoff: StoreBackoff,
+    pub(super) may_catch_up: bool,
+    pub(super) backoff: StoreBackoff,
+    pub(super) durable: Arc<Durable>,
+    /// Offsets to report once every event below them is finished (see `rebuild`).
+    pub(super) targets: Vec<(u64, Target)>,
 }
 
 impl<D: Dispatch> Consumer<'_, D> {
@@ -296,6 +317,7 @@ impl<D: Dispatch> Consumer<'_, D> {
             .store(true, std::sync::atomic::Ordering::Release);
         self.part.raise_head(head);
         durable.worker_started();
+        self.targets.push((head, Target::Start));
         Some(Feed {
             store,
             until: 0,
@@ -306,13 +328,14 @@ impl<D: Dispatch> Consumer<'_, D> {
     /// Shutting down before the group could start: it starts next time.
     async fn give_up_starting(&mut self, durable: &Durable) {
         durable.worker_started();
+        durable.worker_caught_up();
         self.part
             .give_up_catch_up(self.slot, &self.worker.core.pending);
         self.part.wait_closed(self.slot).await;
     }
 
     /// Events of the queue (committed while the group was live), in `self.batch`.
-    async fn queued(&mut self, feed: &Feed) {
+    pub(super) async fn queued(&mut self, feed: &Feed) {
         let stats = self.stats;
         let mut unfinished = self.batch.len();
         self.done.reserve(unfinished);
@@ -322,6 +345,13 @@ impl<D: Dispatch> Consumer<'_, D> {
             book.look_ahead(&*feed.store, ids).await;
         }
         while let Some(item) = self.batch.pop_front() {
+            if self.stats.reset.load(Relaxed) {
+                // A rebuild: the worker resets at this event boundary; the rest of the batch
+                // is its to finish.
+                self.batch.push_front(item);
+                unfinished -= self.batch.len();
+                break;
+            }
             if self.worker.held {
                 // Behind an event left in the log: read again after the next start.
                 self.done.push(item);
@@ -369,6 +399,10 @@ impl<D: Dispatch> Consumer<'_, D> {
     async fn catch_up(&mut self, feed: &mut Feed, decoder: &Decoder) {
         let stats = self.stats;
         loop {
+            if stats.reset.load(Relaxed) {
+                // A rebuild: the worker resets at this event boundary.
+                return;
+            }
             if self.worker.core.cancel.is_cancelled() {
                 // Shutting down: what is left in the log waits for the next start.
                 if let Some(book) = self.worker.ack.book.as_mut() {
@@ -479,11 +513,11 @@ async fn unreadable<D: Dispatch>(
 
 /// Waits between attempts at a store that failed: 100 ms doubling to 5 s.
 #[derive(Default)]
-struct StoreBackoff(u32);
+pub(super) struct StoreBackoff(u32);
 
 impl StoreBackoff {
     /// Waits; `false` if the bus began shutting down instead.
-    async fn wait(&mut self, cancel: &tokio_util::sync::CancellationToken) -> bool {
+    pub(super) async fn wait(&mut self, cancel: &tokio_util::sync::CancellationToken) -> bool {
         let delay =
             Duration::from_millis(100 * (1u64 << self.0.min(6))).min(Duration::from_secs(5));
         self.0 += 1;

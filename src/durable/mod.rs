@@ -4,7 +4,8 @@
 //!
 //! Files: [`append`] (the appender and its lanes), [`feed`] (reading the log to catch up, where
 //! a group starts), [`marks`] (effectively-once marks and their shared commits), [`offsets`]
-//! (the committer), [`retention`]. The consuming side (a worker catching up from the log,
+//! (the committer), [`rebuild`] (a group reset on a running bus, and when workers caught up),
+//! [`retention`]. The consuming side (a worker catching up from the log,
 //! saving dead letters and marks) is in `runtime::durable`.
 
 pub(crate) mod append;
@@ -12,6 +13,7 @@ pub(crate) mod consume;
 pub(crate) mod feed;
 pub(crate) mod marks;
 pub(crate) mod offsets;
+pub(crate) mod rebuild;
 pub(crate) mod retention;
 
 use std::collections::HashMap;
@@ -67,6 +69,15 @@ pub(crate) struct Durable {
     pub(crate) started: CancellationToken,
     /// Effectively-once: the marks' committer and the groups' pending marks.
     pub(crate) marks: marks::MarkCommits,
+    /// Workers that have not yet handled what the log held when they started.
+    catching_up: std::sync::atomic::AtomicUsize,
+    /// Cancelled once every worker handled what the log held when it started: the bus is
+    /// ready.
+    pub(crate) caught_up: CancellationToken,
+    /// Held by an offset commit, and by a rebuild while it moves a group's offset back.
+    pub(crate) commits: tokio::sync::Mutex<()>,
+    /// The groups that may be rebuilt, and the rebuilds' orders to their workers.
+    pub(crate) rebuilds: rebuild::Rebuilds,
 }
 
 impl Durable {
@@ -95,14 +106,20 @@ impl Durable {
             starting: std::sync::atomic::AtomicUsize::new(0),
             started: CancellationToken::new(),
             marks: marks::MarkCommits::new(),
+            catching_up: std::sync::atomic::AtomicUsize::new(0),
+            caught_up: CancellationToken::new(),
+            commits: tokio::sync::Mutex::new(()),
+            rebuilds: rebuild::Rebuilds::default(),
         }
     }
 
     /// `n` workers will report where they start.
     pub(crate) fn expect_workers(&self, n: usize) {
         self.starting.store(n, Ordering::SeqCst);
+        self.catching_up.store(n, Ordering::SeqCst);
         if n == 0 {
             self.started.cancel();
+            self.caught_up.cancel();
         }
     }
 
@@ -111,6 +128,15 @@ impl Durable {
         if self.starting.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.started.cancel();
         }
+    }
+
+    /// A rebuild moved a group's offset back to `next` in the store: the committer's record
+    /// of what it committed follows (or it would not commit again until the group passes the
+    /// old offset). Call with `commits` held.
+    pub(crate) fn note_committed(&self, topic: &str, slot: usize, partition: u32, next: u64) {
+        self.committed
+            .lock()
+            .insert((topic.to_owned(), slot, partition), next);
     }
 
     /// Starts the appender, the committer and (if a topic has a retention) the retention task.

@@ -24,6 +24,8 @@ pub(crate) async fn run_committer(inner: Engine) {
 /// Commits the next offset of every group partition that moved since its last commit.
 pub(crate) async fn commit_offsets(inner: &Engine) -> Result<(), StoreError> {
     let d = &*inner.d;
+    // One at a time, and never while a rebuild moves an offset back (see `rebuild`).
+    let _commits = d.commits.lock().await;
     let mut offsets = Vec::new();
     {
         let committed = d.committed.lock();

@@ -153,7 +153,8 @@ impl Subscription {
     /// had committed (replay from the beginning, or skip a backlog). The new position is
     /// committed at once. Remove the call after the restart that needed it, or every restart
     /// resets the group again. Without a store it changes nothing (see
-    /// [`start_from`](Subscription::start_from)).
+    /// [`start_from`](Subscription::start_from)). To rebuild a group without a restart, see
+    /// [`Bus::rebuild`](crate::Bus::rebuild).
     #[must_use]
     pub fn reset_to(mut self, start: StartFrom) -> Self {
         self.start = start;

@@ -452,7 +452,14 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
         let meta = item.meta();
         let (id, offset, correlation) = (meta.id, meta.offset, meta.correlation_id);
         ctx.cause = Some(Cause { id, correlation });
-        if self.delivery == DeliveryMode::AtMostOnce {
+        // With a log: a redriven dead letter ahead of the group's offset (the group reads the
+        // log again, after a restart or a rebuild) does not move the offset, or the events
+        // before it would never be read. The group may meet it again in the log: handled
+        // twice then, never lost.
+        let ahead = A::LOG
+            && offset >= stats.next_offset.load(Relaxed)
+            && self.dead_letters.holds(meta.partition, offset);
+        if self.delivery == DeliveryMode::AtMostOnce && !ahead {
             // Acknowledged on receipt.
             advance(stats, offset);
         }
@@ -467,7 +474,9 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
                 Gate::Release => released = true,
                 Gate::Parked => {
                     bump(&stats.failed);
-                    if !A::LOG || self.ack.save_dead_letter(&env, &self.dead_letters).await {
+                    if (!A::LOG || self.ack.save_dead_letter(&env, &self.dead_letters).await)
+                        && !ahead
+                    {
                         advance(stats, offset);
                     }
                     done.push(env.inner);
@@ -485,7 +494,9 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
             if released {
                 self.release_followers(env.clone(), ctx).await;
             }
-            advance(stats, offset);
+            if !ahead {
+                advance(stats, offset);
+            }
             done.push(env.inner);
             return;
         }
@@ -515,7 +526,9 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
                 }
             }
         }
-        advance(stats, offset);
+        if !ahead {
+            advance(stats, offset);
+        }
         done.push(env.inner);
     }
 
