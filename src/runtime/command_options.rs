@@ -44,6 +44,8 @@ pub(crate) enum Spread {
 ///   with the **same key are handled one at a time, in the order they arrive**, by the same
 ///   instance (which may keep per-key state), while requests with different keys may run at
 ///   once. Commands without a key go to the instances in turn, with no order between them.
+///   Keys share instances (many keys hash to each): a slow request delays the requests queued
+///   behind it on its instance, whatever their keys.
 ///
 /// Every instance is made by the factory and supervised on its own: a panic answers its
 /// request with [`RequestError::Panicked`](crate::RequestError::Panicked) and replaces that
