@@ -5,6 +5,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::error::RequestError;
+use crate::event::Key;
 use crate::publish::Cause;
 
 /// A request for one handler to do something, answered with a typed reply.
@@ -23,9 +24,34 @@ use crate::publish::Cause;
 ///     type Reply = bool;
 /// }
 /// ```
+///
+/// A handler registered with [`CommandOptions::keyed`](crate::CommandOptions::keyed) runs as
+/// several instances and routes each command by its [`key`](Command::key): commands with the
+/// same key go to the same instance, one at a time, in the order they arrive.
+///
+/// ```
+/// use tidings::{Command, Key};
+///
+/// struct GetOrder { order_id: u64 }
+///
+/// impl Command for GetOrder {
+///     type Reply = Option<String>;
+///
+///     fn key(&self) -> Option<Key<'_>> {
+///         Some(Key::U64(self.order_id))
+///     }
+/// }
+/// ```
 pub trait Command: Send + 'static {
     /// What the handler answers.
     type Reply: Send + 'static;
+
+    /// The key that picks the instance of a [keyed](crate::CommandOptions::keyed) handler
+    /// (default: none). Commands without a key are spread over the instances in turn, with no
+    /// order between them. Only keyed handlers read it.
+    fn key(&self) -> Option<Key<'_>> {
+        None
+    }
 }
 
 /// What a command handler's queue carries: a request, or `None` to stop once drained.

@@ -1,5 +1,6 @@
 //! The context a handler gets: publish follow-up events, send commands, watch for shutdown.
 
+use std::any::{Any, TypeId};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -33,7 +34,42 @@ pub struct Context {
 
 pub(crate) enum Sink {
     Core(Arc<Core>),
-    Capture(Arc<Mutex<Vec<AnyEnvelope>>>),
+    Capture(Arc<Capture>),
+}
+
+/// A stubbed reply of command type `C`, for [`Capture`].
+pub(crate) type Stub<C> = Box<dyn FnMut(&C) -> Result<<C as Command>::Reply, RequestError> + Send>;
+
+/// What a test context records, and the replies stubbed for its requests.
+#[derive(Default)]
+pub(crate) struct Capture {
+    /// What was published, in order.
+    pub(crate) log: Mutex<Vec<AnyEnvelope>>,
+    /// The commands requested, in order (each a `C`).
+    pub(crate) requests: Mutex<Vec<Box<dyn Any + Send>>>,
+    /// The stubbed replies by command type (each a [`Stub<C>`]).
+    pub(crate) stubs: Mutex<Vec<(TypeId, Box<dyn Any + Send>)>>,
+}
+
+impl Capture {
+    /// Answers `command` with its stub (or `NoHandler`), and records it.
+    fn request<C: Command>(&self, command: C) -> Result<C::Reply, RequestError> {
+        let reply = {
+            let mut stubs = self.stubs.lock().unwrap_or_else(|p| p.into_inner());
+            stubs
+                .iter_mut()
+                .find(|(type_id, _)| *type_id == TypeId::of::<C>())
+                .and_then(|(_, stub)| stub.downcast_mut::<Stub<C>>())
+                .map(|stub| stub(&command))
+        };
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(command));
+        reply.unwrap_or(Err(RequestError::NoHandler {
+            command: std::any::type_name::<C>(),
+        }))
+    }
 }
 
 impl Context {
@@ -85,7 +121,7 @@ impl Context {
     pub async fn publish<E: Event>(&self, event: E) -> Result<Published, PublishError<E>> {
         match &self.sink {
             Sink::Core(core) => core.publish_from(event, self.origin()).await,
-            Sink::Capture(log) => Ok(self.capture(log, event, PublishOptions::new())),
+            Sink::Capture(c) => Ok(self.capture(&c.log, event, PublishOptions::new())),
         }
     }
 
@@ -114,7 +150,7 @@ impl Context {
                 };
                 core.publish_from(event, origin).await
             }
-            Sink::Capture(log) => Ok(self.capture(log, event, options)),
+            Sink::Capture(c) => Ok(self.capture(&c.log, event, options)),
         }
     }
 
@@ -127,7 +163,7 @@ impl Context {
     pub fn try_publish<E: Event>(&self, event: E) -> Result<Published, TryPublishError<E>> {
         match &self.sink {
             Sink::Core(core) => core.try_publish_from(event, self.origin()),
-            Sink::Capture(log) => Ok(self.capture(log, event, PublishOptions::new())),
+            Sink::Capture(c) => Ok(self.capture(&c.log, event, PublishOptions::new())),
         }
     }
 
@@ -136,7 +172,8 @@ impl Context {
     /// # Errors
     ///
     /// See [`Bus::request`](crate::Bus::request). A context made by [`TestContext`](crate::testing::TestContext)
-    /// has no command handlers and answers [`RequestError::NoHandler`].
+    /// has no command handlers: it records the command and answers with the reply
+    /// [stubbed](crate::testing::TestContext::stub) for its type, or [`RequestError::NoHandler`].
     ///
     /// # Cancel safety
     ///
@@ -144,9 +181,7 @@ impl Context {
     pub async fn request<C: Command>(&self, command: C) -> Result<C::Reply, RequestError> {
         match &self.sink {
             Sink::Core(core) => core.request_from(command, self.cause, None).await,
-            Sink::Capture(_) => Err(RequestError::NoHandler {
-                command: std::any::type_name::<C>(),
-            }),
+            Sink::Capture(capture) => capture.request(command),
         }
     }
 

@@ -244,8 +244,10 @@ impl<E> fmt::Debug for TryPublishError<E> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RequestError {
-    /// No handler is registered for the command type.
-    #[error("no handler is registered for command {command}")]
+    /// No handler is registered for the command type (in a
+    /// [`TestContext`](crate::testing::TestContext): no reply was
+    /// [stubbed](crate::testing::TestContext::stub) for it).
+    #[error("no handler is registered for command {command} (register one with BusBuilder::command_handler; in a TestContext, stub its reply with TestContext::stub)")]
     NoHandler {
         /// The command type.
         command: &'static str,

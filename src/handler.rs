@@ -350,9 +350,15 @@ impl fmt::Debug for HandlerError {
 
 /// The one actor that answers commands of type `C`.
 ///
-/// It owns its state; commands are handled one at a time in arrival order. A panic is caught,
-/// answered with [`RequestError::Panicked`](crate::RequestError::Panicked), and the handler is
+/// It owns its state and handles commands one at a time. Registered with
+/// [`BusBuilder::command_handler`](crate::BusBuilder::command_handler) it is the only instance,
+/// so commands are handled in arrival order; [`CommandOptions`](crate::CommandOptions) runs
+/// several instances (keyed, or a pool) and states their order. A panic is caught, answered
+/// with [`RequestError::Panicked`](crate::RequestError::Panicked), and the instance is
 /// restarted from its factory.
+///
+/// Test it without a bus with
+/// [`TestContext::call_command`](crate::testing::TestContext::call_command).
 ///
 /// ```
 /// use tidings::{Command, CommandHandler, Context, HandlerError};

@@ -45,6 +45,7 @@ pub use event::{AsKey, DynEvent, Event, EventInfo, Key};
 pub use handler::{
     AnyHandler, CommandHandler, ErrorKind, Handler, HandlerError, HandlerResult, Panicked,
 };
+pub use runtime::command_options::CommandOptions;
 pub use topic::{Overflow, TopicConfig, DEFAULT_CAPACITY};
 
 /// Event, correlation and causation ids are UUIDs (v7 for ids the bus makes).

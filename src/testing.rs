@@ -3,7 +3,9 @@
 //! Two levels:
 //!
 //! - **A handler alone**: call it with a [`TestContext`], which records what it publishes
-//!   instead of routing it. No bus, no tasks.
+//!   instead of routing it, and what it requests, answering its requests with the replies you
+//!   [stub](TestContext::stub). No bus, no tasks. A command handler is called the same way
+//!   ([`call_command`](TestContext::call_command)).
 //! - **A whole bus**: build it with [`BusBuilder::record`](crate::BusBuilder::record), publish,
 //!   await [`Bus::settled`](crate::Bus::settled) (every queue empty, every handler idle, follow-up events included),
 //!   then assert on what handlers recorded (share a [`Recorder`] with them) and on
@@ -60,21 +62,66 @@
 //! # bus.shutdown().await; }
 //! ```
 
+use std::any::TypeId;
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{Context, Sink};
-use crate::envelope::{AnyEnvelope, Envelope};
+use crate::command::Command;
+use crate::context::{Capture, Context, Sink, Stub};
+use crate::envelope::{new_id, AnyEnvelope, Envelope};
+use crate::error::RequestError;
 use crate::event::Event;
-use crate::handler::{AnyHandler, Handler, HandlerError};
+use crate::handler::{AnyHandler, CommandHandler, Handler, HandlerError};
 use crate::publish::Cause;
 
 /// A [`Context`] for calling a handler directly, without a bus. What the handler publishes is
 /// recorded, with correlation and causation filled in as the bus would; partitions are all 0
 /// and offsets count every event published through this context, whatever its topic.
+///
+/// The commands the handler sends with [`Context::request`] are recorded too
+/// ([`requested_of`](TestContext::requested_of)) and answered with the reply
+/// [stubbed](TestContext::stub) for their type; a command type without a stub is answered
+/// [`RequestError::NoHandler`].
+///
+/// ```
+/// use tidings::testing::TestContext;
+/// use tidings::{Command, CommandHandler, Context, HandlerError, RequestError};
+///
+/// #[derive(Debug, Clone, PartialEq)]
+/// struct ReserveStock { sku: &'static str, quantity: u32 }
+/// impl Command for ReserveStock { type Reply = bool; }
+///
+/// struct PlaceOrder { sku: &'static str }
+/// impl Command for PlaceOrder { type Reply = &'static str; }
+///
+/// /// Places an order if the stock can be reserved.
+/// struct Orders;
+/// impl CommandHandler<PlaceOrder> for Orders {
+///     async fn handle(&mut self, cmd: PlaceOrder, ctx: &Context) -> Result<&'static str, HandlerError> {
+///         let reserved = ctx.request(ReserveStock { sku: cmd.sku, quantity: 1 }).await?;
+///         Ok(if reserved { "placed" } else { "out of stock" })
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let mut ctx = TestContext::new().stub(|cmd: &ReserveStock| Ok(cmd.sku == "apple"));
+/// assert_eq!(ctx.call_command(&mut Orders, PlaceOrder { sku: "apple" }).await.unwrap(), "placed");
+/// assert_eq!(ctx.call_command(&mut Orders, PlaceOrder { sku: "pear" }).await.unwrap(), "out of stock");
+/// assert_eq!(
+///     ctx.requested_of::<ReserveStock>(),
+///     vec![ReserveStock { sku: "apple", quantity: 1 }, ReserveStock { sku: "pear", quantity: 1 }],
+/// );
+///
+/// // Without a stub the request fails, as with no handler on a bus.
+/// let mut bare = TestContext::new();
+/// let err = bare.call_command(&mut Orders, PlaceOrder { sku: "apple" }).await.unwrap_err();
+/// assert!(err.to_string().contains("stub"));
+/// # }
+/// ```
 pub struct TestContext {
-    log: Arc<Mutex<Vec<AnyEnvelope>>>,
+    capture: Arc<Capture>,
     ctx: Context,
 }
 
@@ -100,17 +147,79 @@ impl TestContext {
 
     /// A context for the named group.
     pub fn for_group(group: &str) -> Self {
-        let log = Arc::new(Mutex::new(Vec::new()));
+        let capture = Arc::new(Capture::default());
         TestContext {
             ctx: Context {
-                sink: Sink::Capture(Arc::clone(&log)),
+                sink: Sink::Capture(Arc::clone(&capture)),
                 group: Arc::from(group),
                 cause: None,
                 cancel: CancellationToken::new(),
                 owner: None,
             },
-            log,
+            capture,
         }
+    }
+
+    /// Answers the requests of command type `C` sent through this context with `reply`, called
+    /// with each command (after this, a later stub for `C` replaces this one). Return
+    /// `Err(..)` to test how the handler copes with a failed request, e.g.
+    /// [`RequestError::Timeout`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tidings::testing::TestContext;
+    /// use tidings::{Command, RequestError};
+    ///
+    /// struct Charge { cents: u64 }
+    /// impl Command for Charge { type Reply = String; }
+    ///
+    /// let ctx = TestContext::new().stub(|cmd: &Charge| {
+    ///     if cmd.cents > 100_00 {
+    ///         Err(RequestError::Timeout { command: "Charge", timeout: Duration::from_secs(30) })
+    ///     } else {
+    ///         Ok(format!("receipt for {}", cmd.cents))
+    ///     }
+    /// });
+    /// # drop(ctx);
+    /// ```
+    #[must_use]
+    pub fn stub<C: Command>(
+        self,
+        reply: impl FnMut(&C) -> Result<C::Reply, RequestError> + Send + 'static,
+    ) -> Self {
+        let stub: Stub<C> = Box::new(reply);
+        {
+            let mut stubs = self.capture.stubs.lock().unwrap_or_else(|p| p.into_inner());
+            stubs.retain(|(type_id, _)| *type_id != TypeId::of::<C>());
+            stubs.push((TypeId::of::<C>(), Box::new(stub)));
+        }
+        self
+    }
+
+    /// Calls the command handler `handler` with `command`, as the bus would for a request sent
+    /// from outside: the request gets a fresh id, which is the correlation id of what the
+    /// handler publishes and the causation id of its events. Requests the handler sends are
+    /// recorded and answered by the [stubs](TestContext::stub).
+    ///
+    /// # Errors
+    ///
+    /// What the handler returns (on a bus the requester would get it as
+    /// [`RequestError::Failed`]). A panic is not caught.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`call`](TestContext::call).
+    pub async fn call_command<C: Command, H: CommandHandler<C>>(
+        &mut self,
+        handler: &mut H,
+        command: C,
+    ) -> Result<C::Reply, HandlerError> {
+        let id = new_id(SystemTime::now());
+        self.ctx.cause = Some(Cause {
+            id,
+            correlation: id,
+        });
+        handler.handle(command, &self.ctx).await
     }
 
     /// Calls `handler` with `event`, as the bus would: the events it publishes name `event` as
@@ -169,7 +278,7 @@ impl TestContext {
 
     /// Everything published through this context so far.
     pub fn published(&self) -> Vec<AnyEnvelope> {
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.capture.log).clone()
     }
 
     /// The published events of type `E`.
@@ -177,10 +286,24 @@ impl TestContext {
         events_of::<E>(&self.published())
     }
 
-    /// Forgets what was published so far.
-    pub fn clear(&self) {
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    /// The commands of type `C` requested through this context so far ([`Context::request`]),
+    /// in order, whether a reply was stubbed for them or not.
+    pub fn requested_of<C: Command + Clone>(&self) -> Vec<C> {
+        lock(&self.capture.requests)
+            .iter()
+            .filter_map(|command| command.downcast_ref::<C>().cloned())
+            .collect()
     }
+
+    /// Forgets what was published and requested so far (the stubs stay).
+    pub fn clear(&self) {
+        lock(&self.capture.log).clear();
+        lock(&self.capture.requests).clear();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The envelopes of type `E` among `envelopes`, in order.

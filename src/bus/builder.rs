@@ -10,13 +10,12 @@ use std::time::Duration;
 use dashmap::DashMap;
 use futures::future::BoxFuture;
 use rustc_hash::FxHashMap;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::handles::{EventSet, Handles, Member, Spawner};
 use super::plan::Plan;
 use super::{Bus, BusInner, HandleGuard};
-use crate::command::{Command, CommandMessage};
+use crate::command::Command;
 use crate::core::pending::Pending;
 use crate::core::request::CommandEntry;
 use crate::core::route::Route;
@@ -28,8 +27,9 @@ use crate::error::BuildError;
 use crate::handler::AnyHandler;
 use crate::handler::CommandHandler;
 use crate::middleware::DedupWindow;
+use crate::runtime::command_options::{make_command, CommandOptions, CommandStart};
 use crate::runtime::dispatch::{panic_message, Dispatch, Factory, Untyped};
-use crate::runtime::subscription::{RestartBackoff, Subscription};
+use crate::runtime::subscription::Subscription;
 use crate::runtime::worker::{self, MemorySource, NoAck, WorkerArgs};
 use crate::store::{Decoder, Store, Upcaster, DEFAULT_MAX_PAYLOAD};
 use crate::topic::TopicConfig;
@@ -104,55 +104,29 @@ impl SubSpec {
     }
 }
 
-type CommandStart = Box<dyn FnOnce(Arc<Core>) -> BoxFuture<'static, ()> + Send>;
-/// Makes a command handler's queue: the type-erased sender, and what starts its task.
+/// Makes a command handler's queues: the type-erased senders, and what starts its tasks.
 type CommandMake = Box<dyn FnOnce(usize) -> (CommandEntry, CommandStart) + Send>;
 
 pub(super) struct CmdSpec {
     pub(super) type_id: TypeId,
     pub(super) name: &'static str,
+    pub(super) instances: usize,
     pub(super) make: CommandMake,
     /// The [`Module`](super::Module) that registered it.
     pub(super) module: Option<String>,
 }
 
 impl CmdSpec {
-    /// The one handler of command type `C`.
-    pub(super) fn new<C: Command, H: CommandHandler<C>>(factory: Factory<H>) -> Self {
+    /// The handler of command type `C`, with its options.
+    pub(super) fn new<C: Command, H: CommandHandler<C>>(
+        options: CommandOptions,
+        factory: Factory<H>,
+    ) -> Self {
         CmdSpec {
             type_id: TypeId::of::<C>(),
             name: std::any::type_name::<C>(),
-            make: Box::new(move |capacity| {
-                let (tx, rx) = mpsc::channel::<CommandMessage<C>>(capacity);
-                let start: CommandStart = Box::new(move |bus| {
-                    let handler = factory();
-                    Box::pin(crate::runtime::commands::run_commands::<C, H>(
-                        handler,
-                        factory,
-                        rx,
-                        bus,
-                        RestartBackoff::default(),
-                    ))
-                });
-                let stopper = tx.clone();
-                let entry = CommandEntry {
-                    sender: Box::new(tx),
-                    // Sent once shutdown has drained every request, so there is room.
-                    stop: Box::new(move || {
-                        if let Err(mpsc::error::TrySendError::Full(_)) = stopper.try_send(None) {
-                            // Only when the last handle is dropped with requests still queued:
-                            // queue the stop behind them.
-                            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                                let stopper = stopper.clone();
-                                runtime.spawn(async move {
-                                    let _ = stopper.send(None).await;
-                                });
-                            }
-                        }
-                    }),
-                };
-                (entry, start)
-            }),
+            instances: options.instances,
+            make: Box::new(move |capacity| make_command::<C, H>(&options, factory, capacity)),
             module: None,
         }
     }
@@ -338,16 +312,62 @@ impl BusBuilder {
         self
     }
 
-    /// Registers the one handler of command type `C`. A second handler for the same type is a
+    /// Registers the one handler of command type `C`, as one instance: requests are handled
+    /// one at a time, in arrival order. A second handler for the same type is a
     /// [`BuildError::DuplicateCommandHandler`]. After a panic it is restarted from `factory`
-    /// with the default [`RestartBackoff`] (10 ms doubling to 1 s).
+    /// with the default [`RestartBackoff`](crate::RestartBackoff) (10 ms doubling to 1 s).
+    /// Same as [`command_handler_with`](BusBuilder::command_handler_with) with
+    /// [`CommandOptions::new`].
     #[must_use]
-    pub fn command_handler<C, H>(mut self, factory: impl Fn() -> H + Send + Sync + 'static) -> Self
+    pub fn command_handler<C, H>(self, factory: impl Fn() -> H + Send + Sync + 'static) -> Self
     where
         C: Command,
         H: CommandHandler<C>,
     {
-        self.commands.push(CmdSpec::new::<C, H>(Arc::new(factory)));
+        self.command_handler_with::<C, H>(CommandOptions::new(), factory)
+    }
+
+    /// Registers the one handler of command type `C` with [options](CommandOptions): several
+    /// instances of it, as a [pool](CommandOptions::pool) (no order between requests) or
+    /// [keyed](CommandOptions::keyed) by [`Command::key`] (requests with the same key in
+    /// arrival order), and its restart backoff. `factory` makes every instance, at build and
+    /// after a panic. A second handler for the same type is a
+    /// [`BuildError::DuplicateCommandHandler`]; zero instances a
+    /// [`BuildError::InvalidSetting`].
+    ///
+    /// ```
+    /// use tidings::{Bus, Command, CommandHandler, CommandOptions, Context, HandlerError};
+    ///
+    /// struct Resize { width: u32 }
+    /// impl Command for Resize { type Reply = u32; }
+    ///
+    /// struct Resizer;
+    /// impl CommandHandler<Resize> for Resizer {
+    ///     async fn handle(&mut self, cmd: Resize, _: &Context) -> Result<u32, HandlerError> {
+    ///         Ok(cmd.width / 2)
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let bus = Bus::builder()
+    ///     .command_handler_with::<Resize, _>(CommandOptions::pool(8), || Resizer)
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(bus.request(Resize { width: 640 }).await, Ok(320));
+    /// # bus.shutdown().await; }
+    /// ```
+    #[must_use]
+    pub fn command_handler_with<C, H>(
+        mut self,
+        options: CommandOptions,
+        factory: impl Fn() -> H + Send + Sync + 'static,
+    ) -> Self
+    where
+        C: Command,
+        H: CommandHandler<C>,
+    {
+        self.commands
+            .push(CmdSpec::new::<C, H>(options, Arc::new(factory)));
         self
     }
 
@@ -407,7 +427,7 @@ impl BusBuilder {
     }
 
     /// Checks the configuration, starts one worker task per partition of every subscription and
-    /// one per command handler, and returns the bus.
+    /// one per command handler instance, and returns the bus.
     ///
     /// # Errors
     ///
@@ -548,7 +568,7 @@ impl BusBuilder {
             }
             for (name, start) in command_starts {
                 making = format!("command handler of {name}");
-                workers.push(start(Arc::clone(&core)));
+                workers.extend(start(Arc::clone(&core)));
             }
         }));
         if let Err(panic) = made {

@@ -8,6 +8,7 @@ use super::handles::{EventSet, Handles};
 use super::BusBuilder;
 use crate::command::Command;
 use crate::handler::{AnyHandler, CommandHandler};
+use crate::runtime::command_options::CommandOptions;
 use crate::runtime::subscription::Subscription;
 use crate::topic::TopicConfig;
 
@@ -175,8 +176,21 @@ impl<S: Clone + Send + Sync + 'static> Module<S> {
     /// Registers the one handler of command type `C`, as [`BusBuilder::command_handler`]
     /// does; `factory` gets the module's state.
     #[must_use]
-    pub fn command_handler<C, H>(
+    pub fn command_handler<C, H>(self, factory: impl Fn(&S) -> H + Send + Sync + 'static) -> Self
+    where
+        C: Command,
+        H: CommandHandler<C>,
+    {
+        self.command_handler_with::<C, H>(CommandOptions::new(), factory)
+    }
+
+    /// Registers the handler of command type `C` with [options](CommandOptions) (several
+    /// instances, keyed or a pool), as [`BusBuilder::command_handler_with`] does; `factory`
+    /// gets the module's state.
+    #[must_use]
+    pub fn command_handler_with<C, H>(
         mut self,
+        options: CommandOptions,
         factory: impl Fn(&S) -> H + Send + Sync + 'static,
     ) -> Self
     where
@@ -184,7 +198,7 @@ impl<S: Clone + Send + Sync + 'static> Module<S> {
         H: CommandHandler<C>,
     {
         let state = self.state.clone();
-        let mut spec = CmdSpec::new::<C, H>(Arc::new(move || factory(&state)));
+        let mut spec = CmdSpec::new::<C, H>(options, Arc::new(move || factory(&state)));
         spec.module = Some(self.name.clone());
         self.commands.push(spec);
         self

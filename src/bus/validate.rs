@@ -147,6 +147,12 @@ impl BusBuilder {
             if !commands.insert(cmd.type_id) {
                 return Err(BuildError::DuplicateCommandHandler { command: cmd.name });
             }
+            if cmd.instances == 0 {
+                return Err(BuildError::InvalidSetting(format!(
+                    "command handler of {}: instances must be at least 1",
+                    cmd.name
+                )));
+            }
         }
         if self.request_timeout.is_zero() {
             return Err(BuildError::InvalidSetting(

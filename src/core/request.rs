@@ -1,7 +1,7 @@
 //! Request/reply: a command into its one handler's queue, and the reply back.
 
 use std::any::{Any, TypeId};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
@@ -12,11 +12,45 @@ use crate::envelope::new_id;
 use crate::error::RequestError;
 use crate::publish::Cause;
 
-/// A command handler's queue: the typed sender (`mpsc::Sender<CommandMessage<C>>`), erased, and
-/// how to tell its task to stop.
+/// A command handler's queues: the typed [`CommandQueues`], erased, and how to tell its tasks
+/// to stop.
 pub(crate) struct CommandEntry {
     pub(crate) sender: Box<dyn Any + Send + Sync>,
     pub(crate) stop: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Where the requests of command type `C` go.
+pub(crate) enum CommandQueues<C: Command> {
+    /// One instance and its queue; the instance keeps the requests' deadlines.
+    One(mpsc::Sender<CommandMessage<C>>),
+    /// A pool: one queue that every idle instance takes from. Busy instances do not watch it,
+    /// so the requester keeps its own deadline.
+    Shared(mpsc::Sender<CommandMessage<C>>),
+    /// Keyed instances, one queue each: the command's key picks one (keyless commands go
+    /// round-robin); each instance keeps its requests' deadlines.
+    Keyed {
+        queues: Box<[mpsc::Sender<CommandMessage<C>>]>,
+        next: AtomicU32,
+    },
+}
+
+impl<C: Command> CommandQueues<C> {
+    /// The queue for `command`, and whether the requester must keep the deadline itself.
+    #[inline]
+    fn pick(&self, command: &C) -> (&mpsc::Sender<CommandMessage<C>>, bool) {
+        match self {
+            CommandQueues::One(sender) => (sender, false),
+            CommandQueues::Shared(sender) => (sender, true),
+            CommandQueues::Keyed { queues, next } => {
+                let n = queues.len() as u32;
+                let i = match command.key() {
+                    Some(key) => key.partition(n),
+                    None => next.fetch_add(1, Ordering::Relaxed) % n,
+                };
+                (&queues[i as usize], false)
+            }
+        }
+    }
 }
 
 /// Uncounts one pending request when dropped, unless disarmed.
@@ -39,13 +73,14 @@ impl Core {
     ) -> Result<C::Reply, RequestError> {
         let inner = self;
         let name = std::any::type_name::<C>();
-        let Some(sender) = inner
+        let Some(queues) = inner
             .commands
             .get(&TypeId::of::<C>())
-            .and_then(|e| e.sender.downcast_ref::<mpsc::Sender<CommandMessage<C>>>())
+            .and_then(|e| e.sender.downcast_ref::<CommandQueues<C>>())
         else {
             return Err(RequestError::NoHandler { command: name });
         };
+        let (sender, own_deadline) = queues.pick(&command);
         // Counted as pending before intake is checked, so that shutdown either sees this
         // request and waits for it, or this request sees shutdown and backs off; the guard
         // uncounts it on every way out until the handler task owns it.
@@ -99,6 +134,18 @@ impl Core {
         permit.send(Some(request));
         // From here the handler task finishes the request, answered or not.
         counted.0 = None;
+        if own_deadline {
+            // A pool: the request may wait in the shared queue while every instance is busy,
+            // and no instance watches it there. It stays counted until an instance takes it
+            // (and, past its deadline, drops it).
+            return match tokio::time::timeout_at(deadline, rx).await {
+                Ok(reply) => reply.unwrap_or(Err(RequestError::Closed)),
+                Err(_) => Err(RequestError::Timeout {
+                    command: name,
+                    timeout,
+                }),
+            };
+        }
         rx.await.unwrap_or(Err(RequestError::Closed))
     }
 }

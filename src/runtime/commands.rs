@@ -1,5 +1,5 @@
-//! A command handler's task: requests one at a time, their deadlines kept while the handler is
-//! busy, panics answered and the handler restarted.
+//! A command handler instance's task: requests one at a time, their deadlines kept while the
+//! handler is busy, panics answered and the handler restarted.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -19,6 +19,38 @@ use crate::core::Core;
 use crate::error::RequestError;
 use crate::handler::CommandHandler;
 
+type Receiver<C> = tokio::sync::mpsc::Receiver<CommandMessage<C>>;
+
+/// Where an instance takes its requests from.
+pub(crate) enum Requests<C: Command> {
+    /// Its own queue (one instance, or one of keyed instances): while the handler is busy the
+    /// task moves waiting requests aside to keep their deadlines.
+    Own(Receiver<C>),
+    /// The queue of a pool, shared with the other instances: taken from only when idle, so
+    /// waiting requests stay for any instance that frees up; requesters keep their deadlines.
+    Shared(Arc<tokio::sync::Mutex<Receiver<C>>>),
+}
+
+/// What is still queued once an instance stops: refused, each answered and uncounted, so that
+/// nothing waits or stays counted. The queue is closed first, so nothing more comes in.
+fn refuse_queued<C: Command>(requests: &mut Receiver<C>, core: &Core) {
+    requests.close();
+    while let Ok(message) = requests.try_recv() {
+        if let Some(request) = message {
+            let _ = request.reply.send(Err(RequestError::Closed));
+            core.pending.finish_requests(1);
+        }
+    }
+}
+
+/// The next message of an instance's own queue; a pool's instance never finishes this.
+async fn recv_own<C: Command>(requests: &mut Requests<C>) -> Option<CommandMessage<C>> {
+    match requests {
+        Requests::Own(receiver) => receiver.recv().await,
+        Requests::Shared(_) => std::future::pending().await,
+    }
+}
+
 /// Keeps the deadlines of a command handler's requests while the handler is busy.
 ///
 /// One timer, re-armed lazily: it stays at an earlier deadline until it fires, and only then
@@ -27,7 +59,9 @@ use crate::handler::CommandHandler;
 /// timeout period instead of once per request.
 struct Deadlines<C: Command> {
     name: &'static str,
-    requests: tokio::sync::mpsc::Receiver<CommandMessage<C>>,
+    requests: Requests<C>,
+    /// The queue is this instance's own (not a pool's).
+    own: bool,
     /// Requests taken off the channel while the handler was busy, so their deadlines are kept.
     /// Bounded by the deadlines: expired ones are answered and dropped.
     backlog: VecDeque<CommandRequest<C>>,
@@ -68,7 +102,23 @@ impl<C: Command> Deadlines<C> {
         if self.stopping {
             return None;
         }
-        match self.requests.recv().await {
+        let message = match &mut self.requests {
+            Requests::Own(receiver) => receiver.recv().await,
+            // Idle instances of a pool wait in turn for the shared queue; one at a time waits
+            // on it, so a request goes to an idle instance.
+            Requests::Shared(shared) => {
+                let mut receiver = shared.lock().await;
+                let message = receiver.recv().await;
+                if !matches!(message, Some(Some(_))) {
+                    // The first instance to see the stop closes the shared queue (refusing what
+                    // slipped in beside the stop) before it lets go of it: the others then find
+                    // it closed instead of waiting on it.
+                    refuse_queued(&mut receiver, &self.core);
+                }
+                message
+            }
+        };
+        match message {
             Some(Some(request)) => Some(request),
             // Shutdown drained every request and asks the task to stop.
             Some(None) | None => None,
@@ -125,7 +175,7 @@ impl<C: Command> Deadlines<C> {
                         self.arm(next);
                     }
                 }
-                message = self.requests.recv(), if !self.stopping => match message {
+                message = recv_own(&mut self.requests), if self.own && !self.stopping => match message {
                     Some(Some(queued)) => {
                         self.arm(queued.deadline);
                         self.backlog.push_back(queued);
@@ -142,7 +192,7 @@ impl<C: Command> Deadlines<C> {
 pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
     mut handler: H,
     factory: Factory<H>,
-    requests: tokio::sync::mpsc::Receiver<CommandMessage<C>>,
+    requests: Requests<C>,
     core: Arc<Core>,
     backoff: RestartBackoff,
 ) {
@@ -151,6 +201,7 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
     let mut consecutive_panics = 0u32;
     let mut deadlines = Deadlines {
         name,
+        own: matches!(requests, Requests::Own(_)),
         requests,
         backlog: VecDeque::new(),
         timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
@@ -235,12 +286,9 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
     }
     // Stopping: refuse what is still queued (requests that slipped in beside the stop
     // message), answering and uncounting each, so that nothing waits or stays counted.
-    deadlines.requests.close();
-    while let Ok(message) = deadlines.requests.try_recv() {
-        if let Some(request) = message {
-            let _ = request.reply.send(Err(RequestError::Closed));
-            core.pending.finish_requests(1);
-        }
+    match &mut deadlines.requests {
+        Requests::Own(receiver) => refuse_queued(receiver, &core),
+        Requests::Shared(shared) => refuse_queued(&mut *shared.lock().await, &core),
     }
     for request in deadlines.backlog.drain(..) {
         let _ = request.reply.send(Err(RequestError::Closed));
