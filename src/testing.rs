@@ -108,6 +108,7 @@ impl TestContext {
                 cause: None,
                 cancel: CancellationToken::new(),
                 owner: None,
+                source: crate::core::seen::EXTERNAL,
             },
             log,
         }

@@ -65,6 +65,8 @@ pub(super) struct SubSpec {
     pub(super) topic: String,
     /// `None`: every type of the topic.
     pub(super) accepts: Option<TypeId>,
+    /// `Event::NAME` of the accepted types (empty: every type).
+    pub(super) event_names: Vec<&'static str>,
     pub(super) handler_name: &'static str,
     pub(super) spawn: Spawner,
 }
@@ -76,6 +78,7 @@ type CommandMake = Box<dyn FnOnce(usize) -> (CommandEntry, CommandStart) + Send>
 pub(super) struct CmdSpec {
     pub(super) type_id: TypeId,
     pub(super) name: &'static str,
+    pub(super) handler_name: &'static str,
     pub(super) make: CommandMake,
 }
 
@@ -226,6 +229,7 @@ impl BusBuilder {
             options: subscription.into(),
             topic: E::TOPIC.to_owned(),
             accepts: Some(TypeId::of::<E>()),
+            event_names: vec![E::NAME],
             handler_name: std::any::type_name::<H>(),
             spawn: Arc::new(move |args, durable| {
                 spawn_worker(Typed::<E, H>::new(Arc::clone(&factory)), args, durable)
@@ -251,6 +255,7 @@ impl BusBuilder {
             options: subscription.into(),
             topic: topic.into(),
             accepts: None,
+            event_names: Vec::new(),
             handler_name: std::any::type_name::<H>(),
             spawn: Arc::new(move |args, durable| {
                 spawn_worker(Untyped::new(Arc::clone(&factory)), args, durable)
@@ -272,6 +277,7 @@ impl BusBuilder {
         self.commands.push(CmdSpec {
             type_id: TypeId::of::<C>(),
             name: std::any::type_name::<C>(),
+            handler_name: std::any::type_name::<H>(),
             make: Box::new(move |capacity| {
                 let (tx, rx) = mpsc::channel::<CommandMessage<C>>(capacity);
                 let start: CommandStart = Box::new(move |bus| {
@@ -392,6 +398,7 @@ impl BusBuilder {
             placements,
         } = self.plan()?;
 
+        let (layout, sightings) = self.layout();
         let mut commands = FxHashMap::default();
         let mut command_starts = Vec::new();
         for spec in self.commands {
@@ -438,6 +445,7 @@ impl BusBuilder {
                 store: Arc::clone(&d.store),
                 decoder: Arc::clone(&d.decoder),
             }),
+            sightings,
         };
         if durable.is_some() {
             core.start_lagging();
@@ -476,6 +484,7 @@ impl BusBuilder {
             dead_letters,
             shutdown: Mutex::new(None),
             durable: durable.clone(),
+            layout,
         });
         // Make every handler first (the factories run here), and spawn only when all are
         // made: a factory that panics is a build error, with no task left behind.

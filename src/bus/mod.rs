@@ -8,6 +8,7 @@ mod builder;
 mod plan;
 mod shutdown;
 mod stats;
+mod topology;
 mod validate;
 
 use shutdown::HandleGuard;
@@ -25,6 +26,7 @@ pub use builder::BusBuilder;
 
 use crate::command::Command;
 use crate::core::publish::Origin;
+use crate::core::seen::EXTERNAL;
 use crate::core::{lock, Core};
 use crate::dead_letter::{DeadLetterError, DeadLetterQueue, DeadLetters};
 use crate::durable::{Durable, Engine};
@@ -92,6 +94,8 @@ pub(crate) struct BusInner {
     pub(crate) shutdown: Mutex<Option<Shared<BoxFuture<'static, ShutdownReport>>>>,
     /// The store's side of the bus and its tasks, if the bus has one.
     pub(crate) durable: Option<Arc<Durable>>,
+    /// The groups and command handlers, for [`Bus::topology`].
+    pub(crate) layout: topology::Layout,
 }
 
 impl std::ops::Deref for BusInner {
@@ -302,6 +306,7 @@ impl Bus {
         }
         if inner.append.is_some() {
             let route = inner.route::<E>();
+            inner.saw_publish::<E>(&route, EXTERNAL);
             let topic = Arc::clone(&route.topic);
             let slots = route.slots.clone();
             drop(route);
@@ -401,6 +406,7 @@ impl Bus {
     /// Dropping the future abandons the reply only: a request already queued is still handled (its
     /// reply is discarded); one not yet queued is not sent.
     pub async fn request<C: Command>(&self, command: C) -> Result<C::Reply, RequestError> {
+        self.inner.core.saw_request::<C>(EXTERNAL);
         self.inner.core.request_from(command, None, None).await
     }
 
@@ -418,6 +424,7 @@ impl Bus {
         command: C,
         timeout: Duration,
     ) -> Result<C::Reply, RequestError> {
+        self.inner.core.saw_request::<C>(EXTERNAL);
         self.inner
             .core
             .request_from(command, None, Some(timeout))
