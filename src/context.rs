@@ -10,6 +10,7 @@ use uuid::Uuid;
 use crate::command::Command;
 use crate::core::publish::Origin;
 use crate::core::route::QueueId;
+use crate::core::seen::{SourceId, EXTERNAL};
 use crate::core::Core;
 use crate::envelope::{new_id, AnyEnvelope, Envelope, Headers, Metadata};
 use crate::error::{PublishError, RequestError, TryPublishError};
@@ -30,6 +31,8 @@ pub struct Context {
     pub(crate) cancel: CancellationToken,
     /// The queue this context's worker drains (event handlers only).
     pub(crate) owner: Option<QueueId>,
+    /// Who publishes and requests through this context, for `Bus::topology`.
+    pub(crate) source: SourceId,
 }
 
 pub(crate) enum Sink {
@@ -81,6 +84,7 @@ impl Context {
             cause: None,
             cancel,
             owner: None,
+            source: EXTERNAL,
         }
     }
 
@@ -91,6 +95,7 @@ impl Context {
             headers: Headers::new(),
             id: None,
             owner: self.owner,
+            source: self.source,
         }
     }
 
@@ -180,7 +185,10 @@ impl Context {
     /// As [`Bus::request`](crate::Bus::request).
     pub async fn request<C: Command>(&self, command: C) -> Result<C::Reply, RequestError> {
         match &self.sink {
-            Sink::Core(core) => core.request_from(command, self.cause, None).await,
+            Sink::Core(core) => {
+                core.saw_request::<C>(self.source);
+                core.request_from(command, self.cause, None).await
+            }
             Sink::Capture(capture) => capture.request(command),
         }
     }

@@ -27,6 +27,7 @@ pub mod stats;
 pub mod store;
 pub mod testing;
 mod topic;
+pub mod topology;
 mod window;
 
 // The root: what the first examples of the README use. Extension points (middleware, stores,

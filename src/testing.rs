@@ -155,6 +155,7 @@ impl TestContext {
                 cause: None,
                 cancel: CancellationToken::new(),
                 owner: None,
+                source: crate::core::seen::EXTERNAL,
             },
             capture,
         }

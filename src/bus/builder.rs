@@ -111,6 +111,7 @@ pub(super) struct CmdSpec {
     pub(super) type_id: TypeId,
     pub(super) name: &'static str,
     pub(super) instances: usize,
+    pub(super) handler_name: &'static str,
     pub(super) make: CommandMake,
     /// The [`Module`](super::Module) that registered it.
     pub(super) module: Option<String>,
@@ -126,6 +127,7 @@ impl CmdSpec {
             type_id: TypeId::of::<C>(),
             name: std::any::type_name::<C>(),
             instances: options.instances,
+            handler_name: std::any::type_name::<H>(),
             make: Box::new(move |capacity| make_command::<C, H>(&options, factory, capacity)),
             module: None,
         }
@@ -456,6 +458,7 @@ impl BusBuilder {
             placements,
         } = self.plan()?;
 
+        let (layout, sightings) = self.layout();
         let mut commands = FxHashMap::default();
         let mut command_starts = Vec::new();
         for spec in self.commands {
@@ -502,6 +505,7 @@ impl BusBuilder {
                 store: Arc::clone(&d.store),
                 decoder: Arc::clone(&d.decoder),
             }),
+            sightings,
         };
         if durable.is_some() {
             core.start_lagging();
@@ -543,6 +547,7 @@ impl BusBuilder {
             dead_letters,
             shutdown: Mutex::new(None),
             durable: durable.clone(),
+            layout,
         });
         // Make every handler first (the factories run here), and spawn only when all are
         // made: a factory that panics is a build error, with no task left behind.

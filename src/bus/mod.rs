@@ -12,6 +12,7 @@ mod ready;
 pub mod rebuild;
 mod shutdown;
 mod stats;
+mod topology;
 mod validate;
 
 use shutdown::HandleGuard;
@@ -31,6 +32,7 @@ pub use module::Module;
 
 use crate::command::Command;
 use crate::core::publish::Origin;
+use crate::core::seen::EXTERNAL;
 use crate::core::{lock, Core};
 use crate::dead_letter::{DeadLetterError, DeadLetterQueue, DeadLetters};
 use crate::durable::{Durable, Engine};
@@ -98,6 +100,8 @@ pub(crate) struct BusInner {
     pub(crate) shutdown: Mutex<Option<Shared<BoxFuture<'static, ShutdownReport>>>>,
     /// The store's side of the bus and its tasks, if the bus has one.
     pub(crate) durable: Option<Arc<Durable>>,
+    /// The groups and command handlers, for [`Bus::topology`].
+    pub(crate) layout: topology::Layout,
 }
 
 impl std::ops::Deref for BusInner {
@@ -308,6 +312,7 @@ impl Bus {
         }
         if inner.append.is_some() {
             let route = inner.route::<E>();
+            inner.saw_publish::<E>(&route, EXTERNAL);
             let topic = Arc::clone(&route.topic);
             let slots = route.slots.clone();
             drop(route);
@@ -407,6 +412,7 @@ impl Bus {
     /// Dropping the future abandons the reply only: a request already queued is still handled (its
     /// reply is discarded); one not yet queued is not sent.
     pub async fn request<C: Command>(&self, command: C) -> Result<C::Reply, RequestError> {
+        self.inner.core.saw_request::<C>(EXTERNAL);
         self.inner.core.request_from(command, None, None).await
     }
 
@@ -424,6 +430,7 @@ impl Bus {
         command: C,
         timeout: Duration,
     ) -> Result<C::Reply, RequestError> {
+        self.inner.core.saw_request::<C>(EXTERNAL);
         self.inner
             .core
             .request_from(command, None, Some(timeout))

@@ -23,6 +23,7 @@ pub(crate) mod publish;
 pub(crate) mod queue;
 pub(crate) mod request;
 pub(crate) mod route;
+pub(crate) mod seen;
 
 use std::any::TypeId;
 use std::collections::HashMap;
@@ -45,6 +46,7 @@ use pending::Pending;
 use queue::Topic;
 use request::CommandEntry;
 use route::Route;
+use seen::Sightings;
 
 /// The shared state every handle of a bus reaches: topics and their queues, routes, command
 /// queues, what is pending, intake and the shutdown signal. Workers, [`Context`](crate::Context)
@@ -75,6 +77,8 @@ pub(crate) struct Core {
     /// With a store: the store and how its rows are read back (dead letters are saved in it and
     /// redriven from it).
     pub(crate) log: Option<Log>,
+    /// Who published what and sent which command, for `Bus::topology`.
+    pub(crate) sightings: Sightings,
 }
 
 /// The store behind a durable bus, as the layers above the core reach it.

@@ -8,6 +8,7 @@ use super::lock;
 use super::queue::{Partition, PartitionState, Topic};
 use super::route::Placement;
 use super::route::QueueId;
+use super::seen::SourceId;
 use super::Core;
 use crate::envelope::{AnyEnvelope, Erased, Headers, Metadata};
 use crate::error::{PublishError, TryPublishError};
@@ -26,6 +27,8 @@ pub(crate) struct Origin {
     pub(crate) id: Option<Uuid>,
     /// The queue the publishing handler's worker drains, if any.
     pub(crate) owner: Option<QueueId>,
+    /// Who publishes (see `core::seen`); the application by default.
+    pub(crate) source: SourceId,
 }
 
 enum Reject<E> {
@@ -43,7 +46,7 @@ impl Core {
         if !origin.from_handler && !inner.intake_open.load(Ordering::Acquire) {
             return Err(PublishError::Closed(event));
         }
-        let mut place = inner.place(&event);
+        let mut place = inner.place(&event, origin.source);
         if inner.append.is_some() {
             let route = (Arc::clone(&place.route.topic), place.route.slots.clone());
             let id = origin.id.unwrap_or(place.id);
@@ -105,7 +108,7 @@ impl Core {
         if inner.append.is_some() {
             return Err(TryPublishError::Durable(event));
         }
-        let place = inner.place(&event);
+        let place = inner.place(&event, origin.source);
         let mut garbage = Vec::new();
         let mut state = place.partition().lock();
         inner

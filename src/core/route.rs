@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::queue::{Partition, Topic};
+use super::seen::{SourceId, SourceSet};
 use super::Core;
 use crate::envelope::new_id;
 use crate::event::Event;
@@ -32,6 +33,8 @@ impl QueueId {
 pub(crate) struct Route {
     pub(crate) topic: Arc<Topic>,
     pub(crate) slots: Box<[usize]>,
+    /// The sources seen publishing this type (see `core::seen`).
+    pub(crate) seen: SourceSet,
 }
 
 pub(crate) enum RouteRef<'a> {
@@ -121,6 +124,7 @@ impl Core {
                 Route {
                     topic: Arc::clone(&self.topics[index]),
                     slots: slots.into_boxed_slice(),
+                    seen: SourceSet::new(self.sightings.len()),
                 }
             }
             None => {
@@ -141,15 +145,18 @@ impl Core {
                 Route {
                     topic,
                     slots: Box::new([]),
+                    seen: SourceSet::new(self.sightings.len()),
                 }
             }
         }
     }
 
     /// Where an event goes and what it is called: computed before the partition lock.
+    /// `source` is who publishes it (see `core::seen`).
     #[inline]
-    pub(crate) fn place<E: Event>(&self, event: &E) -> Placement<'_> {
+    pub(crate) fn place<E: Event>(&self, event: &E, source: SourceId) -> Placement<'_> {
         let route = self.route::<E>();
+        self.saw_publish::<E>(&route, source);
         let partition = route.topic.partition_for(event.key());
         let timestamp = SystemTime::now();
         Placement {

@@ -198,6 +198,7 @@ pub(crate) async fn run_commands<C: Command, H: CommandHandler<C>>(
 ) {
     let name = std::any::type_name::<C>();
     let mut ctx = Context::for_core(Arc::clone(&core), Arc::from(name));
+    ctx.source = core.sightings.command(name);
     let mut consecutive_panics = 0u32;
     let mut deadlines = Deadlines {
         name,

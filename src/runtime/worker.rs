@@ -404,6 +404,7 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
         let group: Arc<str> = Arc::from(topic.groups[slot].as_str());
         let mut ctx = Context::for_core(Arc::clone(&core), Arc::clone(&group));
         ctx.owner = Some(QueueId::of(&topic, slot, partition));
+        ctx.source = core.sightings.group(&group);
         let layers: Vec<Box<dyn DynMiddleware>> = options
             .layers
             .iter()

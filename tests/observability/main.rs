@@ -13,4 +13,5 @@
 mod support;
 
 mod spans;
+mod topology;
 mod unrouted_events;
