@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tidings::prelude::*;
 use tidings::Uuid;
 
-use crate::inventory::{StockReserved, StockUnavailable};
+use crate::inventory::{GetStock, StockReserved, StockUnavailable};
 use crate::payments::{PaymentCaptured, PaymentDeclined};
 
 /// A customer placed an order.
@@ -37,7 +37,7 @@ pub struct OrderCancelled {
     pub reason: String,
 }
 
-/// Places an order; the reply is its id.
+/// Places an order; the reply is its id, or why it was refused at once.
 #[derive(Debug, Clone)]
 pub struct PlaceOrder {
     pub customer: String,
@@ -47,7 +47,7 @@ pub struct PlaceOrder {
 }
 
 impl Command for PlaceOrder {
-    type Reply = u64;
+    type Reply = Result<u64, String>;
 }
 
 /// The module's state: what each open order is waiting for.
@@ -102,9 +102,18 @@ pub struct Taker {
 }
 
 impl CommandHandler<PlaceOrder> for Taker {
-    async fn handle(&mut self, cmd: PlaceOrder, ctx: &Context) -> Result<u64, HandlerError> {
+    async fn handle(
+        &mut self,
+        cmd: PlaceOrder,
+        ctx: &Context,
+    ) -> Result<Result<u64, String>, HandlerError> {
         if cmd.qty == 0 {
-            return Err(HandlerError::msg("an order needs at least one item").into_permanent());
+            return Ok(Err("an order needs at least one item".into()));
+        }
+        // Ask inventory first (a query, not a reservation: the reservation can still fail).
+        let on_shelf = ctx.request(GetStock(cmd.sku.clone())).await?;
+        if on_shelf < cmd.qty {
+            return Ok(Err(format!("only {on_shelf} {} left", cmd.sku)));
         }
         // Unique across runs too, as the logs of a store outlive the process.
         let order_id = Uuid::now_v7().as_u128() as u64;
@@ -121,7 +130,7 @@ impl CommandHandler<PlaceOrder> for Taker {
             cents: cmd.cents,
         };
         ctx.publish(placed).await?;
-        Ok(order_id)
+        Ok(Ok(order_id))
     }
 }
 
@@ -216,6 +225,41 @@ mod tests {
         let confirmed = ctx.published_of::<OrderConfirmed>();
         assert_eq!(confirmed.len(), 1);
         assert_eq!(confirmed[0].causation_id(), Some(paid.id()));
+    }
+
+    fn lamps(qty: u32) -> PlaceOrder {
+        PlaceOrder {
+            customer: "ada".into(),
+            sku: "lamp".into(),
+            qty,
+            cents: 900,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_order_is_taken_when_inventory_has_the_stock_and_refused_when_not() {
+        let book = OrderBook::default();
+        let mut taker = Taker { book: book.clone() };
+        // Inventory's answer, stubbed: no bus, no inventory module.
+        let mut ctx = TestContext::new().stub(|q: &GetStock| {
+            assert_eq!(q.0, "lamp");
+            Ok(2)
+        });
+        let id = ctx
+            .call_command(&mut taker, lamps(2))
+            .await
+            .unwrap()
+            .unwrap();
+        let placed = ctx.published_of::<OrderPlaced>();
+        assert_eq!(placed[0].event().order_id, id);
+        let refused = ctx.call_command(&mut taker, lamps(3)).await.unwrap();
+        assert_eq!(refused, Err("only 2 lamp left".to_owned()));
+        assert_eq!(
+            ctx.published_of::<OrderPlaced>().len(),
+            1,
+            "nothing published"
+        );
+        assert_eq!(ctx.requested_of::<GetStock>().len(), 2);
     }
 
     #[tokio::test]

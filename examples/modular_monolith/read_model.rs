@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use tidings::prelude::*;
+use tidings::CommandOptions;
 
 use crate::orders::{OrderCancelled, OrderConfirmed, OrderPlaced};
 use crate::shipping::ShipmentDispatched;
@@ -38,6 +39,11 @@ pub struct Views {
 }
 
 impl Views {
+    /// Forgets every view (before a rebuild from the log).
+    pub fn clear(&self) {
+        self.orders.write().unwrap().clear();
+    }
+
     pub fn all(&self) -> Vec<OrderView> {
         let mut all: Vec<_> = self.orders.read().unwrap().values().cloned().collect();
         all.sort_by_key(|v| v.order_id);
@@ -117,16 +123,20 @@ impl CommandHandler<GetOrder> for Query {
     }
 }
 
+/// The module's groups: one per topic it reads.
+pub const GROUPS: [&str; 2] = ["read_model", "read_model.shipping"];
+
 /// The whole module's wiring.
 pub fn module(views: Views) -> Module<Views> {
     let replay = |group: &str| Subscription::new(group).reset_to(StartFrom::Earliest);
     Module::with_state("read_model", views)
         .subscribe::<(OrderPlaced, OrderConfirmed, OrderCancelled), _>(
-            replay("read_model"),
+            replay(GROUPS[0]),
             Projector::new,
         )
-        .subscribe::<ShipmentDispatched, _>(replay("read_model.shipping"), Projector::new)
-        .command_handler::<GetOrder, _>(|views| Query {
+        .subscribe::<ShipmentDispatched, _>(replay(GROUPS[1]), Projector::new)
+        // Queries do not wait behind each other: four instances take them.
+        .command_handler_with::<GetOrder, _>(CommandOptions::pool(4), |views| Query {
             views: views.clone(),
         })
 }
