@@ -521,6 +521,8 @@ impl BusBuilder {
         }
         let tasks = workers.into_iter().map(|w| runtime.spawn(w)).collect();
         *crate::core::lock(&inner.tasks) = tasks;
+        #[cfg(feature = "metrics")]
+        runtime.spawn(super::stats::sample_gauges(Arc::downgrade(&inner)));
         if let Some(d) = durable {
             Durable::start(
                 &Engine {
