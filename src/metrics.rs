@@ -292,6 +292,7 @@ mod on {
     }
 
     /// When a handler call started.
+    #[derive(Clone, Copy)]
     pub(crate) struct Timer(std::time::Instant);
 
     impl Timer {
@@ -304,12 +305,14 @@ mod on {
 
 /// Without the feature: the same calls, on types of no size that do nothing.
 #[cfg(not(feature = "metrics"))]
+#[allow(clippy::unused_self)]
 mod off {
     pub(crate) struct TopicMetrics;
 
     #[derive(Clone)]
     pub(crate) struct GroupMetrics;
 
+    #[derive(Clone, Copy)]
     pub(crate) struct Timer;
 
     impl TopicMetrics {
