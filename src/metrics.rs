@@ -30,6 +30,16 @@
 //! snapshot showed. Two buses in one process with the same topic and group names share their
 //! series.
 //!
+//! # Cost
+//!
+//! Without the feature, nothing: the calls are to empty functions of types of no size. With it,
+//! each handle is registered once; an event costs a counter increment on publish, one when it
+//! is finished, and a histogram sample with two clock reads around the handler call, which are
+//! skipped while no recorder is installed. `examples/perf_probe` under callgrind, 100k p2p events
+//! (whole process): 116.1 M instructions without the feature, 117.9 M with it and no recorder,
+//! 165.1 M with the Prometheus exporter's recorder (most of the difference is the clock reads
+//! and the exporter's own bookkeeping: its histogram buckets and idle tracking).
+//!
 //! For a Prometheus histogram, the buckets the OpenTelemetry conventions recommend for
 //! durations are [`DURATION_BUCKETS`]. `examples/metrics.rs` serves all of this on a
 //! Prometheus `/metrics` endpoint.
@@ -101,10 +111,10 @@ pub const DURATION_BUCKETS: &[f64] = &[
 pub(crate) const SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[cfg(feature = "metrics")]
-pub(crate) use on::{GroupMetrics, Timer, TopicMetrics};
+pub(crate) use on::{GroupMetrics, TopicMetrics};
 
 #[cfg(not(feature = "metrics"))]
-pub(crate) use off::{GroupMetrics, Timer, TopicMetrics};
+pub(crate) use off::{GroupMetrics, TopicMetrics};
 
 #[cfg(feature = "metrics")]
 mod on {
@@ -135,6 +145,9 @@ mod on {
         dead_letter_depth: Gauge,
         /// By partition.
         lag: Box<[Gauge]>,
+        /// A recorder was installed: handler calls are timed (reading the clock twice per
+        /// call is most of what the metrics cost without one).
+        timed: bool,
     }
 
     fn label(key: &'static str, value: &str) -> Label {
@@ -180,6 +193,9 @@ mod on {
     impl TopicMetrics {
         pub(crate) fn new(topic: &str, groups: &[String], partitions: u32) -> Self {
             describe();
+            // No recorder: the facade hands out its `NoopRecorder`, the one recorder of no
+            // size (a real one holds its storage, or a handle to it).
+            let timed = ::metrics::with_recorder(|r| std::mem::size_of_val(r) != 0);
             let system = label(SYSTEM, "tidings");
             let destination = label(DESTINATION_NAME, topic);
             let sent = ::metrics::counter!(
@@ -221,6 +237,7 @@ mod on {
                                 ::metrics::gauge!(CONSUMER_LAG, labels)
                             })
                             .collect(),
+                        timed,
                     }
                 })
                 .collect();
@@ -257,11 +274,20 @@ mod on {
             self.failed[2].increment(1);
         }
 
+        /// A handler call starts.
+        #[inline]
+        pub(crate) fn start(&self) -> Timer {
+            Timer(self.timed.then(std::time::Instant::now))
+        }
+
         /// One handler call, started at `timer`: it succeeded (`None`) or failed with a
         /// permanent error or not.
         #[inline]
         pub(crate) fn processed(&self, timer: Timer, failed: Option<bool>) {
-            let seconds = timer.0.elapsed().as_secs_f64();
+            let Some(started) = timer.0 else {
+                return;
+            };
+            let seconds = started.elapsed().as_secs_f64();
             match failed {
                 None => self.duration_ok.record(seconds),
                 Some(permanent) => self.duration_err[usize::from(permanent)].record(seconds),
@@ -291,16 +317,9 @@ mod on {
         }
     }
 
-    /// When a handler call started.
+    /// When a handler call started (if it is timed).
     #[derive(Clone, Copy)]
-    pub(crate) struct Timer(std::time::Instant);
-
-    impl Timer {
-        #[inline]
-        pub(crate) fn start() -> Self {
-            Timer(std::time::Instant::now())
-        }
-    }
+    pub(crate) struct Timer(Option<std::time::Instant>);
 }
 
 /// Without the feature: the same calls, on types of no size that do nothing.
@@ -335,6 +354,10 @@ mod off {
         #[inline(always)]
         pub(crate) fn parked(&self) {}
         #[inline(always)]
+        pub(crate) fn start(&self) -> Timer {
+            Timer
+        }
+        #[inline(always)]
         pub(crate) fn processed(&self, _: Timer, _: Option<bool>) {}
         #[inline(always)]
         pub(crate) fn dead_lettered(&self) {}
@@ -344,12 +367,5 @@ mod off {
         pub(crate) fn dead_letter_depth(&self, _: u64) {}
         #[inline(always)]
         pub(crate) fn lag(&self, _: usize, _: u64) {}
-    }
-
-    impl Timer {
-        #[inline(always)]
-        pub(crate) fn start() -> Self {
-            Timer
-        }
     }
 }

@@ -69,7 +69,7 @@ impl<D: Dispatch> Supervised<D> {
         // The handler's future is made inside the unwind guard: a handler that panics before
         // returning its future is caught too.
         let call = AssertUnwindSafe(async { dispatch.call(env, ctx).await }).catch_unwind();
-        let timer = crate::metrics::Timer::start();
+        let timer = self.metrics.start();
         // A disabled span (no subscriber interested) costs nothing to skip.
         let outcome = match span.as_ref().filter(|span| !span.is_disabled()) {
             None => call.await,

@@ -311,6 +311,7 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
     }
 
     /// Counts an event handled (and whether a layer acknowledged it as a duplicate).
+    #[inline]
     pub(crate) fn handled(&self, id: Uuid, offset: u64) {
         let stats = &self.end.topic.worker_stats[self.end.slot][self.end.partition as usize];
         bump(&stats.handled);
