@@ -440,3 +440,78 @@ fn the_bus_samples_its_gauges_by_itself() {
         bus.shutdown().await;
     });
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Event)]
+#[event(topic = "metrics.transfers", key = account, name = "metrics.Transfer")]
+struct Transfer {
+    account: u64,
+    cents: i64,
+}
+
+/// Refuses negative transfers.
+struct Ledger;
+
+impl Handler<Transfer> for Ledger {
+    async fn handle(&mut self, e: &Envelope<Transfer>, _: &Context) -> Result<(), HandlerError> {
+        if e.event().cents < 0 {
+            return Err(HandlerError::permanent("overdrawn"));
+        }
+        Ok(())
+    }
+}
+
+/// A sequenced dead-letter queue parks the later events of a failed key: counted failed with
+/// `error.type="parked"` (and dead-lettered), apart from the failure itself.
+#[test]
+fn parked_events_are_failures_of_their_own_type() {
+    let _trace = tracing::subscriber::set_default(tracing_subscriber::registry());
+    let recorder = Recorded::new();
+    let _metrics = metrics::set_default_local_recorder(&recorder);
+    let stats = runtime(false).block_on(async {
+        let bus = Bus::builder()
+            .topic(TopicConfig::new("metrics.transfers").partitions(1))
+            .subscribe::<Transfer, _>(
+                Subscription::new("metrics.ledger").dead_letter(DeadLetterPolicy::Sequenced),
+                || Ledger,
+            )
+            .build()
+            .unwrap();
+        for (account, cents) in [(1, -5), (1, 10), (1, 20), (2, 30)] {
+            bus.publish(Transfer { account, cents }).await.unwrap();
+        }
+        bus.settled().await;
+        let stats = bus.stats();
+        bus.shutdown().await;
+        stats
+    });
+    let ledger = stats.group("metrics.ledger").unwrap();
+    assert_eq!(
+        (ledger.handled, ledger.failed, ledger.dead_lettered),
+        (1, 3, 3)
+    );
+    let s = recorder.samples();
+    let topic = (m::DESTINATION_NAME, "metrics.transfers");
+    let group = (m::CONSUMER_GROUP_NAME, "metrics.ledger");
+    let failed = |e| {
+        counter(
+            &s,
+            m::CONSUMED_MESSAGES,
+            &[topic, group, (m::ERROR_TYPE, e)],
+        )
+    };
+    assert_eq!((failed("permanent"), failed("parked")), (1, 2));
+    assert_eq!(counter(&s, m::CONSUMED_MESSAGES, &[topic, group]), 1);
+    assert_eq!(counter(&s, m::DEAD_LETTERED, &[topic, group]), 3);
+    assert_eq!(gauge(&s, m::DEAD_LETTER_DEPTH, &[topic, group]), 3.0);
+    // The parked events were never handed to the handler: one duration sample each for the
+    // failure and the other account's transfer.
+    assert_eq!(
+        histogram_count(
+            &s,
+            m::PROCESS_DURATION,
+            &[topic, group, (m::ERROR_TYPE, "permanent")]
+        ),
+        1
+    );
+    assert_eq!(histogram_count(&s, m::PROCESS_DURATION, &[topic, group]), 1);
+}
