@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo build --release --example perf_probe
-//! target/release/examples/perf_probe <case> [--n N] [--rt mt|ct] [--work ITERS]
+//! target/release/examples/perf_probe <case> [--n N] [--rt mt|ct] [--work ITERS] [--recorder prometheus]
 //! valgrind --tool=callgrind target/release/examples/perf_probe p2p --n 100000
 //! ```
 //!
@@ -148,6 +148,9 @@ struct Args {
     n: u64,
     multi_thread: bool,
     work: u32,
+    /// `prometheus`: the Prometheus exporter's recorder is installed before the bus is built
+    /// (needs `--features metrics`); anything else: no recorder.
+    recorder: String,
 }
 
 fn args() -> Args {
@@ -157,6 +160,7 @@ fn args() -> Args {
         n: 100_000,
         multi_thread: true,
         work: DEFAULT_WORK,
+        recorder: String::new(),
     };
     while let Some(flag) = args.next() {
         let value = args.next().expect("a value after each flag");
@@ -164,6 +168,7 @@ fn args() -> Args {
             "--n" => parsed.n = value.parse().expect("--n: a number"),
             "--rt" => parsed.multi_thread = value != "ct",
             "--work" => parsed.work = value.parse().expect("--work: a number"),
+            "--recorder" => parsed.recorder = value,
             other => panic!("unknown flag {other}"),
         }
     }
@@ -380,13 +385,33 @@ fn stop(started: Started, n: u64) -> impl FnOnce() {
     }
 }
 
+/// The Prometheus exporter's recorder, without its HTTP listener: what the bus's metrics cost
+/// with a real recorder behind the facade.
+#[cfg(feature = "metrics")]
+fn install_prometheus() {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(tidings::metrics::DURATION_BUCKETS)
+        .expect("buckets")
+        .install_recorder()
+        .expect("the only recorder");
+}
+
+#[cfg(not(feature = "metrics"))]
+fn install_prometheus() {
+    panic!("--recorder prometheus needs --features metrics");
+}
+
 fn main() {
     let Args {
         case,
         n,
         multi_thread,
         work: work_iters,
+        recorder,
     } = args();
+    if recorder == "prometheus" {
+        install_prometheus();
+    }
     if case == "calibrate" {
         let started = Instant::now();
         let mut acc = 0u64;

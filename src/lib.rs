@@ -19,6 +19,11 @@ mod envelope;
 mod error;
 mod event;
 mod handler;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
+#[cfg(not(feature = "metrics"))]
+mod metrics;
 pub mod middleware;
 mod publish;
 mod runtime;

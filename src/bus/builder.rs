@@ -593,6 +593,12 @@ impl BusBuilder {
         }
         let tasks = workers.into_iter().map(|w| runtime.spawn(w)).collect();
         *crate::core::lock(&inner.tasks) = tasks;
+        // Gauges are sampled only for a recorder installed before the build (the handles of
+        // a bus built without one stay no-ops).
+        #[cfg(feature = "metrics")]
+        if crate::metrics::recording() {
+            runtime.spawn(super::stats::sample_gauges(Arc::downgrade(&inner)));
+        }
         if let Some(d) = durable {
             Durable::start(
                 &Engine {

@@ -35,6 +35,7 @@ impl BusInner {
                     } else {
                         q.delivered.saturating_sub(handled + failed + q.dropped)
                     };
+                    topic.metrics.group(slot).lag(p, lag);
                     let ps = PartitionStats {
                         partition: p as u32,
                         published: state.next_offset,
@@ -52,9 +53,10 @@ impl BusInner {
                     group.add(ps);
                 }
             }
-            for group in &mut groups {
+            for (slot, group) in groups.iter_mut().enumerate() {
                 if let Some(dlq) = self.dead_letters.get(&group.group) {
                     let counts = dlq.counts();
+                    topic.metrics.group(slot).dead_letter_depth(counts.depth);
                     group.dead_letters = counts.depth;
                     group.dead_lettered = counts.total;
                     group.redriven = counts.redriven;
@@ -73,6 +75,30 @@ impl BusInner {
         Stats {
             topics,
             pending: self.pending.count() as u64,
+        }
+    }
+}
+
+/// Samples the metrics' gauges (lag, dead-letter depth) every
+/// [`SAMPLE_INTERVAL`](crate::metrics::SAMPLE_INTERVAL), through the same snapshot as
+/// [`Bus::stats`](crate::Bus::stats), until the bus shuts down (whose report takes the last
+/// sample) or is gone.
+#[cfg(feature = "metrics")]
+pub(crate) async fn sample_gauges(inner: std::sync::Weak<BusInner>) {
+    let Some(cancel) = inner.upgrade().map(|i| i.cancel.clone()) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(crate::metrics::SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match inner.upgrade() {
+            Some(inner) => drop(inner.stats()),
+            None => return,
         }
     }
 }

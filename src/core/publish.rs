@@ -176,6 +176,7 @@ impl Core {
         }
         let offset = state.next_offset;
         state.next_offset += 1;
+        route.topic.metrics.sent(1);
         if let Some(mut window) = dedup {
             window.complete_with(
                 (E::TOPIC, id),

@@ -33,6 +33,8 @@ pub(crate) struct Topic {
     /// Events published on this topic that no consumer group of this bus takes (their type has
     /// no subscriber). Written only on that path.
     pub(crate) unrouted: AtomicU64,
+    /// The topic's metric handles (nothing without the `metrics` feature).
+    pub(crate) metrics: crate::metrics::TopicMetrics,
 }
 
 /// Counters a partition worker keeps; written by that worker only. Aligned to its own cache
@@ -65,6 +67,7 @@ impl Topic {
             .iter()
             .map(|_| (0..partitions).map(|_| WorkerStats::default()).collect())
             .collect();
+        let metrics = crate::metrics::TopicMetrics::new(&config.name, &groups, partitions);
         let partitions = (0..partitions)
             .map(|_| Partition::new(groups.len()))
             .collect();
@@ -77,6 +80,7 @@ impl Topic {
             worker_stats,
             round_robin: AtomicU32::new(0),
             unrouted: AtomicU64::new(0),
+            metrics,
         }
     }
 

@@ -176,6 +176,7 @@ impl DeadLetters {
         {
             Ok(()) => {
                 pending.letter = None;
+                self.queue.topic.metrics.group(self.queue.slot).redriven();
                 Ok(())
             }
             Err(_) => Err(DeadLetterError::Closed),

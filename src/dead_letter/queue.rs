@@ -337,6 +337,7 @@ impl DeadLetterQueue {
         released: bool,
     ) -> u64 {
         let mut state = self.state.lock();
+        self.topic.metrics.group(self.slot).dead_lettered();
         self.push_locked(
             &mut state,
             envelope,

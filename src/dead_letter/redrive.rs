@@ -41,6 +41,7 @@ impl DeadLetterQueue {
             return Gate::Open;
         }
         let now = SystemTime::now();
+        self.topic.metrics.group(self.slot).dead_lettered();
         self.push_locked(
             &mut state,
             env.clone(),
@@ -76,6 +77,7 @@ impl DeadLetterQueue {
             seq,
         });
         state.redriven += 1;
+        self.topic.metrics.group(self.slot).redriven();
         Some(AnyEnvelope {
             inner: letter.envelope.inner,
             attempt: 1,

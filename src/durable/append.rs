@@ -316,6 +316,7 @@ impl Drop for Finish {
 fn complete(inner: &Engine, batch: Vec<AppendRequest>, rows: Vec<StoredEvent>) {
     let mut rows = rows.into_iter();
     for a in batch {
+        a.topic.metrics.sent(a.events.len() as u64);
         if a.slots.is_empty() {
             // In the log, but no group of this bus takes the type: counted (the warning was
             // logged with the route).

@@ -34,6 +34,8 @@ pub(crate) struct Supervised<D> {
     pub(crate) handler_name: &'static str,
     pub(crate) restart_backoff: RestartBackoff,
     pub(crate) consecutive_panics: u32,
+    /// The group's metric handles (nothing without the `metrics` feature).
+    pub(crate) metrics: crate::metrics::GroupMetrics,
 }
 
 impl<D: Dispatch> Supervised<D> {
@@ -67,11 +69,21 @@ impl<D: Dispatch> Supervised<D> {
         // The handler's future is made inside the unwind guard: a handler that panics before
         // returning its future is caught too.
         let call = AssertUnwindSafe(async { dispatch.call(env, ctx).await }).catch_unwind();
+        let timer = self.metrics.start();
         // A disabled span (no subscriber interested) costs nothing to skip.
         let outcome = match span.as_ref().filter(|span| !span.is_disabled()) {
             None => call.await,
             Some(span) => call.instrument(span.clone()).await,
         };
+        self.metrics.processed(
+            timer,
+            match &outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => Some(error.is_permanent()),
+                // A panic is a transient error.
+                Err(_) => Some(false),
+            },
+        );
         match outcome {
             Ok(Ok(())) => {
                 self.consecutive_panics = 0;

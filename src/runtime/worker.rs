@@ -179,6 +179,7 @@ impl<D: Dispatch> Source<D> for MemorySource {
                     // Routing guarantees the type; reaching this is a bug in tidings.
                     tracing::error!(group = %worker.end.group, %id, "event of an unexpected type reached a worker");
                     bump(&stats.failed);
+                    worker.end.metrics.failed(true);
                     continue;
                 };
                 match worker.deliver_typed(&mut typed, &ctx).await {
@@ -310,9 +311,11 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
     }
 
     /// Counts an event handled (and whether a layer acknowledged it as a duplicate).
+    #[inline]
     pub(crate) fn handled(&self, id: Uuid, offset: u64) {
         let stats = &self.end.topic.worker_stats[self.end.slot][self.end.partition as usize];
         bump(&stats.handled);
+        self.end.metrics.handled();
         if self.track.duplicate.load(Relaxed) {
             bump(&stats.duplicates);
         }
@@ -331,6 +334,7 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
         let end = &self.end;
         let stats = &end.topic.worker_stats[end.slot][end.partition as usize];
         bump(&stats.failed);
+        end.metrics.failed(error.is_permanent());
         let meta = env.metadata();
         let message = error.to_string();
         self.core.record_failure(|| Failure {
@@ -402,6 +406,7 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
             dead_letters,
         } = args;
         let group: Arc<str> = Arc::from(topic.groups[slot].as_str());
+        let metrics = topic.metrics.group(slot).clone();
         let mut ctx = Context::for_core(Arc::clone(&core), Arc::clone(&group));
         ctx.owner = Some(QueueId::of(&topic, slot, partition));
         ctx.source = core.sightings.group(&group);
@@ -423,6 +428,7 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
                 handler_name,
                 restart_backoff: options.restart_backoff,
                 consecutive_panics: 0,
+                metrics,
             },
             layers,
             retries,
@@ -475,6 +481,7 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
                 Gate::Release => released = true,
                 Gate::Parked => {
                     bump(&stats.failed);
+                    self.end.metrics.parked();
                     if (!A::LOG || self.ack.save_dead_letter(&env, &self.dead_letters).await)
                         && !ahead
                     {
@@ -490,6 +497,7 @@ impl<D: Dispatch, A: Ack> Worker<D, A> {
             // a restart); acknowledged without handling, as a success.
             bump(&stats.handled);
             bump(&stats.duplicates);
+            self.end.metrics.handled();
             self.dead_letters.handled(id, offset);
             self.ack.handled(id, offset, &self.dead_letters).await;
             if released {

@@ -1,5 +1,5 @@
 //! What the bus tells `tracing`: a span per handled event with its coordinates, a warning per
-//! unrouted event type.
+//! unrouted event type; and (feature `metrics`) what it reports on the `metrics` facade.
 //!
 //! These tests install tracing subscribers, so they have a binary of their own. tracing caches
 //! per callsite whether anyone listens; while only one subscriber is registered it asks the
@@ -12,6 +12,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+#[cfg(feature = "metrics")]
+mod metrics;
 mod spans;
 mod topology;
 mod unrouted_events;
