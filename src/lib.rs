@@ -73,9 +73,10 @@ pub mod prelude {
     pub use crate::middleware::{Dedup, DedupWindow, Middleware, Next, Retry, Timeout};
     pub use crate::store::StartFrom;
     pub use crate::{
-        AnyEnvelope, AnyHandler, Bus, BusBuilder, Command, CommandHandler, Context, DeliveryMode,
-        Envelope, ErrorKind, Event, EventSet, Handler, HandlerError, HandlerResult, Handles,
-        Headers, Module, Overflow, PublishOptions, RestartBackoff, Subscription, TopicConfig,
+        AnyEnvelope, AnyHandler, Bus, BusBuilder, Command, CommandHandler, CommandOptions, Context,
+        DeliveryMode, Envelope, ErrorKind, Event, EventSet, Handler, HandlerError, HandlerResult,
+        Handles, Headers, Module, Overflow, PublishOptions, RestartBackoff, Subscription,
+        TopicConfig,
     };
 }
 

@@ -12,127 +12,27 @@ use futures::future::BoxFuture;
 use rustc_hash::FxHashMap;
 use tokio_util::sync::CancellationToken;
 
-use super::handles::{EventSet, Handles, Member, Spawner};
+use super::handles::{EventSet, Handles};
 use super::plan::Plan;
+use super::spec::{CmdSpec, SubSpec};
 use super::{Bus, BusInner, HandleGuard};
 use crate::command::Command;
 use crate::core::pending::Pending;
-use crate::core::request::CommandEntry;
 use crate::core::route::Route;
 use crate::core::{Core, Log, Recorder};
 use crate::dead_letter::DeadLetterQueue;
-use crate::durable::consume::{LogSource, StoreAck};
 use crate::durable::{Durable, Engine};
 use crate::error::BuildError;
 use crate::handler::AnyHandler;
 use crate::handler::CommandHandler;
 use crate::middleware::DedupWindow;
-use crate::runtime::command_options::{make_command, CommandOptions, CommandStart};
-use crate::runtime::dispatch::{panic_message, Dispatch, Factory, Untyped};
+use crate::runtime::command_options::CommandOptions;
+use crate::runtime::dispatch::panic_message;
 use crate::runtime::subscription::Subscription;
-use crate::runtime::worker::{self, MemorySource, NoAck, WorkerArgs};
+use crate::runtime::worker::WorkerArgs;
 use crate::store::{Decoder, Store, Upcaster, DEFAULT_MAX_PAYLOAD};
 use crate::topic::TopicConfig;
 use crate::window::Window;
-
-/// A worker fed by the partition's queue, or with a store by its log.
-pub(super) fn spawn_worker<D: Dispatch>(
-    dispatch: D,
-    args: WorkerArgs,
-    durable: Option<&Arc<Durable>>,
-) -> BoxFuture<'static, ()> {
-    match durable {
-        None => {
-            let source = MemorySource::new(&args);
-            Box::pin(worker::run(dispatch, args, source, NoAck))
-        }
-        Some(d) => {
-            let (source, ack) = (
-                LogSource::new(Arc::clone(d), &args),
-                StoreAck::new(d, &args),
-            );
-            Box::pin(worker::run(dispatch, args, source, ack))
-        }
-    }
-}
-
-pub(super) struct SubSpec {
-    pub(super) options: Subscription,
-    pub(super) topic: String,
-    /// `None`: every type of the topic.
-    pub(super) accepts: Option<Vec<Member>>,
-    pub(super) handler_name: &'static str,
-    pub(super) spawn: Spawner,
-    /// The [`Module`](super::Module) that registered it.
-    pub(super) module: Option<String>,
-}
-
-impl SubSpec {
-    /// A group handling the event set `S`.
-    pub(super) fn typed<S: EventSet, H: Handles<S>>(
-        options: Subscription,
-        factory: Factory<H>,
-    ) -> Self {
-        let members = S::members();
-        SubSpec {
-            options,
-            // A set spanning topics is refused by `validate`.
-            topic: members[0].topic.to_owned(),
-            accepts: Some(members),
-            handler_name: std::any::type_name::<H>(),
-            spawn: H::spawner(factory),
-            module: None,
-        }
-    }
-
-    /// A group handling every type of `topic`.
-    pub(super) fn any<H: AnyHandler>(
-        topic: String,
-        options: Subscription,
-        factory: Factory<H>,
-    ) -> Self {
-        SubSpec {
-            options,
-            topic,
-            accepts: None,
-            handler_name: std::any::type_name::<H>(),
-            spawn: Arc::new(move |args, durable| {
-                spawn_worker(Untyped::new(Arc::clone(&factory)), args, durable)
-            }),
-            module: None,
-        }
-    }
-}
-
-/// Makes a command handler's queues: the type-erased senders, and what starts its tasks.
-type CommandMake = Box<dyn FnOnce(usize) -> (CommandEntry, CommandStart) + Send>;
-
-pub(super) struct CmdSpec {
-    pub(super) type_id: TypeId,
-    pub(super) name: &'static str,
-    pub(super) instances: usize,
-    pub(super) handler_name: &'static str,
-    pub(super) make: CommandMake,
-    /// The [`Module`](super::Module) that registered it.
-    pub(super) module: Option<String>,
-}
-
-impl CmdSpec {
-    /// The handler of command type `C`, with its options.
-    pub(super) fn new<C: Command, H: CommandHandler<C>>(
-        options: CommandOptions,
-        factory: Factory<H>,
-    ) -> Self {
-        CmdSpec {
-            type_id: TypeId::of::<C>(),
-            name: std::any::type_name::<C>(),
-            instances: options.instances,
-            handler_name: std::any::type_name::<H>(),
-            make: Box::new(move |capacity| make_command::<C, H>(&options, factory, capacity)),
-            module: None,
-        }
-    }
-}
 
 /// Builds a [`Bus`]: topics, subscriptions and command handlers, all checked by
 /// [`build`](BusBuilder::build).

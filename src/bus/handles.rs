@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
-use super::builder::spawn_worker;
+use super::spec::spawn_worker;
 use crate::context::Context;
 use crate::durable::Durable;
 use crate::envelope::AnyEnvelope;

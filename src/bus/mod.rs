@@ -11,6 +11,7 @@ mod plan;
 mod ready;
 pub mod rebuild;
 mod shutdown;
+mod spec;
 mod stats;
 mod topology;
 mod validate;

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use super::builder::{CmdSpec, SubSpec};
 use super::handles::{EventSet, Handles};
+use super::spec::{CmdSpec, SubSpec};
 use super::BusBuilder;
 use crate::command::Command;
 use crate::handler::{AnyHandler, CommandHandler};
