@@ -51,23 +51,6 @@ pub enum BuildError {
         /// The module name.
         module: String,
     },
-    /// A group subscribed to a set of event types of different topics: a group reads the
-    /// partitions of one topic, in order. Subscribe one group per topic.
-    #[error(
-        "subscription {group:?} handles {first} of topic {first_topic:?} and {other} of topic {other_topic:?}: the types of one group must share a topic; subscribe one group per topic"
-    )]
-    EventSetSpansTopics {
-        /// The group name.
-        group: String,
-        /// An event type of the set, and its topic.
-        first: &'static str,
-        /// Its topic.
-        first_topic: &'static str,
-        /// An event type of another topic.
-        other: &'static str,
-        /// Its topic.
-        other_topic: &'static str,
-    },
     /// Two handlers were registered for one command type.
     #[error("command {command} has two handlers; a command needs exactly one")]
     DuplicateCommandHandler {

@@ -55,8 +55,9 @@ pub struct GroupInfo {
     pub name: String,
     /// The module the group belongs to, if it was declared in one.
     pub module: Option<String>,
-    /// The topic it consumes.
-    pub topic: String,
+    /// The topics it consumes: one, or several for an [event set](crate::EventSet) spanning
+    /// topics (in order per topic only). Sorted.
+    pub topics: Vec<String>,
     /// The handler's Rust type name.
     pub handler: String,
     /// The event types it handles, by [`Event::NAME`](crate::Event::NAME). Empty when it
@@ -164,7 +165,12 @@ impl<'a> Mermaid<'a> {
         for flow in flows {
             names.extend(flow.publishes.iter().map(|e| e.topic.as_str()));
         }
-        names.extend(topology.groups.iter().map(|g| g.topic.as_str()));
+        names.extend(
+            topology
+                .groups
+                .iter()
+                .flat_map(|g| g.topics.iter().map(String::as_str)),
+        );
         for name in names {
             let next = format!("t{}", topics.len());
             topics.entry(name).or_insert(next);
@@ -244,13 +250,28 @@ impl<'a> Mermaid<'a> {
             }
         }
         for (i, group) in t.groups.iter().enumerate() {
-            let label = if group.every_type {
-                String::from("every type")
-            } else {
-                group.events.join(", ")
-            };
-            let topic = &self.topics[group.topic.as_str()];
-            let _ = writeln!(self.out, "    {topic} -->|\"{}\"| g{i}", escape(&label));
+            for name in &group.topics {
+                let label = if group.every_type {
+                    String::from("every type")
+                } else {
+                    // Of a group over several topics, the types of this one (a type belongs to
+                    // one topic, and the topic lists the types subscribed to on it).
+                    let on_topic = t
+                        .topics
+                        .iter()
+                        .find(|info| info.name == *name)
+                        .filter(|_| group.topics.len() > 1);
+                    let events: Vec<&str> = group
+                        .events
+                        .iter()
+                        .filter(|e| on_topic.is_none_or(|info| info.events.contains(e)))
+                        .map(String::as_str)
+                        .collect();
+                    events.join(", ")
+                };
+                let topic = &self.topics[name.as_str()];
+                let _ = writeln!(self.out, "    {topic} -->|\"{}\"| g{i}", escape(&label));
+            }
         }
         self.flows("app", &t.external);
         for (i, group) in t.groups.iter().enumerate() {

@@ -149,6 +149,16 @@ mod tests {
             .unwrap();
         assert_eq!(payments.module.as_deref(), Some("payments"));
         assert_eq!(payments.events, ["OrderCancelled", "OrderPlaced"]);
+        let saga = topology
+            .groups
+            .iter()
+            .find(|g| g.name == "orders.saga")
+            .unwrap();
+        assert_eq!(
+            saga.topics,
+            ["inventory", "payments"],
+            "one group, two topics"
+        );
         bus.shutdown().await;
     }
 

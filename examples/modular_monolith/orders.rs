@@ -134,7 +134,7 @@ impl CommandHandler<PlaceOrder> for Taker {
     }
 }
 
-/// The saga: one handler for the four answers, registered once per topic they come on.
+/// The saga: one handler for the four answers, of two topics.
 pub struct Saga {
     book: OrderBook,
 }
@@ -190,13 +190,21 @@ impl Handler<StockUnavailable> for Saga {
     }
 }
 
+/// What the saga hears: the answers of payments and of inventory. One group over two topics,
+/// in order per topic; the two answers of an order come in either order.
+type Answers = (
+    PaymentCaptured,
+    PaymentDeclined,
+    StockReserved,
+    StockUnavailable,
+);
+
 /// The whole module's wiring.
 pub fn module(book: OrderBook) -> Module<OrderBook> {
     Module::with_state("orders", book)
         .topic(TopicConfig::new("orders").partitions(4))
         .command_handler::<PlaceOrder, _>(|book| Taker { book: book.clone() })
-        .subscribe::<(PaymentCaptured, PaymentDeclined), _>("orders.payments", Saga::new)
-        .subscribe::<(StockReserved, StockUnavailable), _>("orders.inventory", Saga::new)
+        .subscribe::<Answers, _>("orders.saga", Saga::new)
 }
 
 #[cfg(test)]

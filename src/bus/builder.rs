@@ -166,9 +166,9 @@ impl BusBuilder {
 
     /// Subscribes a consumer group to events of type `E`, or of each type of a tuple of them
     /// (an [`EventSet`]): `subscribe::<(OrderPlaced, OrderPaid), _>` for a handler that
-    /// implements both `Handler<OrderPlaced>` and `Handler<OrderPaid>`. The types of a set must
-    /// share a topic; the group gets them in partition order, so per key in publish order
-    /// across types (see [`Handles`]).
+    /// implements both `Handler<OrderPlaced>` and `Handler<OrderPaid>`. The group gets them in
+    /// partition order, so per key in publish order across types (see [`Handles`]); a set
+    /// whose types span topics reads each topic, in order per topic only.
     ///
     /// `factory` creates the handler: once per partition of the topic at build, and again
     /// whenever a handler is restarted after a panic. The group receives every event of its
@@ -187,8 +187,8 @@ impl BusBuilder {
         E: EventSet,
         H: Handles<E>,
     {
-        self.subs.push(SubSpec::typed::<E, H>(
-            subscription.into(),
+        self.subs.extend(SubSpec::typed::<E, H>(
+            &subscription.into(),
             Arc::new(factory),
         ));
         self
@@ -422,21 +422,34 @@ impl BusBuilder {
         }
         core.routes = routes;
         let core = Arc::new(core);
-        let mut dead_letters = HashMap::new();
+        // A queue per group and topic: a group whose event set spans topics has several.
+        let mut queues: HashMap<String, Vec<Arc<DeadLetterQueue>>> = HashMap::new();
         for &(sub_index, topic_index, slot) in &placements {
-            let options = &self.subs[sub_index].options;
-            dead_letters.insert(
+            let sub = &self.subs[sub_index];
+            let options = &sub.options;
+            let siblings = self
+                .subs
+                .iter()
+                .filter(|s| s.options.group == options.group && s.topic != sub.topic)
+                .map(|s| s.topic.clone())
+                .collect();
+            let group = queues.entry(options.group.clone()).or_default();
+            let seq_base = (group.len() as u64) << crate::dead_letter::queue::SEQ_SHIFT;
+            group.push(Arc::new(DeadLetterQueue::new(
                 options.group.clone(),
-                Arc::new(DeadLetterQueue::new(
-                    options.group.clone(),
-                    options.dead_letter,
-                    options.redelivery.clone(),
-                    Arc::clone(&core.topics[topic_index]),
-                    slot,
-                )),
-            );
+                options.dead_letter,
+                options.redelivery.clone(),
+                Arc::clone(&core.topics[topic_index]),
+                slot,
+                seq_base,
+                siblings,
+            )));
         }
-        for queue in dead_letters.values() {
+        let dead_letters: HashMap<String, Arc<[Arc<DeadLetterQueue>]>> = queues
+            .into_iter()
+            .map(|(group, queues)| (group, queues.into()))
+            .collect();
+        for queue in dead_letters.values().flat_map(|q| q.iter()) {
             let _ = queue
                 .bus
                 .set((Arc::downgrade(&core), Arc::downgrade(queue)));
@@ -466,7 +479,11 @@ impl BusBuilder {
                         partition,
                         options: sub.options.clone(),
                         handler_name: sub.handler_name,
-                        dead_letters: Arc::clone(&inner.dead_letters[&sub.options.group]),
+                        dead_letters: inner.dead_letters[&sub.options.group]
+                            .iter()
+                            .find(|q| q.topic_name() == topic.name)
+                            .map(Arc::clone)
+                            .expect("a queue per group and topic"),
                     };
                     workers.push((sub.spawn)(args, durable.as_ref()));
                 }

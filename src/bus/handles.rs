@@ -38,7 +38,7 @@ impl Member {
 }
 
 /// The event types one consumer group handles: one [`Event`] type, or a tuple of up to 12
-/// of them, all of one topic.
+/// of them, of one topic or several.
 ///
 /// It is what [`BusBuilder::subscribe`](crate::BusBuilder::subscribe) and
 /// [`Module::subscribe`](crate::Module::subscribe) take as their first type parameter:
@@ -60,6 +60,18 @@ pub trait EventSet: Send + 'static {
 /// types (an `OrderPaid` is never handled before the `OrderPlaced` of the same order published
 /// before it). Each call goes to the `Handler<E>` impl of the event's type: dispatch is
 /// compiled in, with no downcast in your code.
+///
+/// # A set spanning topics
+///
+/// The types of a set may come from several topics, as a Kafka consumer group may read several
+/// topics. The group then reads each of its topics, each partition with its own handler
+/// instance (from the same factory), and the order is **per topic**: events of one topic and
+/// key come in publish order, across that topic's types of the set, but nothing orders an
+/// event of one topic with an event of another (an `OrderPlaced` on `orders` and a
+/// `PaymentCaptured` on `payments` of the same order may come in either order). Offsets,
+/// statistics and dead-letter queues are per topic; [`Bus::dead_letters`](crate::Bus::dead_letters)
+/// returns one handle over all of the group's queues, and
+/// [`Bus::rebuild`](crate::Bus::rebuild) rebuilds all of its topics.
 ///
 /// ```
 /// # use serde::{Deserialize, Serialize};

@@ -96,7 +96,8 @@ pub(crate) struct BusInner {
     pub(crate) core: Arc<Core>,
     pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Every subscription's dead-letter queue, by group.
-    pub(crate) dead_letters: HashMap<String, Arc<DeadLetterQueue>>,
+    /// Each group's dead-letter queues, one per topic it reads, in topic order.
+    pub(crate) dead_letters: HashMap<String, Arc<[Arc<DeadLetterQueue>]>>,
     /// The shutdown in progress or done, shared by every caller.
     pub(crate) shutdown: Mutex<Option<Shared<BoxFuture<'static, ShutdownReport>>>>,
     /// The store's side of the bus and its tasks, if the bus has one.
@@ -533,7 +534,7 @@ impl Bus {
     ///
     /// [`DeadLetterError::UnknownGroup`] if no subscription has that name.
     pub fn dead_letters(&self, group: &str) -> Result<DeadLetters, DeadLetterError> {
-        let queue =
+        let queues =
             self.inner
                 .dead_letters
                 .get(group)
@@ -541,7 +542,7 @@ impl Bus {
                     group: group.to_owned(),
                 })?;
         Ok(DeadLetters::new(
-            Arc::clone(queue),
+            Arc::clone(queues),
             Arc::clone(&self.inner.core),
         ))
     }

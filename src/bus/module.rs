@@ -146,10 +146,11 @@ impl<S: Clone + Send + Sync + 'static> Module<S> {
         H: Handles<E>,
     {
         let state = self.state.clone();
-        let mut spec =
-            SubSpec::typed::<E, H>(subscription.into(), Arc::new(move || factory(&state)));
-        spec.module = Some(self.name.clone());
-        self.subs.push(spec);
+        let specs = SubSpec::typed::<E, H>(&subscription.into(), Arc::new(move || factory(&state)));
+        for mut spec in specs {
+            spec.module = Some(self.name.clone());
+            self.subs.push(spec);
+        }
         self
     }
 

@@ -2,6 +2,7 @@
 //! types, handler and how to start its workers) and a command handler's [`CmdSpec`].
 
 use std::any::TypeId;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -47,24 +48,54 @@ pub(super) struct SubSpec {
     pub(super) spawn: Spawner,
     /// The [`Module`](super::Module) that registered it.
     pub(super) module: Option<String>,
+    /// The registration it is part of: a group whose event set spans topics is one spec per
+    /// topic, all of one registration (the only specs that may share a group name).
+    pub(super) registration: usize,
+}
+
+/// Numbers registrations, so that the specs of one can be told from a second group of the
+/// same name.
+static REGISTRATIONS: AtomicUsize = AtomicUsize::new(0);
+
+fn next_registration() -> usize {
+    REGISTRATIONS.fetch_add(1, Ordering::Relaxed)
 }
 
 impl SubSpec {
-    /// A group handling the event set `S`.
+    /// A group handling the event set `S`: one spec per topic of the set, in the order the set
+    /// first names each topic. Each worker runs the whole set's dispatch; only its topic's
+    /// types reach it.
     pub(super) fn typed<S: EventSet, H: Handles<S>>(
-        options: Subscription,
+        options: &Subscription,
         factory: Factory<H>,
-    ) -> Self {
+    ) -> Vec<Self> {
         let members = S::members();
-        SubSpec {
-            options,
-            // A set spanning topics is refused by `validate`.
-            topic: members[0].topic.to_owned(),
-            accepts: Some(members),
-            handler_name: std::any::type_name::<H>(),
-            spawn: H::spawner(factory),
-            module: None,
+        let spawn = H::spawner(factory);
+        let registration = next_registration();
+        let mut topics: Vec<&'static str> = Vec::new();
+        for member in &members {
+            if !topics.contains(&member.topic) {
+                topics.push(member.topic);
+            }
         }
+        topics
+            .into_iter()
+            .map(|topic| SubSpec {
+                options: options.clone(),
+                topic: topic.to_owned(),
+                accepts: Some(
+                    members
+                        .iter()
+                        .filter(|m| m.topic == topic)
+                        .copied()
+                        .collect(),
+                ),
+                handler_name: std::any::type_name::<H>(),
+                spawn: Arc::clone(&spawn),
+                module: None,
+                registration,
+            })
+            .collect()
     }
 
     /// A group handling every type of `topic`.
@@ -82,6 +113,7 @@ impl SubSpec {
                 spawn_worker(Untyped::new(Arc::clone(&factory)), args, durable)
             }),
             module: None,
+            registration: next_registration(),
         }
     }
 }

@@ -54,7 +54,11 @@ impl BusInner {
                 }
             }
             for (slot, group) in groups.iter_mut().enumerate() {
-                if let Some(dlq) = self.dead_letters.get(&group.group) {
+                let queue = self
+                    .dead_letters
+                    .get(&group.group)
+                    .and_then(|queues| queues.iter().find(|q| q.topic_name() == topic.name));
+                if let Some(dlq) = queue {
                     let counts = dlq.counts();
                     topic.metrics.group(slot).dead_letter_depth(counts.depth);
                     group.dead_letters = counts.depth;

@@ -10,6 +10,8 @@ use crate::topology::{CommandInfo, EventType, Flows, GroupInfo, Source, TopicInf
 pub(crate) struct Layout {
     groups: Vec<GroupInfo>,
     commands: Vec<CommandInfo>,
+    /// Per subscription: its topic and the event types it takes there.
+    handled: Vec<(String, Vec<String>)>,
 }
 
 impl BusBuilder {
@@ -17,19 +19,25 @@ impl BusBuilder {
     /// tells apart. The one place that reads the subscriptions' and command handlers' specs
     /// for it.
     pub(super) fn layout(&self) -> (Layout, Sightings) {
-        let groups: Vec<GroupInfo> = self
-            .subs
-            .iter()
-            .map(|sub| GroupInfo {
+        // A group whose event set spans topics is one spec per topic: one entry here.
+        let mut groups: Vec<GroupInfo> = Vec::new();
+        for sub in &self.subs {
+            let events = sub.accepts.iter().flatten().map(|m| m.name.to_owned());
+            if let Some(group) = groups.iter_mut().find(|g| g.name == sub.options.group) {
+                group.topics = sorted(group.topics.drain(..).chain([sub.topic.clone()]));
+                group.events = sorted(group.events.drain(..).chain(events));
+                continue;
+            }
+            groups.push(GroupInfo {
                 name: sub.options.group.clone(),
                 module: sub.module.clone(),
-                topic: sub.topic.clone(),
+                topics: vec![sub.topic.clone()],
                 handler: sub.handler_name.to_owned(),
-                events: sorted(sub.accepts.iter().flatten().map(|m| m.name.to_owned())),
+                events: sorted(events),
                 every_type: sub.accepts.is_none(),
                 flows: Flows::default(),
-            })
-            .collect();
+            });
+        }
         let commands: Vec<CommandInfo> = self
             .commands
             .iter()
@@ -47,7 +55,22 @@ impl BusBuilder {
             .map(|sub| SourceName::Group(sub.options.group.clone()))
             .chain(self.commands.iter().map(|c| SourceName::Command(c.name)));
         let sightings = Sightings::new(sources, self.commands.iter().map(|c| c.type_id));
-        (Layout { groups, commands }, sightings)
+        let handled = self
+            .subs
+            .iter()
+            .map(|sub| {
+                let names = sub.accepts.iter().flatten().map(|m| m.name.to_owned());
+                (sub.topic.clone(), names.collect())
+            })
+            .collect();
+        (
+            Layout {
+                groups,
+                commands,
+                handled,
+            },
+            sightings,
+        )
     }
 }
 
@@ -108,9 +131,9 @@ impl Bus {
         let mut commands = inner.layout.commands.clone();
         let mut external = Flows::default();
         let mut topic_events: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for group in &groups {
-            let events = topic_events.entry(group.topic.clone()).or_default();
-            events.extend(group.events.iter().cloned());
+        for sub in &inner.layout.handled {
+            let events = topic_events.entry(sub.0.clone()).or_default();
+            events.extend(sub.1.iter().cloned());
         }
         let mut requested = Vec::new();
         for (source, sighting) in inner.sightings.snapshot() {

@@ -94,7 +94,8 @@ impl BusBuilder {
                 });
             }
         }
-        let mut groups = HashSet::new();
+        // A group name belongs to one registration (a set spanning topics is one spec per topic).
+        let mut groups = std::collections::HashMap::new();
         for sub in &self.subs {
             let group = &sub.options.group;
             if validate_topic_name(group).is_err() {
@@ -104,23 +105,13 @@ impl BusBuilder {
             }
             validate_topic_name(&sub.topic)
                 .map_err(|reason| BuildError::InvalidTopicName { reason })?;
-            if !groups.insert(group.as_str()) {
+            if *groups.entry(group.as_str()).or_insert(sub.registration) != sub.registration {
                 return Err(BuildError::DuplicateSubscription {
                     group: group.clone(),
                 });
             }
             let members = sub.accepts.as_deref().unwrap_or_default();
             for (i, member) in members.iter().enumerate() {
-                let first = &members[0];
-                if member.topic != first.topic {
-                    return Err(BuildError::EventSetSpansTopics {
-                        group: group.clone(),
-                        first: first.name,
-                        first_topic: first.topic,
-                        other: member.name,
-                        other_topic: member.topic,
-                    });
-                }
                 if members[..i].iter().any(|m| m.type_id == member.type_id) {
                     return Err(BuildError::InvalidSetting(format!(
                         "subscription {group:?}: event type {} is named twice in its set",

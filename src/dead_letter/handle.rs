@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::queue::DeadLetterQueue;
+use super::queue::{DeadLetterQueue, SEQ_SHIFT};
 use super::{DeadLetter, DeadLetterError};
 use crate::core::Core;
 use crate::envelope::Erased;
@@ -73,42 +73,67 @@ impl Drop for Redriving<'_> {
 /// assert!(dlq.is_empty());
 /// # bus.shutdown().await; Ok(()) }
 /// ```
+///
+/// A group whose [event set](crate::EventSet) spans topics has a queue per topic behind this one
+/// handle: `list` returns the entries of all, and each entry's `seq` names its queue.
 #[derive(Clone)]
 pub struct DeadLetters {
-    queue: Arc<DeadLetterQueue>,
+    /// The group's queues, one per topic it reads.
+    queues: Arc<[Arc<DeadLetterQueue>]>,
     core: Arc<Core>,
 }
 
 impl DeadLetters {
-    pub(crate) fn new(queue: Arc<DeadLetterQueue>, core: Arc<Core>) -> Self {
-        DeadLetters { queue, core }
+    pub(crate) fn new(queues: Arc<[Arc<DeadLetterQueue>]>, core: Arc<Core>) -> Self {
+        DeadLetters { queues, core }
+    }
+
+    /// The queue that numbered entry `seq`.
+    fn queue(&self, seq: u64) -> Result<&Arc<DeadLetterQueue>, DeadLetterError> {
+        let base = seq >> SEQ_SHIFT << SEQ_SHIFT;
+        self.queues
+            .iter()
+            .find(|q| q.seq_base == base)
+            .ok_or_else(|| DeadLetterError::NotFound {
+                group: self.queues[0].group.clone(),
+                seq,
+            })
     }
 
     /// The group's entries, oldest first (sequenced: an event parked behind another names it in
     /// [`parked_behind`](DeadLetter::parked_behind), which may be in flight for a redrive).
     pub fn list(&self) -> Vec<DeadLetter> {
-        self.queue.list()
+        let mut all: Vec<DeadLetter> = self.queues.iter().flat_map(|q| q.list()).collect();
+        if self.queues.len() > 1 {
+            all.sort_by_key(|letter| letter.first_failure);
+        }
+        all
     }
 
     /// Entry `seq`, if it is still there.
     pub fn get(&self, seq: u64) -> Option<DeadLetter> {
-        self.queue.get(seq)
+        self.queue(seq).ok()?.get(seq)
     }
 
     /// The entry of the event with this id, if there is one (the oldest, should the same id
     /// have been dead-lettered twice).
     pub fn find(&self, event_id: Uuid) -> Option<DeadLetter> {
-        let state = self.queue.state.lock();
-        state
-            .entries
-            .values()
-            .find(|e| e.envelope.id() == event_id)
-            .cloned()
+        self.queues.iter().find_map(|queue| {
+            let state = queue.state.lock();
+            state
+                .entries
+                .values()
+                .find(|e| e.envelope.id() == event_id)
+                .cloned()
+        })
     }
 
     /// How many entries wait.
     pub fn len(&self) -> usize {
-        self.queue.state.lock().entries.len()
+        self.queues
+            .iter()
+            .map(|q| q.state.lock().entries.len())
+            .sum()
     }
 
     /// Whether no entry waits.
@@ -142,10 +167,11 @@ impl DeadLetters {
             return Err(DeadLetterError::Closed);
         }
         self.restored().await?;
+        let queue = self.queue(seq)?;
         // A row that could not be read is read again (a type or an upcaster may have been
         // registered since); it goes to the handler only if that works now.
         let mut decoded: Option<Erased> = None;
-        if let Some(letter) = self.queue.get(seq) {
+        if let Some(letter) = queue.get(seq) {
             if letter
                 .envelope
                 .downcast_ref::<crate::store::Undecodable>()
@@ -161,22 +187,18 @@ impl DeadLetters {
                 }
             }
         }
-        let letter = self.queue.take_for_redrive(seq, automatic)?;
+        let letter = queue.take_for_redrive(seq, automatic)?;
         let item: Erased = decoded.unwrap_or_else(|| Arc::clone(&letter.envelope.inner));
-        tracing::info!(group = %self.queue.group, event_id = %letter.envelope.id(), seq, "redriving dead letter");
+        tracing::info!(group = %queue.group, event_id = %letter.envelope.id(), seq, "redriving dead letter");
         // Cancel safe: dropped before the event is in the queue, the entry goes back.
         let mut pending = Redriving {
-            queue: &self.queue,
+            queue,
             letter: Some(letter),
         };
-        match self
-            .core
-            .redeliver(&self.queue.topic, self.queue.slot, item)
-            .await
-        {
+        match self.core.redeliver(&queue.topic, queue.slot, item).await {
             Ok(()) => {
                 pending.letter = None;
-                self.queue.topic.metrics.group(self.queue.slot).redriven();
+                queue.topic.metrics.group(queue.slot).redriven();
                 Ok(())
             }
             Err(_) => Err(DeadLetterError::Closed),
@@ -186,16 +208,18 @@ impl DeadLetters {
     /// With a store: waits until the group's entries are read back from it (reads them if the
     /// group's workers have not yet), so that what a redrive finds is complete.
     async fn restored(&self) -> Result<(), DeadLetterError> {
-        match self.core.log.as_ref() {
-            Some(d) => self
-                .queue
+        let Some(d) = self.core.log.as_ref() else {
+            return Ok(());
+        };
+        for queue in self.queues.iter() {
+            queue
                 .ensure_restored(&*d.store, &d.decoder)
                 .await
                 .map_err(|e| DeadLetterError::Store {
                     error: e.to_string(),
-                }),
-            None => Ok(()),
+                })?;
         }
+        Ok(())
     }
 
     /// Redrives every entry (sequenced: every head; the events parked behind follow it), oldest
@@ -241,7 +265,8 @@ impl DeadLetters {
         }
         self.restored().await?;
         let mut sent = 0;
-        for seq in self.queue.heads() {
+        let heads: Vec<u64> = self.queues.iter().flat_map(|q| q.heads()).collect();
+        for seq in heads {
             if !self.get(seq).is_some_and(|letter| filter(&letter)) {
                 continue;
             }
@@ -268,12 +293,13 @@ impl DeadLetters {
     /// With a store, its row is deleted in the background (should the process stop first, the
     /// entry is back after the restart).
     pub fn discard(&self, seq: u64, reason: &str) -> Result<DeadLetter, DeadLetterError> {
-        let letter = self.queue.discard(seq, reason)?;
+        let queue = self.queue(seq)?;
+        let letter = queue.discard(seq, reason)?;
         let env = &letter.envelope;
         if let Some(durable) = &self.core.log {
-            if self.queue.take_stored(env.partition(), env.offset()) {
+            if queue.take_stored(env.partition(), env.offset()) {
                 let store = std::sync::Arc::clone(&durable.store);
-                let (group, topic) = (self.queue.group.clone(), self.queue.topic_name().to_owned());
+                let (group, topic) = (queue.group.clone(), queue.topic_name().to_owned());
                 let (partition, offset) = (env.partition(), env.offset());
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     runtime.spawn(async move {
@@ -294,7 +320,7 @@ impl DeadLetters {
 impl std::fmt::Debug for DeadLetters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeadLetters")
-            .field("group", &self.queue.group)
+            .field("group", &self.queues[0].group)
             .field("len", &self.len())
             .finish()
     }

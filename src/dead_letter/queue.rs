@@ -26,9 +26,18 @@ pub(super) fn seq_key(env: &AnyEnvelope) -> SeqKey {
     }
 }
 
-/// The dead-letter queue of one consumer group.
+/// How far apart the entry numbers of one group's queues are: the queue of a group's `n`th
+/// topic numbers its entries from `n << SEQ_SHIFT`, so one handle tells them apart.
+pub(crate) const SEQ_SHIFT: u32 = 48;
+
+/// The dead-letter queue of one consumer group on one topic (a group whose event set spans
+/// topics has one per topic, behind one [`DeadLetters`] handle).
 pub(crate) struct DeadLetterQueue {
     pub(crate) group: String,
+    /// The first entry number of this queue (see [`SEQ_SHIFT`]).
+    pub(crate) seq_base: u64,
+    /// The group's other topics: their stored dead letters belong to their own queues.
+    pub(crate) sibling_topics: Vec<String>,
     pub(crate) policy: DeadLetterPolicy,
     pub(super) topic: Arc<Topic>,
     pub(super) slot: usize,
@@ -116,13 +125,20 @@ impl DeadLetterQueue {
         redelivery: Option<Redelivery>,
         topic: Arc<Topic>,
         slot: usize,
+        seq_base: u64,
+        sibling_topics: Vec<String>,
     ) -> Self {
         DeadLetterQueue {
             group,
+            seq_base,
+            sibling_topics,
             policy,
             topic,
             slot,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                next_seq: seq_base,
+                ..State::default()
+            }),
             parked_keys: AtomicUsize::new(0),
             redelivery: redelivery.filter(|r| !r.delays.is_empty()),
             carried: AtomicUsize::new(0),
@@ -198,6 +214,9 @@ impl DeadLetterQueue {
         let partitions = self.topic.partitions.len() as u32;
         for record in store.dead_letters(&self.group).await? {
             let e = &record.event;
+            if self.sibling_topics.contains(&e.topic) {
+                continue; // restored by the group's queue of that topic
+            }
             if e.topic != self.topic.name || e.partition >= partitions {
                 // Only a topic whose partition count shrank since (build refuses that when the
                 // store knows it): left in the store, to come back with the partitions.
@@ -304,7 +323,7 @@ impl DeadLetterQueue {
                 biased;
                 () = cancel.cancelled() => {}
                 () = tokio::time::sleep(delay) => {
-                    let letters = DeadLetters::new(queue, inner);
+                    let letters = DeadLetters::new(Arc::new([queue]), inner);
                     // Gone already (redriven or discarded by hand), or the bus closed: nothing
                     // to do; the entry, if any, stays.
                     let _ = letters.redrive_as(seq, automatic).await;

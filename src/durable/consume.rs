@@ -44,6 +44,7 @@ impl LogSource {
             || args.options.has(crate::middleware::LayerKind::Dedup);
         durable.rebuilds.register(
             &args.topic.groups[args.slot],
+            &args.topic.name,
             args.topic.partitions.len() as u32,
             dedups,
         );

@@ -28,15 +28,17 @@ use crate::store::StartFrom;
 #[derive(Default)]
 pub(crate) struct Rebuilds {
     groups: Mutex<HashMap<String, Group>>,
-    /// By (group, partition).
-    orders: Mutex<HashMap<(String, u32), ResetOrder>>,
+    /// By (group, topic, partition).
+    orders: Mutex<HashMap<(String, String, u32), ResetOrder>>,
 }
 
 struct Group {
     /// Deduplicates event ids (effectively-once, or a `Dedup` layer): a replay would skip what
     /// it handled before.
     dedups: bool,
-    partitions: u32,
+    /// The partition count of each topic the group reads (several when its event set spans
+    /// topics).
+    topics: Vec<(String, u32)>,
     running: Option<Arc<Progress>>,
 }
 
@@ -106,13 +108,17 @@ impl Progress {
 }
 
 impl Rebuilds {
-    /// At build, for each worker: `group` has `partitions` partitions.
-    pub(crate) fn register(&self, group: &str, partitions: u32, dedups: bool) {
-        self.groups.lock().entry(group.to_owned()).or_insert(Group {
+    /// At build, for each worker: `group` reads `topic`, which has `partitions` partitions.
+    pub(crate) fn register(&self, group: &str, topic: &str, partitions: u32, dedups: bool) {
+        let mut groups = self.groups.lock();
+        let entry = groups.entry(group.to_owned()).or_insert(Group {
             dedups,
-            partitions,
+            topics: Vec::new(),
             running: None,
         });
+        if !entry.topics.iter().any(|(t, _)| t == topic) {
+            entry.topics.push((topic.to_owned(), partitions));
+        }
     }
 
     /// Orders every worker of `group` to reset to `start`; the caller then raises their flags.
@@ -129,23 +135,28 @@ impl Rebuilds {
         {
             return Err(Refused::InProgress);
         }
-        let progress = Arc::new(Progress::new(group, entry.partitions));
+        let partitions = entry.topics.iter().map(|(_, n)| n).sum();
+        let progress = Arc::new(Progress::new(group, partitions));
         entry.running = Some(Arc::clone(&progress));
         let mut orders = self.orders.lock();
-        for partition in 0..entry.partitions {
-            orders.insert(
-                (group.to_owned(), partition),
-                ResetOrder {
-                    start,
-                    progress: Arc::clone(&progress),
-                },
-            );
+        for (topic, n) in &entry.topics {
+            for partition in 0..*n {
+                orders.insert(
+                    (group.to_owned(), topic.clone(), partition),
+                    ResetOrder {
+                        start,
+                        progress: Arc::clone(&progress),
+                    },
+                );
+            }
         }
         Ok(progress)
     }
 
-    fn take(&self, group: &str, partition: u32) -> Option<ResetOrder> {
-        self.orders.lock().remove(&(group.to_owned(), partition))
+    fn take(&self, group: &str, topic: &str, partition: u32) -> Option<ResetOrder> {
+        self.orders
+            .lock()
+            .remove(&(group.to_owned(), topic.to_owned(), partition))
     }
 }
 
@@ -192,7 +203,11 @@ impl<D: Dispatch> Consumer<'_, D> {
     /// from there.
     pub(super) async fn reset(&mut self, feed: &mut Feed) {
         self.stats.reset.store(false, Release);
-        let Some(order) = self.durable.rebuilds.take(&self.group, self.partition) else {
+        let Some(order) = self
+            .durable
+            .rebuilds
+            .take(&self.group, self.topic, self.partition)
+        else {
             return;
         };
         let progress = order.progress;

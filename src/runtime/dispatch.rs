@@ -1,5 +1,5 @@
 //! How a worker turns a queued event into a handler call: [`Dispatch`], for one event type
-//! ([`Typed`]), a set of types of one topic ([`Multi`]) or every type of a topic ([`Untyped`]).
+//! ([`Typed`]), a set of types ([`Multi`]) or every type of a topic ([`Untyped`]).
 
 use std::future::Future;
 use std::marker::PhantomData;
@@ -202,7 +202,7 @@ pub(crate) trait Table<H>: Send + 'static {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a;
 }
 
-/// A handler of several event types of one topic (a tuple `S` of them), fed the topic's
+/// A handler of several event types (a tuple `S` of them), fed a topic's
 /// partition in order and dispatched by type to its `Handler<E>` impls.
 pub(crate) struct Multi<S, H> {
     handler: H,

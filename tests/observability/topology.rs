@@ -166,7 +166,7 @@ fn the_topology_lists_what_each_group_handles_and_what_it_was_seen_publishing_an
 
     let billing = &after.groups[0];
     assert_eq!(billing.name, "billing");
-    assert_eq!(billing.topic, "shop.orders");
+    assert_eq!(billing.topics, ["shop.orders"]);
     assert_eq!(billing.handler, std::any::type_name::<Billing>());
     assert_eq!(billing.events, ["topology.OrderPlaced"]);
     assert!(!billing.every_type);
@@ -335,7 +335,7 @@ fn modules_become_subgraphs_and_names_are_escaped() {
     let mut group = GroupInfo::default();
     group.name = "billing".into();
     group.module = Some("orders \"core\"".into());
-    group.topic = "a.b".into();
+    group.topics = vec!["a.b".into()];
     group.handler = "app::H<app::X>".into();
     group.events = vec!["E|1".into()];
     topology.groups.push(group);

@@ -213,32 +213,153 @@ async fn with_a_store_a_set_replays_only_its_types_in_log_order() {
     bus.shutdown().await;
 }
 
-struct Refunds;
-impl Handler<Placed> for Refunds {
-    async fn handle(&mut self, _: &Envelope<Placed>, _: &Context) -> HandlerResult {
-        Ok(())
-    }
+/// One group over two topics: records per topic what it saw; fails the first refund of order 7.
+#[derive(Clone, Default)]
+struct Refunds {
+    seen: Arc<Mutex<Vec<(&'static str, u32)>>>,
+    failed_once: Arc<std::sync::atomic::AtomicBool>,
 }
-impl Handler<Refunded> for Refunds {
-    async fn handle(&mut self, _: &Envelope<Refunded>, _: &Context) -> HandlerResult {
+
+impl Handler<Placed> for Refunds {
+    async fn handle(&mut self, e: &Envelope<Placed>, _: &Context) -> HandlerResult {
+        self.seen.lock().unwrap().push(("placed", e.event().order));
         Ok(())
     }
 }
 
+impl Handler<Refunded> for Refunds {
+    async fn handle(&mut self, e: &Envelope<Refunded>, _: &Context) -> HandlerResult {
+        if e.event().order == 7 && !self.failed_once.swap(true, Ordering::SeqCst) {
+            return Err(HandlerError::permanent("refund service down"));
+        }
+        self.seen
+            .lock()
+            .unwrap()
+            .push(("refunded", e.event().order));
+        Ok(())
+    }
+}
+
+async fn publish_both_topics(bus: &Bus) {
+    for order in 0..50 {
+        bus.publish(Placed { order }).await.unwrap();
+        bus.publish(Refunded { order }).await.unwrap();
+        bus.publish(Paid { order }).await.unwrap(); // not in the set
+    }
+}
+
 #[tokio::test]
-async fn a_set_spanning_topics_or_naming_a_type_twice_is_a_build_error() {
-    let err = Bus::builder()
-        .subscribe::<(Placed, Refunded), _>("refunds", || Refunds)
+async fn a_set_spanning_topics_is_one_group_that_reads_each_topic_in_order() {
+    let refunds = Refunds::default();
+    let handler = refunds.clone();
+    let bus = Bus::builder()
+        .topic(TopicConfig::new("sets.orders").partitions(3))
+        .topic(TopicConfig::new("sets.payments").partitions(2))
+        .subscribe::<(Placed, Refunded), _>(
+            Subscription::new("refunds").max_deliveries(1),
+            move || handler.clone(),
+        )
         .build()
-        .unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            BuildError::EventSetSpansTopics { group, first_topic: "sets.orders", other_topic: "sets.payments", .. }
-                if group == "refunds"
-        ),
-        "{err}"
+        .unwrap();
+    publish_both_topics(&bus).await;
+    bus.settled().await;
+    {
+        let seen = refunds.seen.lock().unwrap();
+        for kind in ["placed", "refunded"] {
+            let mut orders: Vec<u32> = seen.iter().filter(|s| s.0 == kind).map(|s| s.1).collect();
+            let expected: Vec<u32> = (0..50).filter(|o| kind == "placed" || *o != 7).collect();
+            orders.sort_unstable();
+            assert_eq!(orders, expected, "{kind}: every event of the topic, once");
+        }
+    }
+    // Statistics per topic: the group is under both.
+    let stats = bus.stats();
+    for (topic, handled) in [("sets.orders", 50), ("sets.payments", 49)] {
+        let group = stats
+            .topic(topic)
+            .unwrap()
+            .groups
+            .iter()
+            .find(|g| g.group == "refunds");
+        assert_eq!(group.unwrap().handled, handled, "{topic}");
+    }
+    // One dead-letter handle over both topics' queues; the entry of the second topic redrives.
+    let dlq = bus.dead_letters("refunds").unwrap();
+    let letters = dlq.list();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].envelope.topic(), "sets.payments");
+    assert_eq!(
+        dlq.find(letters[0].envelope.id()).unwrap().seq,
+        letters[0].seq
     );
+    dlq.redrive(letters[0].seq).await.unwrap();
+    bus.settled().await;
+    assert!(dlq.is_empty());
+    assert!(refunds.seen.lock().unwrap().contains(&("refunded", 7)));
+    bus.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_a_store_a_set_spanning_topics_replays_and_rebuilds_every_topic() {
+    let store = MemoryStore::new();
+    let topics = |b: tidings::BusBuilder| {
+        b.topic(TopicConfig::new("sets.orders").partitions(3))
+            .topic(TopicConfig::new("sets.payments").partitions(2))
+    };
+    let bus = topics(Bus::builder().store(store.clone())).build().unwrap();
+    publish_both_topics(&bus).await;
+    bus.shutdown().await;
+
+    let refunds = Refunds::default();
+    let handler = refunds.clone();
+    let bus = topics(Bus::builder().store(store.clone()))
+        .subscribe::<(Placed, Refunded), _>(
+            Subscription::new("refunds")
+                .start_from(StartFrom::Earliest)
+                .max_deliveries(1),
+            move || handler.clone(),
+        )
+        .build()
+        .unwrap();
+    assert!(bus.ready().await);
+    bus.settled().await;
+    assert_eq!(refunds.seen.lock().unwrap().len(), 99, "both logs replayed");
+    assert_eq!(bus.dead_letters("refunds").unwrap().len(), 1);
+
+    refunds.seen.lock().unwrap().clear();
+    let rebuild = bus.rebuild("refunds", StartFrom::Earliest).await.unwrap();
+    rebuild.caught_up().await.unwrap();
+    bus.settled().await;
+    let seen = refunds.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.iter().filter(|s| s.0 == "placed").count(),
+        50,
+        "the rebuild replayed the first topic"
+    );
+    assert!(
+        seen.iter().filter(|s| s.0 == "refunded").count() >= 49,
+        "and the second"
+    );
+    bus.shutdown().await;
+
+    // After a restart the dead letter of the second topic comes back, in its own queue.
+    let bus = topics(Bus::builder().store(store))
+        .subscribe::<(Placed, Refunded), _>("refunds", Refunds::default)
+        .build()
+        .unwrap();
+    assert!(bus.ready().await);
+    let letters = bus.dead_letters("refunds").unwrap().list();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].envelope.topic(), "sets.payments");
+    assert_eq!(
+        letters[0].envelope.event().event_info().name,
+        "event_sets.Refunded"
+    );
+    bus.shutdown().await;
+}
+
+#[tokio::test]
+async fn naming_a_type_twice_in_a_set_is_a_build_error() {
     let err = Bus::builder()
         .subscribe::<(Paid, Paid), _>("twice", Lifecycle::default)
         .build()
