@@ -185,6 +185,13 @@ async fn child() {
 /// Starts the child for run `run` and kills it after `kill_after` (or lets it finish).
 fn run_child(spec: &str, dir: &Path, run: u64, kill_after: Option<Duration>) {
     let exe = std::env::current_exe().expect("test binary");
+    let acked = || {
+        read_lines(&dir.join("published"))
+            .iter()
+            .filter(|l| l.starts_with("ok "))
+            .count()
+    };
+    let acked_before = acked();
     let mut child = Command::new(exe)
         .args([
             "crash_recovery::child",
@@ -203,6 +210,12 @@ fn run_child(spec: &str, dir: &Path, run: u64, kill_after: Option<Duration>) {
     match kill_after {
         Some(after) => {
             std::thread::sleep(after);
+            // A loaded machine may spend the whole delay starting the child: let it publish
+            // a few events first, so every run kills a bus at work (bounded wait).
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while acked() < acked_before + 15 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             // SIGKILL: no destructor, no shutdown, no flush.
             let _ = child.kill();
             let _ = child.wait();
