@@ -130,45 +130,47 @@ impl<H> Untyped<H> {
     }
 }
 
-impl<H> Untyped<H> {
-    fn wrap_any(item: Erased) -> Option<AnyEnvelope> {
-        Some(AnyEnvelope {
-            inner: item,
-            attempt: 1,
-        })
-    }
+/// The [`Dispatch`] items of a dispatch whose envelope is an [`AnyEnvelope`] ([`Untyped`] and
+/// [`Multi`]): the queue item as it is, attempt 1.
+macro_rules! any_envelope_items {
+    () => {
+        type Env = AnyEnvelope;
+
+        fn wrap(item: Erased) -> Option<AnyEnvelope> {
+            Some(AnyEnvelope {
+                inner: item,
+                attempt: 1,
+            })
+        }
+
+        fn set_attempt(env: &mut AnyEnvelope, attempt: u32) {
+            env.attempt = attempt;
+        }
+
+        fn erase(env: &AnyEnvelope) -> AnyEnvelope {
+            env.clone()
+        }
+
+        fn into_item(env: AnyEnvelope) -> Erased {
+            env.inner
+        }
+
+        fn from_any(env: &AnyEnvelope) -> Option<AnyEnvelope> {
+            Some(env.clone())
+        }
+
+        fn attempt(env: &AnyEnvelope) -> u32 {
+            env.attempt
+        }
+
+        fn meta(env: &AnyEnvelope) -> &Metadata {
+            env.metadata()
+        }
+    };
 }
 
 impl<H: AnyHandler> Dispatch for Untyped<H> {
-    type Env = AnyEnvelope;
-
-    fn wrap(item: Erased) -> Option<AnyEnvelope> {
-        Untyped::<H>::wrap_any(item)
-    }
-
-    fn set_attempt(env: &mut AnyEnvelope, attempt: u32) {
-        env.attempt = attempt;
-    }
-
-    fn erase(env: &AnyEnvelope) -> AnyEnvelope {
-        env.clone()
-    }
-
-    fn into_item(env: AnyEnvelope) -> Erased {
-        env.inner
-    }
-
-    fn from_any(env: &AnyEnvelope) -> Option<AnyEnvelope> {
-        Some(env.clone())
-    }
-
-    fn attempt(env: &AnyEnvelope) -> u32 {
-        env.attempt
-    }
-
-    fn meta(env: &AnyEnvelope) -> &Metadata {
-        env.metadata()
-    }
+    any_envelope_items!();
 
     fn call<'a>(
         &'a mut self,
@@ -221,35 +223,7 @@ impl<S, H> Multi<S, H> {
 }
 
 impl<S: Table<H>, H: Send + 'static> Dispatch for Multi<S, H> {
-    type Env = AnyEnvelope;
-
-    fn wrap(item: Erased) -> Option<AnyEnvelope> {
-        Untyped::<H>::wrap_any(item)
-    }
-
-    fn set_attempt(env: &mut AnyEnvelope, attempt: u32) {
-        env.attempt = attempt;
-    }
-
-    fn erase(env: &AnyEnvelope) -> AnyEnvelope {
-        env.clone()
-    }
-
-    fn into_item(env: AnyEnvelope) -> Erased {
-        env.inner
-    }
-
-    fn from_any(env: &AnyEnvelope) -> Option<AnyEnvelope> {
-        Some(env.clone())
-    }
-
-    fn attempt(env: &AnyEnvelope) -> u32 {
-        env.attempt
-    }
-
-    fn meta(env: &AnyEnvelope) -> &Metadata {
-        env.metadata()
-    }
+    any_envelope_items!();
 
     fn call<'a>(
         &'a mut self,
