@@ -112,6 +112,11 @@ pub trait EventSet: Send + 'static {
 /// assert_eq!(bus.stats().group("orders").unwrap().handled, 2);
 /// # bus.shutdown().await; Ok(()) }
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` does not handle every event type of `{S}`",
+    label = "this handler needs a `Handler<E>` impl for each event type `E` of `{S}`",
+    note = "implement `tidings::Handler<E>` for `{Self}`, one impl per event type of the set"
+)]
 pub trait Handles<S: EventSet>: Send + 'static {
     /// What starts a worker of this handler (for the builder).
     #[doc(hidden)]
