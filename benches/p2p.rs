@@ -16,6 +16,9 @@
 //!   half the throughput of `tidings_publish`.
 //! - `tidings_publish_timeout_retry`: the same without `Dedup`, to show what deduplication
 //!   costs apart from the chain.
+//! - `tidings_publish_event_set`: as `tidings_publish`, with the group subscribed to a set of
+//!   three event types of the topic, `(Opened, Closed, Ev)`, every event the set's last type:
+//!   what dispatch by type costs over a single-type group.
 //!
 //! How to read it: divide the time of a `tidings_*` entry by the time of `tokio_mpsc` (or the
 //! baseline's throughput by ours). That ratio is the price of what the bus adds over a bare
@@ -76,6 +79,44 @@ fn build_bus(rt: &Runtime, handled: &Arc<Counter>, subscription: Subscription) -
         .expect("bus")
 }
 
+/// Two more event types of the benches' topic, for the event-set entry.
+#[derive(serde::Serialize, serde::Deserialize, Event)]
+#[event(topic = "bench.events", key = key)]
+struct Opened {
+    key: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Event)]
+#[event(topic = "bench.events", key = key)]
+struct Closed {
+    key: u64,
+}
+
+impl Handler<Opened> for Sink {
+    async fn handle(&mut self, _: &Envelope<Opened>, _: &Context) -> HandlerResult {
+        Ok(())
+    }
+}
+
+impl Handler<Closed> for Sink {
+    async fn handle(&mut self, _: &Envelope<Closed>, _: &Context) -> HandlerResult {
+        Ok(())
+    }
+}
+
+/// The same bus, its group subscribed to a set of three types (`Ev` last).
+fn build_set_bus(rt: &Runtime, handled: &Arc<Counter>) -> Bus {
+    let _enter = rt.enter();
+    let handled = Arc::clone(handled);
+    Bus::builder()
+        .topic(TopicConfig::new(Ev::TOPIC).partitions(1).capacity(CAPACITY))
+        .subscribe::<(Opened, Closed, Ev), _>("sink", move || Sink {
+            handled: Arc::clone(&handled),
+        })
+        .build()
+        .expect("bus")
+}
+
 /// `Timeout`, `Retry`, `Dedup`, as a careful user would stack them.
 fn layered() -> Subscription {
     timeout_retry().layer(Dedup::new(DedupWindow::new()))
@@ -119,6 +160,9 @@ fn p2p(c: &mut Criterion) {
     let tr_handled = Arc::new(Counter::default());
     let tr_bus = build_bus(&rt, &tr_handled, timeout_retry());
     let mut tr_published = 0u64;
+    let set_handled = Arc::new(Counter::default());
+    let set_bus = build_set_bus(&rt, &set_handled);
+    let mut set_published = 0u64;
 
     let mut group = c.benchmark_group("p2p");
     group
@@ -135,6 +179,13 @@ fn p2p(c: &mut Criterion) {
         b.to_async(&rt).iter(|| {
             published += N;
             publish_batch(bus.clone(), Arc::clone(&handled))
+        });
+    });
+
+    group.bench_function("tidings_publish_event_set", |b| {
+        b.to_async(&rt).iter(|| {
+            set_published += N;
+            publish_batch(set_bus.clone(), Arc::clone(&set_handled))
         });
     });
 
@@ -187,6 +238,7 @@ fn p2p(c: &mut Criterion) {
         (bus, published),
         (tr_bus, tr_published),
         (layered_bus, layered_published),
+        (set_bus, set_published),
     ] {
         let report = rt.block_on(bus.shutdown());
         assert_eq!(report.handled, published, "shutdown report disagrees");
