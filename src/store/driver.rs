@@ -193,6 +193,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 pub use futures::future::BoxFuture;
+pub use futures::stream::BoxStream;
 pub use uuid::Uuid;
 
 pub use super::codec::{
@@ -200,7 +201,9 @@ pub use super::codec::{
     UNREADABLE_ROW,
 };
 pub use super::traits::{DeadLetterLog, Log, Marks, Offsets, Store};
-pub use super::types::{DeadLetterRecord, GroupOffset, StoreError, StoredEvent, TryAppend};
+pub use super::types::{
+    DeadLetterRecord, GroupOffset, HeadWatch, PartitionHead, StoreError, StoredEvent, TryAppend,
+};
 pub use crate::envelope::Headers;
 
 /// Validates an SQL identifier taken from configuration (a schema name): ASCII letters, digits

@@ -10,10 +10,11 @@ use uuid::Uuid;
 
 use super::codec::{place, position, Columns};
 use super::driver::{by_partition, headers_to_json, micros, validate_identifier, PartitionCounts};
-use super::{Log, StoreError, StoredEvent, TryAppend};
+use super::{HeadWatch, Log, PartitionHead, StoreError, StoredEvent, TryAppend};
 
 mod groups;
 mod sql;
+mod watch;
 
 use sql::Sql;
 
@@ -198,9 +199,9 @@ impl PostgresStore {
     /// commit or roll back with the caller's own writes). Offsets are written into the events;
     /// the partitions' heads stay locked until the caller's transaction ends, so keep it short.
     ///
-    /// A bus on the same store hands events to its groups when its own appends commit; events
-    /// appended here reach them when that bus next appends to the partition (it sees the gap
-    /// and reads the log), or at the latest when it restarts. A bus's publishes to a partition
+    /// The append is announced at commit (`NOTIFY`), like a bus's: buses on the same store
+    /// read the events from the log within milliseconds of the commit, in log order with their
+    /// own (see [`Log::watch_heads`]). A bus's publishes to a partition
     /// whose head this transaction holds wait for it (its publishes to other partitions go
     /// on): keep the transaction short.
     ///
@@ -279,6 +280,7 @@ impl PostgresStore {
             .bind(&causations)
             .bind(&headers)
             .bind(&payloads)
+            .bind(&*self.sql.channel)
             .fetch_all(&mut *conn)
             .await;
         // Payloads go back to their events, whatever happened.
@@ -512,5 +514,40 @@ impl Log for PostgresStore {
             Ok(done.rows_affected())
         }
         .boxed()
+    }
+
+    fn heads<'a>(
+        &'a self,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<PartitionHead>, StoreError>> {
+        async move {
+            let rows = sqlx::query(AssertSqlSafe(self.sql.heads.clone()))
+                .bind(topics)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            rows.iter()
+                .map(|r| {
+                    let (topic, partition, head) = position(
+                        r.try_get("topic"),
+                        r.try_get::<i32, _>("partition_no").map(i64::from),
+                        r.try_get("next_offset"),
+                    )?;
+                    Ok(PartitionHead {
+                        topic,
+                        partition,
+                        head,
+                    })
+                })
+                .collect()
+        }
+        .boxed()
+    }
+
+    /// `LISTEN` on the schema's channel, on a connection of its own (not one of the pool's):
+    /// every append to the schema, by any process, is announced at its commit.
+    fn watch_heads(&self) -> Option<futures::stream::BoxStream<'static, HeadWatch>> {
+        let options = (*self.pool.connect_options()).clone();
+        Some(watch::watch(options, self.sql.channel.to_string()))
     }
 }
