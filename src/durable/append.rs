@@ -103,11 +103,12 @@ pub(crate) async fn run_appender(inner: Engine, mut rx: mpsc::Receiver<AppendReq
         // Group commit of the rest. A partition that another transaction holds is not waited
         // for: the publishes touching it move to a lane, and the others are appended again.
         while !batch.is_empty() {
+            // Before the rows move out of their publishes.
+            let parts = touched(&batch);
             let mut rows = Vec::with_capacity(n);
             for a in &mut batch {
                 rows.append(&mut a.rows);
             }
-            let parts = touched(&batch);
             let appended = d.store.try_append(&mut rows).await;
             match appended {
                 Ok(TryAppend::Appended) => complete(&inner, std::mem::take(&mut batch), rows),
@@ -285,11 +286,11 @@ async fn run_lane(inner: Engine, lane: Arc<Lane>, after: Vec<CancellationToken>)
             fail(batch, &AppendError::Closed);
             continue;
         }
+        let parts = touched(&batch);
         let mut rows: Vec<StoredEvent> = Vec::new();
         for a in &mut batch {
             rows.append(&mut a.rows);
         }
-        let parts = touched(&batch);
         match d.store.append(&mut rows).await {
             Ok(()) => complete(&inner, batch, rows),
             Err(error) => {

@@ -30,6 +30,12 @@ use sql::Sql;
 /// statement, so a head held by another transaction (an application's [`append_in`]) holds up
 /// only the publishes to that partition (see [`Log`]). Needs PostgreSQL 12 or later.
 ///
+/// Each append announces the heads it moved (`NOTIFY` on the channel `tidings_<schema>`,
+/// delivered at commit), and a bus on the store listens (`LISTEN`, one connection of its own
+/// besides the pool): events other processes append reach its groups within milliseconds,
+/// without it appending anything (see [`Log::watch_heads`]; [`listen`](Self::listen) turns the
+/// listening off).
+///
 /// [`append_in`]: PostgresStore::append_in
 ///
 /// ```no_run
@@ -48,6 +54,8 @@ pub struct PostgresStore {
     sql: Arc<Sql>,
     /// Partition counts by topic, for [`Log::known_partitions`].
     counts: PartitionCounts,
+    /// Whether [`Log::watch_heads`] listens (see [`listen`](Self::listen)).
+    listen: bool,
 }
 
 impl PostgresStore {
@@ -182,7 +190,20 @@ impl PostgresStore {
             pool,
             schema: Arc::from(schema),
             sql: Arc::new(Sql::new(schema)),
+            listen: true,
         })
+    }
+
+    /// Whether a bus on this store listens for the announcements of appends (`LISTEN`, on a
+    /// connection of its own; default `true`), to hand its groups the events of other processes
+    /// within milliseconds. With `false` it reads the heads every
+    /// [poll interval](crate::BusBuilder::poll_interval) instead: for a connection pooler
+    /// that does not keep `LISTEN` (PgBouncer in transaction mode), or a server that limits
+    /// connections. Appends are announced (`NOTIFY`) either way.
+    #[must_use]
+    pub fn listen(mut self, listen: bool) -> Self {
+        self.listen = listen;
+        self
     }
 
     /// The pool, to run the application's own queries on the same database.
@@ -547,6 +568,9 @@ impl Log for PostgresStore {
     /// `LISTEN` on the schema's channel, on a connection of its own (not one of the pool's):
     /// every append to the schema, by any process, is announced at its commit.
     fn watch_heads(&self) -> Option<futures::stream::BoxStream<'static, HeadWatch>> {
+        if !self.listen {
+            return None;
+        }
         let options = (*self.pool.connect_options()).clone();
         Some(watch::watch(options, self.sql.channel.to_string()))
     }
