@@ -46,7 +46,7 @@ pub(crate) async fn run_head_watch(inner: Engine) {
             biased;
             _ = d.stop.cancelled() => return,
             item = next => match item {
-                Some(HeadWatch::Moved(head)) => moved(&inner, &topics, head),
+                Some(HeadWatch::Moved(head)) => moved(&inner, &topics, &head),
                 Some(HeadWatch::Resync) => {
                     polling = false;
                     poll(&inner, &topics, &names, &mut failing).await;
@@ -72,7 +72,7 @@ pub(crate) async fn run_head_watch(inner: Engine) {
 }
 
 /// A head announced or read: to the core.
-fn moved(inner: &Engine, topics: &HashMap<String, Arc<Topic>>, head: PartitionHead) {
+fn moved(inner: &Engine, topics: &HashMap<String, Arc<Topic>>, head: &PartitionHead) {
     if let Some(topic) = topics.get(&head.topic) {
         inner.core.head_moved(topic, head.partition, head.head);
     }
@@ -88,7 +88,7 @@ async fn poll(
     match inner.d.store.heads(names).await {
         Ok(heads) => {
             *failing = false;
-            for head in heads {
+            for head in &heads {
                 moved(inner, topics, head);
             }
         }
