@@ -64,10 +64,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let consumer = Bus::builder()
         .store(b)
         .poll_interval(poll)
+        .topic(TopicConfig::new("pings").partitions(1))
         .subscribe::<Ping, _>(Subscription::new("pong"), move || Pong(tx.clone()))
         .build()?;
     consumer.ready().await;
-    let producer = Bus::builder().store(a).build()?;
+    let producer = Bus::builder()
+        .store(a)
+        .topic(TopicConfig::new("pings").partitions(1))
+        .build()?;
     // The listener's first resync, and warm connections.
     for i in 0..10 {
         producer.publish(Ping { n: i }).await?;
