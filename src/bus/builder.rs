@@ -75,6 +75,7 @@ pub struct BusBuilder {
     pub(super) max_payload: usize,
     pub(super) commit_interval: Duration,
     pub(super) retention_interval: Duration,
+    pub(super) poll_interval: Duration,
 }
 
 impl Default for BusBuilder {
@@ -100,6 +101,7 @@ impl BusBuilder {
             max_payload: DEFAULT_MAX_PAYLOAD,
             commit_interval: Duration::from_millis(100),
             retention_interval: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(250),
         }
     }
 
@@ -153,6 +155,22 @@ impl BusBuilder {
     #[must_use]
     pub fn retention_interval(mut self, interval: Duration) -> Self {
         self.retention_interval = interval;
+        self
+    }
+
+    /// With a store: how often the bus reads its partitions' heads (one query) to learn of
+    /// events that other writers appended (other processes on the same store, the
+    /// application's own transactions), when the store does not announce them. Default 250 ms.
+    ///
+    /// [`PostgresStore`](crate::store::PostgresStore) announces every append
+    /// (`LISTEN`/`NOTIFY`): the bus polls only while its listening connection is down.
+    /// [`SqliteStore`](crate::store::SqliteStore) and [`MemoryStore`](crate::store::MemoryStore)
+    /// announce nothing: events of other writers reach the groups within this interval (see
+    /// [`Log`](crate::store::Log), *More than one writer*). A bus without consumer groups
+    /// does not poll. Zero is a build error.
+    #[must_use]
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
         self
     }
 
@@ -378,6 +396,7 @@ impl BusBuilder {
                 self.max_payload,
                 self.commit_interval,
                 self.retention_interval,
+                self.poll_interval,
                 retention,
             ))
         });

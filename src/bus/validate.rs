@@ -54,6 +54,11 @@ impl BusBuilder {
                     "commit_interval and retention_interval must be above zero".into(),
                 ));
             }
+            if self.poll_interval.is_zero() {
+                return Err(BuildError::InvalidSetting(
+                    "poll_interval must be above zero".into(),
+                ));
+            }
         }
         Ok(())
     }

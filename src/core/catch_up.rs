@@ -7,6 +7,13 @@
 //!   group whose queue has room and whose `live_next` is the event's offset gets it queued; a
 //!   full queue, or a gap (events someone else appended), makes the group lag, with a *marker*:
 //!   one pending count that keeps [`settled`](crate::Bus::settled) waiting until it caught up.
+//! - Another writer (another process, the application's transaction) moved a partition's head
+//!   past what the bus handed its groups ([`Core::head_moved`], from the store's announcements
+//!   or a poll of the heads): every live group lags, with a marker, and reads the rest from the
+//!   log, in log order with the bus's own events. While this bus's own appends to the
+//!   partition are under way ([`Partition::begin_append`]), the head is only noted and looked
+//!   at once they are offered ([`Core::end_append`]): a head that counts this bus's own events
+//!   (its own announcement, often ahead of the appender) then makes no group lag.
 //! - The worker asks [`Partition::next_durable`]: queued events first; else, if the log's head
 //!   is past what it finished, it catches up (`CatchUp(head)`); once caught up it goes live
 //!   again and the marker's count is released.
@@ -19,7 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::pending::Pending;
-use super::queue::{Partition, Topic, WorkerStats};
+use super::queue::{Partition, PartitionState, Topic, WorkerStats};
 use super::Core;
 use crate::envelope::Erased;
 use std::collections::VecDeque;
@@ -150,6 +157,12 @@ impl Partition {
         queued
     }
 
+    /// With a store: this bus's appender begins an append to the partition (end it with
+    /// [`Core::end_append`], appended or not).
+    pub(crate) fn begin_append(&self) {
+        self.lock().appending += 1;
+    }
+
     /// With a store: the log's head is at least `head`.
     pub(crate) fn raise_head(&self, head: u64) {
         let mut state = self.lock();
@@ -175,6 +188,63 @@ impl Core {
             }
         }
         self.pending.add(markers);
+    }
+
+    /// With a store: the log of `partition` reaches `head`, by an announcement or a poll (it
+    /// may count this bus's own events). If that is past what the bus handed its groups, events
+    /// of other writers are in the log: every live group reads them from there (a lagging one
+    /// goes on to the new head).
+    pub(crate) fn head_moved(&self, topic: &Topic, partition: u32, head: u64) {
+        let Some(part) = topic.partitions.get(partition as usize) else {
+            return;
+        };
+        let mut state = part.lock();
+        if state.next_offset >= head {
+            return;
+        }
+        if state.appending > 0 {
+            // Perhaps this bus's own events, not offered yet: decided once they are.
+            state.announced = state.announced.max(head);
+            return;
+        }
+        self.fall_behind(part, &mut state, head);
+    }
+
+    /// With a store: the appender is done with an append to `partition` of `topic` (begun with
+    /// [`Partition::begin_append`]): its committed events were offered, or it failed. A head
+    /// announced meanwhile beyond them is looked at now.
+    pub(crate) fn end_append(&self, topic: &Topic, partition: u32) {
+        let part = &topic.partitions[partition as usize];
+        let mut state = part.lock();
+        state.appending -= 1;
+        if state.appending == 0 && state.announced != 0 {
+            let head = std::mem::take(&mut state.announced);
+            if head > state.next_offset {
+                self.fall_behind(part, &mut state, head);
+            }
+        }
+    }
+
+    /// The log of `part` reaches `head`, past what the groups were handed: each live group
+    /// lags (with a marker, as for a gap), and each worker is woken to read the log.
+    fn fall_behind(&self, part: &Partition, state: &mut PartitionState, head: u64) {
+        state.next_offset = head;
+        if state.closed {
+            return;
+        }
+        let mut markers = 0;
+        for slot in 0..state.queues.len() {
+            let q = &mut state.queues[slot];
+            if !q.lagging {
+                q.lagging = true;
+                q.marker = true;
+                markers += 1;
+            }
+            part.wake(state, slot);
+        }
+        if markers > 0 {
+            self.pending.add(markers);
+        }
     }
 
     /// Hands a committed event to the groups of its route: into each group's queue, unless

@@ -110,6 +110,11 @@ pub(crate) struct Partition {
 pub(crate) struct PartitionState {
     pub(crate) next_offset: u64,
     pub(crate) closed: bool,
+    /// With a store: appends of this bus to the partition under way (see `core::catch_up`).
+    pub(crate) appending: u32,
+    /// With a store: the highest head another writer announced while this bus was appending
+    /// (0: none); looked at once the appends are done.
+    pub(crate) announced: u64,
     /// Envelopes the workers finished with, freed by the next publisher.
     pub(crate) graveyard: Vec<Erased>,
     pub(crate) queues: Box<[GroupQueue]>,
@@ -148,6 +153,8 @@ impl Partition {
                 next_offset: 0,
                 graveyard: Vec::new(),
                 closed: false,
+                appending: 0,
+                announced: 0,
                 queues: (0..groups).map(|_| GroupQueue::default()).collect(),
             }),
             not_full: Notify::new(),

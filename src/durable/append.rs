@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Engine;
 use crate::core::append::{AppendError, AppendRequest};
+use crate::core::queue::Topic;
 use crate::envelope::Metadata;
 use crate::publish::Published;
 use crate::store::{StoreError, StoredEvent, TryAppend};
@@ -102,11 +103,14 @@ pub(crate) async fn run_appender(inner: Engine, mut rx: mpsc::Receiver<AppendReq
         // Group commit of the rest. A partition that another transaction holds is not waited
         // for: the publishes touching it move to a lane, and the others are appended again.
         while !batch.is_empty() {
+            // Before the rows move out of their publishes.
+            let parts = touched(&batch);
             let mut rows = Vec::with_capacity(n);
             for a in &mut batch {
                 rows.append(&mut a.rows);
             }
-            match d.store.try_append(&mut rows).await {
+            let appended = d.store.try_append(&mut rows).await;
+            match appended {
                 Ok(TryAppend::Appended) => complete(&inner, std::mem::take(&mut batch), rows),
                 Ok(TryAppend::Busy(busy)) => {
                     // Nothing was appended: the rows go back to their publishes.
@@ -129,6 +133,7 @@ pub(crate) async fn run_appender(inner: Engine, mut rx: mpsc::Receiver<AppendReq
                     fail(std::mem::take(&mut batch), &AppendError::Store(error));
                 }
             }
+            parts.end(&inner);
         }
     }
     // Stopped: what is still queued was never appended; give it back.
@@ -281,6 +286,7 @@ async fn run_lane(inner: Engine, lane: Arc<Lane>, after: Vec<CancellationToken>)
             fail(batch, &AppendError::Closed);
             continue;
         }
+        let parts = touched(&batch);
         let mut rows: Vec<StoredEvent> = Vec::new();
         for a in &mut batch {
             rows.append(&mut a.rows);
@@ -292,6 +298,7 @@ async fn run_lane(inner: Engine, lane: Arc<Lane>, after: Vec<CancellationToken>)
                 fail(std::mem::take(&mut batch), &AppendError::Store(error));
             }
         }
+        parts.end(&inner);
     }
 }
 
@@ -308,6 +315,36 @@ impl Drop for Finish {
         };
         fail(left.into(), &AppendError::Closed);
         self.0.done.cancel();
+    }
+}
+
+/// The partitions an append of the appender touches, each once, with the append begun on
+/// them ([`Partition::begin_append`](crate::core::queue::Partition::begin_append)): announced
+/// heads wait until its events are offered.
+struct Touched(Vec<(Arc<Topic>, u32)>);
+
+fn touched(batch: &[AppendRequest]) -> Touched {
+    let mut parts: Vec<(Arc<Topic>, u32)> = Vec::new();
+    for a in batch {
+        for r in &a.rows {
+            let seen = |(t, p): &(Arc<Topic>, u32)| *p == r.partition && Arc::ptr_eq(t, &a.topic);
+            if !parts.last().is_some_and(seen) && !parts.iter().any(seen) {
+                parts.push((Arc::clone(&a.topic), r.partition));
+            }
+        }
+    }
+    for (topic, partition) in &parts {
+        topic.partitions[*partition as usize].begin_append();
+    }
+    Touched(parts)
+}
+
+impl Touched {
+    /// The append is done: its events were offered, or it failed.
+    fn end(self, inner: &Engine) {
+        for (topic, partition) in &self.0 {
+            inner.core.end_append(topic, *partition);
+        }
     }
 }
 

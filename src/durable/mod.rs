@@ -3,7 +3,7 @@
 //! what a store needs beside the workers: offset commits, effectively-once marks, retention.
 //!
 //! Files: [`append`] (the appender and its lanes), [`feed`] (reading the log to catch up, where
-//! a group starts), [`marks`] (effectively-once marks and their shared commits), [`offsets`]
+//! a group starts), [`heads`] (events appended by other writers), [`marks`] (effectively-once marks and their shared commits), [`offsets`]
 //! (the committer), [`rebuild`] (a group reset on a running bus, and when workers caught up),
 //! [`retention`]. The consuming side (a worker catching up from the log,
 //! saving dead letters and marks) is in `runtime::durable`.
@@ -11,6 +11,7 @@
 pub(crate) mod append;
 pub(crate) mod consume;
 pub(crate) mod feed;
+pub(crate) mod heads;
 pub(crate) mod marks;
 pub(crate) mod offsets;
 pub(crate) mod rebuild;
@@ -57,6 +58,8 @@ pub(crate) struct Durable {
     pub(crate) stop: CancellationToken,
     pub(crate) commit_interval: Duration,
     pub(crate) retention_interval: Duration,
+    /// How often the heads are read when the store makes no announcements (`heads`).
+    pub(crate) poll_interval: Duration,
     /// Retention by topic name.
     pub(crate) retention: HashMap<String, Retention>,
     /// Next offsets last committed, by (topic, group slot, partition).
@@ -88,6 +91,7 @@ impl Durable {
         max_payload: usize,
         commit_interval: Duration,
         retention_interval: Duration,
+        poll_interval: Duration,
         retention: HashMap<String, Retention>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(APPEND_QUEUE);
@@ -100,6 +104,7 @@ impl Durable {
             stop: CancellationToken::new(),
             commit_interval,
             retention_interval,
+            poll_interval,
             retention,
             committed: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
@@ -147,6 +152,7 @@ impl Durable {
         tasks.push(runtime.spawn(run_appender(inner.clone(), rx)));
         tasks.push(runtime.spawn(run_committer(inner.clone())));
         tasks.push(runtime.spawn(marks::MarkCommits::task(inner.clone())));
+        tasks.push(runtime.spawn(heads::run_head_watch(inner.clone())));
         if d.retention.values().any(|r| *r != Retention::KeepAll) {
             tasks.push(runtime.spawn(run_retention(inner.clone())));
         }

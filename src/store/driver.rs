@@ -32,9 +32,20 @@
 //!
 //! A store that counts the events it appends and keeps everything in a
 //! [`MemoryStore`](crate::store::MemoryStore) (the shape of a metrics or fault-injection wrapper).
-//! The provided methods it does not override ([`Log::try_append`], [`Marks::marked`],
-//! [`Marks::commit_marks`]) fall back to the required ones: `try_append` calls this `append`,
-//! so the bus's appends are counted too.
+//! The provided methods it does not override ([`Log::try_append`], [`Log::heads`],
+//! [`Log::watch_heads`], [`Marks::marked`], [`Marks::commit_marks`]) fall back to the required
+//! ones: `try_append` calls this `append`, so the bus's appends are counted too; `heads` asks
+//! `partitions` and `head`; `watch_heads` is `None`, so a bus on it polls the heads (a wrapper
+//! of a store that announces its appends forwards `watch_heads` to keep them).
+//!
+//! # Other writers
+//!
+//! A bus learns of events other processes appended through [`Log::watch_heads`] (a stream of
+//! [`HeadWatch`]: announcements of committed heads, and `Resync` / `Lost` when it may have
+//! missed some) or, without one, by polling [`Log::heads`]. A backend with a cheap way to
+//! read every head (one query) overrides `heads`; one with a notification channel implements
+//! `watch_heads`. An announced head must be committed, and every committed append announced
+//! or covered by a `Resync`: see their contracts.
 //!
 //! ```
 //! use std::sync::atomic::{AtomicU64, Ordering};
@@ -193,6 +204,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 pub use futures::future::BoxFuture;
+pub use futures::stream::BoxStream;
 pub use uuid::Uuid;
 
 pub use super::codec::{
@@ -200,7 +212,9 @@ pub use super::codec::{
     UNREADABLE_ROW,
 };
 pub use super::traits::{DeadLetterLog, Log, Marks, Offsets, Store};
-pub use super::types::{DeadLetterRecord, GroupOffset, StoreError, StoredEvent, TryAppend};
+pub use super::types::{
+    DeadLetterRecord, GroupOffset, HeadWatch, PartitionHead, StoreError, StoredEvent, TryAppend,
+};
 pub use crate::envelope::Headers;
 
 /// Validates an SQL identifier taken from configuration (a schema name): ASCII letters, digits

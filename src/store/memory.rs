@@ -9,7 +9,8 @@ use parking_lot::Mutex;
 
 use super::driver::highest_offsets;
 use super::{
-    DeadLetterLog, DeadLetterRecord, GroupOffset, Log, Marks, Offsets, StoreError, StoredEvent,
+    DeadLetterLog, DeadLetterRecord, GroupOffset, Log, Marks, Offsets, PartitionHead, StoreError,
+    StoredEvent,
 };
 
 /// A [`Store`](super::Store) in memory: it behaves like the durable ones (serialized payloads,
@@ -201,6 +202,24 @@ impl Log for MemoryStore {
             }
         }
         futures::future::ready(Ok(deleted)).boxed()
+    }
+
+    fn heads<'a>(
+        &'a self,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<PartitionHead>, StoreError>> {
+        let inner = self.inner.lock();
+        let heads = inner
+            .logs
+            .iter()
+            .filter(|((topic, _), _)| topics.contains(topic))
+            .map(|((topic, partition), log)| PartitionHead {
+                topic: topic.clone(),
+                partition: *partition,
+                head: log.head(),
+            })
+            .collect();
+        futures::future::ready(Ok(heads)).boxed()
     }
 }
 

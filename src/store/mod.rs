@@ -77,6 +77,6 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use traits::{DeadLetterLog, Log, Marks, Offsets, Store};
 pub use types::{
-    DeadLetterRecord, GroupOffset, Retention, StartFrom, StoreError, StoredEvent, TryAppend,
-    DEFAULT_MAX_PAYLOAD,
+    DeadLetterRecord, GroupOffset, HeadWatch, PartitionHead, Retention, StartFrom, StoreError,
+    StoredEvent, TryAppend, DEFAULT_MAX_PAYLOAD,
 };

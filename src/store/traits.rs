@@ -5,9 +5,12 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 use uuid::Uuid;
 
-use super::types::{DeadLetterRecord, GroupOffset, StoreError, StoredEvent, TryAppend};
+use super::types::{
+    DeadLetterRecord, GroupOffset, HeadWatch, PartitionHead, StoreError, StoredEvent, TryAppend,
+};
 
 /// The partition logs of the topics: append, read back, find a place, trim.
 ///
@@ -47,11 +50,20 @@ use super::types::{DeadLetterRecord, GroupOffset, StoreError, StoredEvent, TryAp
 /// Several buses (processes) may append to one store, and so may the application
 /// ([`PostgresStore::append_in`](crate::store::PostgresStore::append_in), in its own transaction).
 /// Offsets stay dense and in commit order. A bus hands its groups the events it appended
-/// itself right away; events appended by others reach them when the bus next appends to that
-/// partition (it sees the gap and reads the log), or at the latest when it restarts. A writer
-/// holding a partition (an open transaction that appended to it) holds up only this bus's
-/// publishes to that partition (see above). Consumer groups should be run by one bus at a time
-/// (see [`Offsets`]).
+/// itself right away, from memory. Events appended by others reach them from the log, in log
+/// order with the bus's own, as soon as the bus learns that the partition's head moved past
+/// what it handed them:
+///
+/// - from the store's announcements, where it makes them ([`watch_heads`](Log::watch_heads):
+///   [`PostgresStore`](crate::store::PostgresStore) uses `LISTEN`/`NOTIFY`, milliseconds);
+/// - otherwise by reading every head ([`heads`](Log::heads)) each
+///   [poll interval](crate::BusBuilder::poll_interval), and while announcements are down;
+/// - and, at the latest, when the bus next appends to that partition (it sees the gap) or
+///   restarts.
+///
+/// A writer holding a partition (an open transaction that appended to it) holds up only this
+/// bus's publishes to that partition (see above). Consumer groups should be run by one bus at a
+/// time (see [`Offsets`]): two buses running the same group both handle its events.
 ///
 /// # Example
 ///
@@ -146,6 +158,55 @@ pub trait Log: Send + Sync + 'static {
         partition: u32,
         before: u64,
     ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// The [head](Log::head) of every partition of `topics` that has ever had an event, in any
+    /// order. A bus on a store without [announcements](Log::watch_heads) asks it every
+    /// [poll interval](crate::BusBuilder::poll_interval), to learn of events other writers
+    /// appended.
+    ///
+    /// The default asks [`partitions`](Log::partitions) and then [`head`](Log::head) of each
+    /// partition; the backends of tidings answer in one query.
+    ///
+    /// # Errors
+    ///
+    /// The store's error; the bus asks again at the next poll.
+    fn heads<'a>(
+        &'a self,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<PartitionHead>, StoreError>> {
+        Box::pin(async move {
+            let mut heads = Vec::new();
+            for topic in topics {
+                for partition in 0..self.partitions(topic).await? {
+                    heads.push(PartitionHead {
+                        topic: topic.clone(),
+                        partition,
+                        head: self.head(topic, partition).await?,
+                    });
+                }
+            }
+            Ok(heads)
+        })
+    }
+
+    /// Announcements of committed appends, by any writer of the store (this handle's included),
+    /// as a stream: `None` (the default) if the store makes none, and the bus then polls
+    /// [`heads`](Log::heads).
+    ///
+    /// Called once by each bus, which keeps the stream until it stops. The stream must announce
+    /// every committed append (one [`HeadWatch::Moved`] per partition and transaction is
+    /// enough, and a later one may stand for earlier ones), or say it may have missed some:
+    /// [`HeadWatch::Resync`] after it (re)started listening, [`HeadWatch::Lost`] while it
+    /// cannot. An announced head must be committed: a head announced too high would make the
+    /// bus's groups pass offsets that have no event yet. A stream that ends leaves the bus
+    /// polling.
+    ///
+    /// [`PostgresStore`](crate::store::PostgresStore) announces with `LISTEN`/`NOTIFY`;
+    /// [`SqliteStore`](crate::store::SqliteStore) and
+    /// [`MemoryStore`](crate::store::MemoryStore) make no announcements.
+    fn watch_heads(&self) -> Option<BoxStream<'static, HeadWatch>> {
+        None
+    }
 }
 
 /// The consumer groups' committed offsets: where each group resumes in each partition.
@@ -397,6 +458,15 @@ impl<S: Log + ?Sized> Log for Arc<S> {
         before: u64,
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         (**self).trim(topic, partition, before)
+    }
+    fn heads<'a>(
+        &'a self,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<PartitionHead>, StoreError>> {
+        (**self).heads(topics)
+    }
+    fn watch_heads(&self) -> Option<BoxStream<'static, HeadWatch>> {
+        (**self).watch_heads()
     }
 }
 

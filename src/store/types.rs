@@ -132,6 +132,35 @@ pub enum TryAppend {
     Busy(Vec<(String, u32)>),
 }
 
+/// The head of one partition: the offset its next event will get. See [`Log::heads`](super::Log::heads).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PartitionHead {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
+    /// The offset the partition's next event will get (every event below it is committed).
+    pub head: u64,
+}
+
+/// What a store's head watch reports (see [`Log::watch_heads`](super::Log::watch_heads)): how
+/// a bus learns of events that *other* writers (other processes, the application's own
+/// transactions) appended, without waiting for its next append or polling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HeadWatch {
+    /// A committed append moved this partition's head: every offset below it is committed and
+    /// readable. Announced after the commit, never for an append that rolled back.
+    Moved(PartitionHead),
+    /// Heads may have moved without an announcement (the watch just started or reconnected,
+    /// or an announcement could not say which partition): the bus reads every head once
+    /// ([`Log::heads`](super::Log::heads)). Announcements follow again from here.
+    Resync,
+    /// The announcements stopped (the connection was lost): the bus polls the heads every
+    /// [poll interval](crate::BusBuilder::poll_interval) until the next `Resync`.
+    Lost,
+}
+
 /// Where a consumer group starts reading a partition when it has no committed offset (or when
 /// it is [reset](crate::Subscription::reset_to)).
 ///

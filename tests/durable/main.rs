@@ -13,5 +13,6 @@ mod dead_letter_restarts;
 mod dead_letters_across_crashes;
 mod effectively_once_batching;
 mod live_rebuild;
+mod other_writers;
 mod shutdown_keeps_its_word;
 mod writers_and_retention;

@@ -10,10 +10,11 @@ use uuid::Uuid;
 
 use super::codec::{place, position, Columns};
 use super::driver::{by_partition, headers_to_json, micros, validate_identifier, PartitionCounts};
-use super::{Log, StoreError, StoredEvent, TryAppend};
+use super::{HeadWatch, Log, PartitionHead, StoreError, StoredEvent, TryAppend};
 
 mod groups;
 mod sql;
+mod watch;
 
 use sql::Sql;
 
@@ -28,6 +29,12 @@ use sql::Sql;
 /// [`Log::try_append`], which takes the heads with `FOR UPDATE SKIP LOCKED` in the same single
 /// statement, so a head held by another transaction (an application's [`append_in`]) holds up
 /// only the publishes to that partition (see [`Log`]). Needs PostgreSQL 12 or later.
+///
+/// Each append announces the heads it moved (`NOTIFY` on the channel `tidings_<schema>`,
+/// delivered at commit), and a bus on the store listens (`LISTEN`, one connection of its own
+/// besides the pool): events other processes append reach its groups within milliseconds,
+/// without it appending anything (see [`Log::watch_heads`]; [`listen`](Self::listen) turns the
+/// listening off).
 ///
 /// [`append_in`]: PostgresStore::append_in
 ///
@@ -47,6 +54,8 @@ pub struct PostgresStore {
     sql: Arc<Sql>,
     /// Partition counts by topic, for [`Log::known_partitions`].
     counts: PartitionCounts,
+    /// Whether [`Log::watch_heads`] listens (see [`listen`](Self::listen)).
+    listen: bool,
 }
 
 impl PostgresStore {
@@ -181,7 +190,20 @@ impl PostgresStore {
             pool,
             schema: Arc::from(schema),
             sql: Arc::new(Sql::new(schema)),
+            listen: true,
         })
+    }
+
+    /// Whether a bus on this store listens for the announcements of appends (`LISTEN`, on a
+    /// connection of its own; default `true`), to hand its groups the events of other processes
+    /// within milliseconds. With `false` it reads the heads every
+    /// [poll interval](crate::BusBuilder::poll_interval) instead: for a connection pooler
+    /// that does not keep `LISTEN` (PgBouncer in transaction mode), or a server that limits
+    /// connections. Appends are announced (`NOTIFY`) either way.
+    #[must_use]
+    pub fn listen(mut self, listen: bool) -> Self {
+        self.listen = listen;
+        self
     }
 
     /// The pool, to run the application's own queries on the same database.
@@ -198,9 +220,9 @@ impl PostgresStore {
     /// commit or roll back with the caller's own writes). Offsets are written into the events;
     /// the partitions' heads stay locked until the caller's transaction ends, so keep it short.
     ///
-    /// A bus on the same store hands events to its groups when its own appends commit; events
-    /// appended here reach them when that bus next appends to the partition (it sees the gap
-    /// and reads the log), or at the latest when it restarts. A bus's publishes to a partition
+    /// The append is announced at commit (`NOTIFY`), like a bus's: buses on the same store
+    /// read the events from the log within milliseconds of the commit, in log order with their
+    /// own (see [`Log::watch_heads`]). A bus's publishes to a partition
     /// whose head this transaction holds wait for it (its publishes to other partitions go
     /// on): keep the transaction short.
     ///
@@ -279,6 +301,7 @@ impl PostgresStore {
             .bind(&causations)
             .bind(&headers)
             .bind(&payloads)
+            .bind(&*self.sql.channel)
             .fetch_all(&mut *conn)
             .await;
         // Payloads go back to their events, whatever happened.
@@ -512,5 +535,43 @@ impl Log for PostgresStore {
             Ok(done.rows_affected())
         }
         .boxed()
+    }
+
+    fn heads<'a>(
+        &'a self,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<PartitionHead>, StoreError>> {
+        async move {
+            let rows = sqlx::query(AssertSqlSafe(self.sql.heads.clone()))
+                .bind(topics)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            rows.iter()
+                .map(|r| {
+                    let (topic, partition, head) = position(
+                        r.try_get("topic"),
+                        r.try_get::<i32, _>("partition_no").map(i64::from),
+                        r.try_get("next_offset"),
+                    )?;
+                    Ok(PartitionHead {
+                        topic,
+                        partition,
+                        head,
+                    })
+                })
+                .collect()
+        }
+        .boxed()
+    }
+
+    /// `LISTEN` on the schema's channel, on a connection of its own (not one of the pool's):
+    /// every append to the schema, by any process, is announced at its commit.
+    fn watch_heads(&self) -> Option<futures::stream::BoxStream<'static, HeadWatch>> {
+        if !self.listen {
+            return None;
+        }
+        let options = (*self.pool.connect_options()).clone();
+        Some(watch::watch(options, self.sql.channel.to_string()))
     }
 }

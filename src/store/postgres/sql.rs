@@ -16,6 +16,9 @@ pub(super) struct Sql {
     pub(super) trim: Arc<str>,
     pub(super) reset: Arc<str>,
     pub(super) partitions: Arc<str>,
+    pub(super) heads: Arc<str>,
+    /// The channel appends are announced on (`$15` of the append statements).
+    pub(super) channel: Arc<str>,
     pub(super) save_dead_letter: Arc<str>,
     pub(super) delete_dead_letter: Arc<str>,
     pub(super) dead_letters: Arc<str>,
@@ -28,6 +31,14 @@ impl Sql {
     pub(super) fn new(schema: &str) -> Self {
         let s = schema;
         let q = |sql: String| Arc::<str>::from(sql);
+        // Each partition an append moved is announced on the schema's channel, delivered at
+        // commit (never for a rollback), payload "<partition> <head> <topic>" (empty for a
+        // topic too long for a payload: the listener then reads every head).
+        let notify = format!(
+            "pg_notify($15, CASE WHEN octet_length(topic) <= {max} \
+               THEN partition_no || ' ' || next_offset || ' ' || topic ELSE '' END) IS NULL",
+            max = super::watch::MAX_ANNOUNCED_TOPIC
+        );
         // The events, inserted at the offsets their partitions' heads (`h`) reserved.
         let insert = format!(
             "ins AS ( \
@@ -57,7 +68,7 @@ impl Sql {
                    ON CONFLICT (topic, partition_no) DO UPDATE SET next_offset = t.next_offset + EXCLUDED.next_offset \
                    RETURNING t.topic, t.partition_no, t.next_offset \
                  ), {insert} \
-                 SELECT topic, partition_no, next_offset FROM h"
+                 SELECT topic, partition_no, next_offset, {notify} FROM h"
             )),
             // The same in one statement, unless a head cannot be locked at once: `locked` takes
             // the heads that are free (never waiting), `busy` are the others (held by another
@@ -81,8 +92,8 @@ impl Sql {
                      AND NOT EXISTS (SELECT 1 FROM busy) \
                    RETURNING t.topic, t.partition_no, t.next_offset \
                  ), {insert} \
-                 SELECT topic, partition_no, next_offset FROM h \
-                 UNION ALL SELECT topic, partition_no, NULL::bigint FROM busy"
+                 SELECT topic, partition_no, next_offset, {notify} FROM h \
+                 UNION ALL SELECT topic, partition_no, NULL::bigint, NULL::boolean FROM busy"
             )),
             read: q(format!(
                 "SELECT topic, partition_no, log_offset, event_id, name, version, timestamp_us, \
@@ -117,6 +128,10 @@ impl Sql {
             partitions: q(format!(
                 "SELECT MAX(partition_no) + 1 FROM {s}.tidings_heads WHERE topic = $1"
             )),
+            heads: q(format!(
+                "SELECT topic, partition_no, next_offset FROM {s}.tidings_heads WHERE topic = ANY($1)"
+            )),
+            channel: Arc::from(super::watch::channel_for(schema)),
             save_dead_letter: q(format!(
                 "INSERT INTO {s}.tidings_dead_letters (group_name, topic, partition_no, log_offset, \
                  event_id, name, version, timestamp_us, correlation_id, causation_id, headers, payload, \

@@ -14,7 +14,7 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::codec::{place, position, Columns};
 use super::driver::{by_partition, headers_to_json, micros, PartitionCounts};
-use super::{Log, StoreError, StoredEvent};
+use super::{Log, PartitionHead, StoreError, StoredEvent};
 
 mod groups;
 
@@ -440,6 +440,36 @@ impl Log for SqliteStore {
             .await
             .map_err(StoreError::backend)?;
             Ok(done.rows_affected())
+        }
+        .boxed()
+    }
+
+    fn heads<'a>(
+        &'a self,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<PartitionHead>, StoreError>> {
+        async move {
+            // One row per partition ever written: all of them, filtered here.
+            let rows = sqlx::query("SELECT topic, partition_no, next_offset FROM tidings_heads")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            let mut heads = Vec::new();
+            for r in &rows {
+                let (topic, partition, head) = position(
+                    r.try_get("topic"),
+                    r.try_get("partition_no"),
+                    r.try_get("next_offset"),
+                )?;
+                if topics.contains(&topic) {
+                    heads.push(PartitionHead {
+                        topic,
+                        partition,
+                        head,
+                    });
+                }
+            }
+            Ok(heads)
         }
         .boxed()
     }
