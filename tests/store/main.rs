@@ -12,5 +12,6 @@ mod support;
 
 mod conformance;
 mod connect;
+mod memory_store_shared;
 mod sqlite_broken_rows;
 mod sqlite_one_process;

@@ -30,7 +30,9 @@ async fn sqlite_holder_child() {
     let store = SqliteStore::open(&path).await.expect("the child opens");
     // Straight to stdout (libtest prints its own "test … " before it, on the same line).
     let mut out = std::io::stdout();
-    writeln!(out, "\n{READY}").and_then(|()| out.flush()).unwrap();
+    writeln!(out, "\n{READY}")
+        .and_then(|()| out.flush())
+        .unwrap();
     // Its parent kills it; if the parent goes first, stdin closes and the child ends too.
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
@@ -106,12 +108,11 @@ async fn a_second_process_is_refused_until_the_holder_is_killed() {
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
     let refused_on_pool = SqliteStore::from_pool(pool.clone()).await;
     // The application's own connections are not bus stores: they read the file as before.
-    let tables: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM sqlite_master WHERE name = 'tidings_events'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let tables: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_master WHERE name = 'tidings_events'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     pool.close().await;
     child.kill().unwrap();
     child.wait().unwrap();
