@@ -58,7 +58,7 @@ impl ProcessLock {
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(|e| lock_failed(&path, e))?;
+            .map_err(|e| lock_failed(&path, &e))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
@@ -67,7 +67,7 @@ impl ProcessLock {
                     holder: holder(&mut file),
                 })
             }
-            Err(TryLockError::Error(e)) => return Err(lock_failed(&path, e)),
+            Err(TryLockError::Error(e)) => return Err(lock_failed(&path, &e)),
         }
         // Who holds it, for the error another process gets; only a help, the lock is the rule.
         let _ = file
@@ -104,7 +104,7 @@ fn holder(file: &mut File) -> Option<u32> {
     text.trim().parse().ok()
 }
 
-fn lock_failed(path: &Path, error: std::io::Error) -> StoreError {
+fn lock_failed(path: &Path, error: &std::io::Error) -> StoreError {
     StoreError::backend(std::io::Error::new(
         error.kind(),
         format!(
