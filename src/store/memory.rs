@@ -23,6 +23,13 @@ use super::{
 /// had not finished is handled again by the new bus. (Dropping a bus is not a crash: it shuts
 /// down gracefully in the background.)
 ///
+/// Several buses on clones at once are several processes on one database: they share the logs,
+/// the committed offsets, the dead letters and the effectively-once marks. Each bus hands what it
+/// publishes to its own groups; the others read it from the log only when they catch up (at
+/// build, or on a replay). Nothing divides a group's partitions between live buses: two buses
+/// with one group each handle their own publishes and commit the same offsets, so run one bus at
+/// a time per group, as a restart does.
+///
 /// ```
 /// use tidings::store::MemoryStore;
 /// use tidings::Bus;

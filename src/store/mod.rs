@@ -18,7 +18,7 @@
 //! | backend | feature | for |
 //! |---|---|---|
 //! | [`MemoryStore`] | always | tests: behaves like the others, and survives a *simulated* restart (build a new bus on a clone) |
-//! | [`SqliteStore`] | `sqlite` (default) | one binary: one file, WAL, no server |
+//! | [`SqliteStore`] | `sqlite` (default) | one binary: one file, WAL, no server; one process per file |
 //! | [`PostgresStore`] | `postgres` | services sharing a PostgreSQL server |
 //!
 //! The SQL backends ship their migrations and run them when opened.

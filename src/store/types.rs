@@ -101,6 +101,29 @@ pub enum StoreError {
     /// Data in the store that breaks its own rules (a hole in a partition's offsets, say).
     #[error("inconsistent store data: {0}")]
     Corrupt(String),
+    /// The database is already open as a bus store in another process, and this store keeps to
+    /// one ([`SqliteStore`](crate::store::SqliteStore): one file, one process). Stop the other
+    /// process, or share the groups of several instances on PostgreSQL.
+    #[error("{}", in_use(file, *holder))]
+    InUse {
+        /// The database file.
+        file: std::path::PathBuf,
+        /// The process holding it, when it could be told.
+        holder: Option<u32>,
+    },
+}
+
+fn in_use(file: &std::path::Path, holder: Option<u32>) -> String {
+    let by = match holder {
+        Some(pid) => format!("process {pid}"),
+        None => "another process".to_owned(),
+    };
+    format!(
+        "the SQLite database {} is already open as a tidings store by {by}: SQLite is one \
+         process per file (stop the other one, or use PostgreSQL to share the groups of several \
+         instances)",
+        file.display()
+    )
 }
 
 impl StoreError {

@@ -688,7 +688,8 @@ async fn sqlite_a_row_with_unreadable_headers_is_dead_lettered() {
     );
 }
 
-/// Two writers on one SQLite file (another process, another `SqliteStore`), with retention:
+/// Two writers on one SQLite file (two `SqliteStore`s of one process: another process is
+/// refused, see `tests/store/sqlite_one_process.rs`), with retention:
 /// offsets are never reused and the head never moves back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_offsets_are_never_reused_by_two_writers() {

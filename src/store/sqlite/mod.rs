@@ -17,6 +17,7 @@ use super::driver::{by_partition, headers_to_json, micros, PartitionCounts};
 use super::{Log, PartitionHead, StoreError, StoredEvent};
 
 mod groups;
+mod lock;
 
 /// Rows per INSERT statement: 11 parameters each stays well under SQLite's 32 766.
 const ROWS_PER_INSERT: usize = 500;
@@ -30,6 +31,27 @@ const COLUMNS: &str = "topic, partition_no, log_offset, event_id, name, version,
 ///
 /// Built on sqlx, so the file can be shared with the application's own sqlx code
 /// ([`from_pool`](SqliteStore::from_pool)).
+///
+/// # One process per file
+///
+/// A bus on SQLite is one process. Opening the store takes an OS lock on a file beside the
+/// database (`events.db.tidings.lock`), held until the last store of the process on that file
+/// (and every clone of it) is dropped; a second process opening the file as a store gets
+/// [`StoreError::InUse`] naming the file and the holder's pid, instead of dispatching the same
+/// consumer groups a second time. The kernel releases the lock when the holder dies, however it
+/// dies: the lock file left behind by a `kill -9` never blocks the restart. Only bus stores take
+/// it: the application's own connections, and the `sqlite3` shell, read and write the file as
+/// before. Several instances sharing their groups are for [`PostgresStore`](super::PostgresStore).
+///
+/// Inside one process the lock is shared: opening the file again (a restart in a test, a bus
+/// rebuilt after a shutdown while the old handle lingers) succeeds. Two buses of one process on
+/// one file (or on clones of one store) both dispatch their groups: that is the application's
+/// choice, as with [`MemoryStore`](super::MemoryStore).
+///
+/// The lock is advisory (`flock` on Unix, `LockFileEx` on Windows) on a file of its own rather
+/// than SQLite's `locking_mode = EXCLUSIVE`, which would lock out the store's own pool, every
+/// reader and the application's connections. On a network file system it is only as good as the
+/// file system's locks (SQLite advises against those anyway).
 ///
 /// ```no_run
 /// use tidings::store::SqliteStore;
@@ -48,6 +70,8 @@ pub struct SqliteStore {
     writer: Arc<tokio::sync::Mutex<Writer>>,
     /// Partition counts by topic, for [`Log::known_partitions`].
     counts: PartitionCounts,
+    /// This process's hold on the file: no other process opens it as a store meanwhile.
+    _lock: Arc<lock::ProcessLock>,
 }
 
 /// The write connection, and whether a transaction may have been left open on it (a cancelled
@@ -81,7 +105,8 @@ impl SqliteStore {
     /// # Errors
     ///
     /// [`StoreError::Config`] for `":memory:"` (see [`open_with`](Self::open_with));
-    /// [`StoreError::Backend`] if the file cannot be opened or migrated.
+    /// [`StoreError::InUse`] if another process has the file open as a store;
+    /// [`StoreError::Backend`] if the file cannot be opened, locked or migrated.
     ///
     /// # Cancel safety
     ///
@@ -102,8 +127,9 @@ impl SqliteStore {
     /// [`StoreError::Config`] for an in-memory or temporary database, in any of its forms
     /// (`sqlite::memory:`, `sqlite://:memory:`, `sqlite:file::memory:?cache=shared`,
     /// `?mode=memory`, an empty file name): it would not be durable, so use
-    /// [`MemoryStore`](crate::store::MemoryStore). [`StoreError::Backend`] if the URL is invalid or
-    /// the database cannot be opened or migrated.
+    /// [`MemoryStore`](crate::store::MemoryStore). [`StoreError::InUse`] if another process has the
+    /// file open as a store. [`StoreError::Backend`] if the URL is invalid or the database cannot
+    /// be opened, locked or migrated.
     ///
     /// # Cancel safety
     ///
@@ -123,8 +149,9 @@ impl SqliteStore {
     ///
     /// [`StoreError::Config`] for an in-memory or temporary database, however the options describe
     /// it (each connection would see its own, and nothing would survive the process): use
-    /// [`MemoryStore`](crate::store::MemoryStore). [`StoreError::Backend`] if the database cannot
-    /// be opened or migrated.
+    /// [`MemoryStore`](crate::store::MemoryStore). [`StoreError::InUse`] if another process has the
+    /// file open as a store. [`StoreError::Backend`] if the database cannot be opened, locked or
+    /// migrated.
     ///
     /// # Cancel safety
     ///
@@ -148,12 +175,14 @@ impl SqliteStore {
 
     /// A store on the application's own pool; runs the migrations. Its tables are named
     /// `tidings_*`; the migrations are tracked in `_tidings_migrations`, apart from the
-    /// application's own.
+    /// application's own. Takes the file's [one-process lock](Self#one-process-per-file) before
+    /// it migrates anything.
     ///
     /// # Errors
     ///
     /// [`StoreError::Config`] for a pool on an in-memory or temporary database (as
-    /// [`open_with`](Self::open_with)); [`StoreError::Backend`] if the migrations fail.
+    /// [`open_with`](Self::open_with)); [`StoreError::InUse`] if another process has the file
+    /// open as a store; [`StoreError::Backend`] if it cannot be locked or the migrations fail.
     ///
     /// # Cancel safety
     ///
@@ -171,6 +200,7 @@ impl SqliteStore {
         if file.is_empty() {
             return Err(in_memory_refused());
         }
+        let lock = lock::ProcessLock::acquire(Path::new(&file))?;
         let mut migrator = sqlx::migrate!("src/store/migrations/sqlite");
         migrator.dangerous_set_table_name("_tidings_migrations");
         migrator.run(&pool).await.map_err(StoreError::backend)?;
@@ -187,6 +217,7 @@ impl SqliteStore {
                 conn: writer,
                 open_tx: false,
             })),
+            _lock: lock,
         })
     }
 
@@ -226,8 +257,8 @@ impl SqliteStore {
         let mut heads = Vec::with_capacity(runs.len());
         for run in &runs {
             let (topic, partition) = (&events[run[0]].topic, events[run[0]].partition);
-            // Read inside the write transaction: another writer (process, store handle, the
-            // application) may have appended since.
+            // Read inside the write transaction: another writer (another store of this process,
+            // the application's own connection) may have appended since.
             let head = sqlx::query_scalar(
                 "SELECT next_offset FROM tidings_heads WHERE topic = ? AND partition_no = ?",
             )
