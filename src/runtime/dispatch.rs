@@ -53,6 +53,14 @@ impl<E, H> Typed<E, H> {
     }
 }
 
+/// Replaces `handler` with a fresh one from `factory`; `false` (the old one kept) if the
+/// factory panicked.
+fn restart<H>(handler: &mut H, factory: &Factory<H>) -> bool {
+    fresh(factory)
+        .map(|h| replace_handler(handler, h))
+        .is_some()
+}
+
 pub(crate) fn fresh<H>(factory: &Factory<H>) -> Option<H> {
     match std::panic::catch_unwind(AssertUnwindSafe(|| factory())) {
         Ok(h) => Some(h),
@@ -110,9 +118,7 @@ impl<E: Event, H: Handler<E>> Dispatch for Typed<E, H> {
     }
 
     fn restart(&mut self) -> bool {
-        fresh(&self.factory)
-            .map(|h| replace_handler(&mut self.handler, h))
-            .is_some()
+        restart(&mut self.handler, &self.factory)
     }
 }
 
@@ -185,9 +191,7 @@ impl<H: AnyHandler> Dispatch for Untyped<H> {
     }
 
     fn restart(&mut self) -> bool {
-        fresh(&self.factory)
-            .map(|h| replace_handler(&mut self.handler, h))
-            .is_some()
+        restart(&mut self.handler, &self.factory)
     }
 }
 
@@ -238,9 +242,7 @@ impl<S: Table<H>, H: Send + 'static> Dispatch for Multi<S, H> {
     }
 
     fn restart(&mut self) -> bool {
-        fresh(&self.factory)
-            .map(|h| replace_handler(&mut self.handler, h))
-            .is_some()
+        restart(&mut self.handler, &self.factory)
     }
 }
 
